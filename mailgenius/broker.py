@@ -1,0 +1,48 @@
+"""dramatiq broker set-up: Redis (default) or RabbitMQ, chosen by ``BROKER_URL``.
+
+Every process (API or worker) calls :func:`setup_broker` once before importing actor modules.
+Workers also get dramatiq's Prometheus middleware (exposition on ``dramatiq_prom_port``); the
+``mailgenius worker`` command sets the multiprocess directory before dramatiq starts.
+"""
+
+from __future__ import annotations
+
+import dramatiq
+from dramatiq.middleware import AsyncIO
+
+from .settings import Settings
+
+
+#: dramatiq's namespace (Redis key prefix) for a given settings prefix
+def dramatiq_namespace(settings: Settings) -> str:
+    return f"{settings.redis_prefix}-dramatiq"
+
+
+def build_broker(settings: Settings, *, worker: bool = False) -> dramatiq.Broker:
+    if settings.broker_kind == "rabbitmq":
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+        broker = RabbitmqBroker(url=settings.broker_url, confirm_delivery=True)
+    else:
+        from dramatiq.brokers.redis import RedisBroker
+
+        broker = RedisBroker(
+            url=settings.broker_url,
+            namespace=dramatiq_namespace(settings),
+            # a worker that stops heartbeating for 15 s is dead: its messages are requeued
+            heartbeat_timeout=15_000,
+            socket_connect_timeout=2,
+        )
+    broker.add_middleware(AsyncIO())
+    if worker:
+        from dramatiq.middleware.prometheus import Prometheus
+
+        broker.add_middleware(Prometheus())
+    return broker
+
+
+def setup_broker(settings: Settings, *, worker: bool = False) -> dramatiq.Broker:
+    """Build the broker and make it dramatiq's global one (actors bind to it on declaration)."""
+    broker = build_broker(settings, worker=worker)
+    dramatiq.set_broker(broker)
+    return broker

@@ -1,0 +1,130 @@
+"""Postgres: the asyncpg pool lifecycle and the ordered SQL migrations.
+
+Migrations are ``migrations/NNNN_name.sql``, applied in numeric order, one transaction each,
+recorded in ``schema_migrations``, under an advisory lock so that two processes starting at once
+apply each file exactly once. Number ranges keep packages out of each other's way:
+0001-0099 kernel, 0100-0199 importer, 0200-0299 sender, 0300-0399 exporter.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlparse, urlunparse
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+#: Where the SQL files live.
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+#: Advisory lock key taken while migrating (any constant unique to this app).
+MIGRATION_LOCK_KEY = 0x6D61696C67656E  # "mailgen"
+_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+def migration_files(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, str, Path]]:
+    found = []
+    for path in directory.iterdir():
+        m = _NAME.match(path.name)
+        if m:
+            found.append((int(m.group(1)), m.group(2), path))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if len(versions) != len(set(versions)):
+        raise RuntimeError(f"two migrations share a number in {directory}")
+    return found
+
+
+async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[int]:
+    """Apply pending migrations; return the versions applied by this call."""
+    conn = await asyncpg.connect(dsn, timeout=10)
+    applied_now: list[int] = []
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        try:
+            await conn.execute(
+                """CREATE TABLE IF NOT EXISTS schema_migrations (
+                       version integer PRIMARY KEY,
+                       name text NOT NULL,
+                       applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for version, name, path in migration_files(directory):
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(path.read_text())
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
+                    )
+                log.info("migration applied", extra={"version": version, "migration": name})
+                applied_now.append(version)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+    finally:
+        await conn.close()
+    return applied_now
+
+
+def with_database(dsn: str, database: str) -> str:
+    p = urlparse(dsn)
+    return urlunparse(p._replace(path="/" + database))
+
+
+def database_name(dsn: str) -> str:
+    return urlparse(dsn).path.lstrip("/") or "postgres"
+
+
+async def ensure_database(dsn: str) -> bool:
+    """Create the database named in the DSN when it does not exist; True when created."""
+    name = database_name(dsn)
+    admin = await asyncpg.connect(with_database(dsn, "postgres"), timeout=10)
+    try:
+        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if exists:
+            return False
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        except asyncpg.DuplicateDatabaseError:
+            return False
+        return True
+    finally:
+        await admin.close()
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10,
+                      command_timeout: float = 30.0) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, command_timeout=command_timeout, timeout=5
+    )
+
+
+def pool_ctx(settings, key):
+    """aiohttp cleanup_ctx: open the pool before start, close it after stop.
+
+    The pool opens lazily (min_size=0 reconnects) so a service starts, and reports unhealthy,
+    while Postgres is down instead of refusing to start.
+    """
+
+    async def ctx(app) -> AsyncIterator[None]:
+        pool = asyncpg.create_pool(
+            settings.database_url,
+            min_size=0,
+            max_size=settings.db_pool_max,
+            command_timeout=30,
+            timeout=5,
+        )
+        try:
+            await pool  # connects min_size (0) connections: never fails on a down server
+        except Exception:  # pragma: no cover - defensive
+            log.exception("could not initialise the Postgres pool")
+        app[key] = pool
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    return ctx

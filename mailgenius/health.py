@@ -1,0 +1,119 @@
+"""Health checks: named, each with a timeout, run concurrently.
+
+A check is an async callable returning ``None`` (healthy), a detail string (healthy with a
+note), or a :class:`CheckResult`; raising or timing out means it failed. A failed *critical*
+check makes the service ``unhealthy`` (HTTP 503); a failed non-critical one, or any check that
+reports ``degraded``, makes it ``degraded`` (HTTP 200).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+HEALTHY, DEGRADED, UNHEALTHY = "healthy", "degraded", "unhealthy"
+_RANK = {HEALTHY: 0, DEGRADED: 1, UNHEALTHY: 2}
+
+
+@dataclass
+class CheckResult:
+    status: str = HEALTHY
+    detail: str = ""
+    latency_ms: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"status": self.status, "latency_ms": round(self.latency_ms, 2), "detail": self.detail}
+
+
+CheckFn = Callable[[], Awaitable["CheckResult | str | None"]]
+
+
+@dataclass
+class HealthCheck:
+    name: str
+    fn: CheckFn
+    critical: bool = True
+    timeout: float | None = None
+
+
+@dataclass
+class HealthRegistry:
+    service: str
+    timeout: float = 1.0
+    checks: dict[str, HealthCheck] = field(default_factory=dict)
+    gauge: object | None = None  # HttpMetrics.health_up
+
+    def add(self, name: str, fn: CheckFn, *, critical: bool = True, timeout: float | None = None) -> None:
+        self.checks[name] = HealthCheck(name, fn, critical, timeout)
+
+    async def run_one(self, check: HealthCheck) -> CheckResult:
+        start = time.perf_counter()
+        try:
+            out = await asyncio.wait_for(check.fn(), check.timeout or self.timeout)
+        except TimeoutError:
+            res = CheckResult(UNHEALTHY if check.critical else DEGRADED,
+                              f"timed out after {check.timeout or self.timeout:g}s")
+        except Exception as exc:  # a failing dependency is a result, not an error
+            res = CheckResult(UNHEALTHY if check.critical else DEGRADED,
+                              f"{type(exc).__name__}: {exc}"[:300])
+        else:
+            if isinstance(out, CheckResult):
+                res = out
+                if res.status == UNHEALTHY and not check.critical:
+                    res.status = DEGRADED
+            else:
+                res = CheckResult(HEALTHY, out or "")
+        res.latency_ms = (time.perf_counter() - start) * 1000
+        if self.gauge is not None:
+            self.gauge.labels(self.service, check.name).set(1 if res.status == HEALTHY else 0)
+        return res
+
+    async def run(self, names: list[str] | None = None) -> tuple[str, dict[str, dict]]:
+        selected = [self.checks[n] for n in (names or list(self.checks))]
+        results = await asyncio.gather(*(self.run_one(c) for c in selected))
+        overall = HEALTHY
+        for res in results:
+            if _RANK[res.status] > _RANK[overall]:
+                overall = res.status
+        return overall, {c.name: r.as_dict() for c, r in zip(selected, results, strict=True)}
+
+
+# -- reusable checks ---------------------------------------------------------------------------
+
+def database_check(get_pool) -> CheckFn:
+    async def check():
+        pool = get_pool()
+        async with pool.acquire(timeout=1.0) as conn:
+            await conn.fetchval("SELECT 1")
+        return f"pool {pool.get_size()} connections ({pool.get_idle_size()} idle)"
+
+    return check
+
+
+def redis_check(get_client) -> CheckFn:
+    async def check():
+        await get_client().ping()
+
+    return check
+
+
+def disk_check(path: str, *, min_free_bytes: int = 1 << 30, degraded_ratio: float = 0.10) -> CheckFn:
+    """Free space of the folder holding ``path``: unhealthy below ``min_free_bytes``, degraded
+    below ``degraded_ratio`` of the disk."""
+
+    async def check():
+        import os
+
+        os.makedirs(path, exist_ok=True)
+        usage = shutil.disk_usage(path)
+        detail = f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f} GiB"
+        if usage.free < min_free_bytes:
+            return CheckResult(UNHEALTHY, detail)
+        if usage.free / usage.total < degraded_ratio:
+            return CheckResult(DEGRADED, detail)
+        return detail
+
+    return check

@@ -1,0 +1,392 @@
+"""aiohttp kernel shared by every service: middleware (request id, metrics, JSON errors,
+API-key auth), the route table type, the OpenAPI document, `/metrics`, health routes, and
+:func:`base_app` which wires them together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import redis.exceptions
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from . import auth, errors, keys, logs
+from .cache import redis_ctx
+from .db import pool_ctx
+from .health import UNHEALTHY, HealthRegistry, database_check, redis_check
+from .metrics import HttpMetrics
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: paths that never need an API key (besides non-/api paths such as /metrics, webhooks, tracking)
+PUBLIC_API_PREFIXES = ("/api/health", "/api/openapi.json")
+#: the largest request id we accept from a client; longer ones are replaced
+MAX_REQUEST_ID = 128
+
+
+# -- route table -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Route:
+    """One row of a service's route table; also the source of its OpenAPI operation."""
+
+    method: str
+    path: str
+    handler: Handler
+    #: scope a caller needs: None = public (no key), "read" = any valid key, else that scope
+    scope: str | None = "read"
+    summary: str = ""
+    request_schema: dict | None = None
+    #: content type of the request body when not JSON (e.g. multipart/form-data)
+    request_content: str = "application/json"
+    responses: dict[int, dict] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+
+
+def add_routes(app: web.Application, routes: list[Route]) -> None:
+    """Register the rows; the auth middleware finds a row again by its handler (so the HEAD
+    twin aiohttp adds to every GET route is guarded like the GET)."""
+    meta = app[keys.ROUTE_META]
+    for r in routes:
+        known = meta.get(r.handler)
+        if known is not None and known.scope != r.scope:
+            raise ValueError(f"handler {r.handler.__name__} is used with two scopes")
+        app.router.add_route(r.method, r.path, r.handler)
+        meta[r.handler] = r
+    app[keys.ROUTES].extend(routes)
+
+
+def json_response(data: Any, status: int = 200, **kw) -> web.Response:
+    return web.json_response(data, status=status, dumps=_dumps, **kw)
+
+
+def _dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, default=_default, separators=(",", ":"))
+
+
+def _default(o: Any) -> Any:
+    import datetime as dt
+    import decimal
+
+    if isinstance(o, dt.datetime | dt.date):
+        return o.isoformat()
+    if isinstance(o, decimal.Decimal):
+        return float(o)
+    if isinstance(o, set | frozenset | tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def error_body(code: str, message: str, details: Any = None) -> dict:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        err["details"] = details
+    return {"error": err}
+
+
+def error_response(status: int, code: str, message: str, details: Any = None, headers=None) -> web.Response:
+    return json_response(error_body(code, message, details), status=status, headers=headers)
+
+
+async def read_json(request: web.Request) -> Any:
+    """The JSON body, or a 400 JSON error naming the problem."""
+    if not request.can_read_body:
+        raise errors.AppError("a JSON body is required", code="invalid_json")
+    try:
+        return await request.json(loads=_loads)
+    except ValueError as exc:
+        raise errors.AppError(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def _loads(text: str) -> Any:
+    import json
+
+    return json.loads(text)
+
+
+def route_label(request: web.Request) -> str:
+    """The route *template* (``/api/imports/{id}``), so ids never become label values."""
+    info = request.match_info
+    route = getattr(info, "route", None)
+    resource = getattr(route, "resource", None)
+    if resource is None:
+        return "unmatched"
+    return resource.canonical
+
+
+# -- middleware --------------------------------------------------------------------------------
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler):
+    rid = request.headers.get("X-Request-ID", "")
+    if not rid or len(rid) > MAX_REQUEST_ID or not rid.isprintable():
+        rid = uuid.uuid4().hex
+    token = logs.bind(request_id=rid)
+    try:
+        response = await handler(request)
+        response.headers["X-Request-ID"] = rid
+        return response
+    except web.HTTPException as exc:
+        exc.headers["X-Request-ID"] = rid
+        raise
+    finally:
+        logs.reset(token)
+
+
+def metrics_middleware(service: str, metrics: HttpMetrics):
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler):
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            route = route_label(request)
+            metrics.requests.labels(service, request.method, route, str(status)).inc()
+            metrics.duration.labels(service, request.method, route).observe(time.perf_counter() - start)
+
+    return middleware
+
+
+#: exceptions that mean "a dependency is down": 503, not 500
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.InterfaceError,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler):
+    """Every error leaves as ``{"error": {"code", "message"}}`` with a fitting status."""
+    try:
+        return await handler(request)
+    except errors.AppError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.details)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        message = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after", "www-authenticate")}
+        return error_response(exc.status, code, message, headers=headers)
+    except asyncio.CancelledError:
+        raise
+    except UNAVAILABLE_ERRORS as exc:
+        log.warning("dependency unavailable", extra={"error": f"{type(exc).__name__}: {exc}"})
+        return error_response(503, "unavailable", "a dependency is unavailable; try again shortly",
+                              headers={"Retry-After": "5"})
+    except Exception:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal server error")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler):
+    """Bearer API keys on /api/* (but health and the OpenAPI document)."""
+    path = request.path
+    if not path.startswith("/api/") or path.startswith(PUBLIC_API_PREFIXES):
+        return await handler(request)
+    route_meta = request.app[keys.ROUTE_META].get(getattr(request.match_info, "handler", None))
+    if route_meta is not None and route_meta.scope is None:
+        return await handler(request)
+    if route_meta is None:  # unmatched: let the router answer 404/405 without leaking auth state
+        return await handler(request)
+    header = request.headers.get("Authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise errors.Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    scopes = await auth.lookup(request.app[keys.DB], key.strip(), request.app[keys.AUTH_CACHE])
+    if scopes is None:
+        raise errors.Unauthorized("invalid or revoked API key")
+    needed = route_meta.scope
+    if needed == "read" and request.method not in ("GET", "HEAD", "OPTIONS"):
+        needed = "admin"  # a write route that forgot to declare its scope is admin-only
+    if not auth.allows(scopes, needed):
+        raise errors.Forbidden(f"this API key lacks the '{needed}' scope")
+    request[keys.API_SCOPES] = scopes
+    return await handler(request)
+
+
+# -- handlers shared by every service ----------------------------------------------------------
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    registry = request.app[keys.REGISTRY]
+    try:
+        body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, registry)
+    except Exception:
+        log.exception("metrics collection failed")
+        return web.Response(status=500, text="metrics collection failed\n")
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def index_handler(request: web.Request) -> web.Response:
+    service = request.app[keys.SERVICE]
+    html = (
+        f"<!doctype html><title>MailGenius {service}</title><h1>MailGenius {service}</h1>"
+        "<ul><li><a href='/metrics'>/metrics</a></li><li><a href='/api/health'>/api/health</a></li>"
+        "<li><a href='/api/openapi.json'>/api/openapi.json</a></li></ul>"
+    )
+    return web.Response(text=html, content_type="text/html")
+
+
+async def health_handler(request: web.Request) -> web.Response:
+    registry: HealthRegistry = request.app[keys.HEALTH]
+    status, checks = await registry.run()
+    body = {"status": status, "service": request.app[keys.SERVICE], "checks": checks}
+    return json_response(body, status=503 if status == UNHEALTHY else 200)
+
+
+async def health_one_handler(request: web.Request) -> web.Response:
+    registry: HealthRegistry = request.app[keys.HEALTH]
+    name = request.match_info["check"]
+    if name not in registry.checks:
+        raise errors.NotFound(f"no health check named {name!r}; known: {', '.join(registry.checks)}")
+    status, checks = await registry.run([name])
+    body = {"status": status, "service": request.app[keys.SERVICE], "checks": checks, **checks[name]}
+    return json_response(body, status=503 if status == UNHEALTHY else 200)
+
+
+async def openapi_handler(request: web.Request) -> web.Response:
+    return json_response(openapi_document(request.app[keys.SERVICE], request.app[keys.ROUTES]))
+
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        }
+    },
+}
+
+
+def openapi_document(service: str, routes: list[Route]) -> dict:
+    paths: dict[str, dict] = {}
+    for r in routes:
+        if r.method == "*":
+            continue
+        op: dict[str, Any] = {
+            "summary": r.summary or r.handler.__doc__ or r.path,
+            "operationId": f"{r.method.lower()}_{r.handler.__name__}",
+            "responses": {},
+        }
+        if r.tags:
+            op["tags"] = list(r.tags)
+        params = []
+        import re
+
+        for name in re.findall(r"{(\w+)(?::[^}]*)?}", r.path):
+            params.append({"name": name, "in": "path", "required": True, "schema": {"type": "string"}})
+        if params:
+            op["parameters"] = params
+        if r.scope is not None and r.path.startswith("/api/") and not r.path.startswith(PUBLIC_API_PREFIXES):
+            op["security"] = [{"bearer": []}]
+            op["responses"]["401"] = {"description": "missing or invalid key",
+                                      "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+            op["responses"]["403"] = {"description": "key lacks the scope",
+                                      "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+        if r.request_schema is not None:
+            op["requestBody"] = {"required": True, "content": {r.request_content: {"schema": r.request_schema}}}
+        for status, spec in (r.responses or {200: {"description": "OK"}}).items():
+            op["responses"][str(status)] = spec
+        op["responses"].setdefault("default", {"description": "error",
+                                               "content": {"application/json": {"schema": ERROR_SCHEMA}}})
+        clean_path = re.sub(r"{(\w+):[^}]*}", r"{\1}", r.path)
+        paths.setdefault(clean_path, {})[r.method.lower()] = op
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": f"MailGenius {service} API", "version": "1.0.0"},
+        "paths": paths,
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+HEALTH_RESPONSE = {
+    "description": "health",
+    "content": {"application/json": {"schema": {
+        "type": "object", "required": ["status", "checks"],
+        "properties": {"status": {"type": "string", "enum": ["healthy", "degraded", "unhealthy"]},
+                       "checks": {"type": "object"}},
+    }}},
+}
+
+
+def base_routes() -> list[Route]:
+    return [
+        Route("GET", "/", index_handler, scope=None, summary="Links to /metrics and health"),
+        Route("GET", "/metrics", metrics_handler, scope=None, summary="Prometheus metrics",
+              responses={200: {"description": "exposition format", "content": {"text/plain": {}}}}),
+        Route("GET", "/api/health", health_handler, scope=None, summary="Aggregated health",
+              responses={200: HEALTH_RESPONSE, 503: HEALTH_RESPONSE}),
+        Route("GET", "/api/health/{check}", health_one_handler, scope=None, summary="One health check",
+              responses={200: HEALTH_RESPONSE, 503: HEALTH_RESPONSE, 404: {"description": "unknown check"}}),
+        Route("GET", "/api/openapi.json", openapi_handler, scope=None, summary="This document"),
+    ]
+
+
+def base_app(
+    settings: Settings,
+    service: str,
+    *,
+    registry: CollectorRegistry | None = None,
+    with_db: bool = True,
+    with_redis: bool = True,
+    client_max_size: int = 1 << 20,
+) -> web.Application:
+    """An application with the kernel wired in; the service adds its routes and checks."""
+    registry = registry if registry is not None else CollectorRegistry()
+    http_metrics = HttpMetrics(registry)
+    app = web.Application(
+        middlewares=[
+            request_id_middleware,
+            metrics_middleware(service, http_metrics),
+            error_middleware,
+            auth_middleware,
+        ],
+        client_max_size=client_max_size,
+        handler_args={"max_field_size": 8190, "max_line_size": 8190},
+    )
+    app[keys.SETTINGS] = settings
+    app[keys.SERVICE] = service
+    app[keys.REGISTRY] = registry
+    app[keys.HTTP_METRICS] = http_metrics
+    app[keys.ROUTES] = []
+    app[keys.ROUTE_META] = {}
+    app[keys.AUTH_CACHE] = {}
+    health = HealthRegistry(service=service, timeout=settings.health_timeout, gauge=http_metrics.health_up)
+    app[keys.HEALTH] = health
+    if with_db:
+        app.cleanup_ctx.append(pool_ctx(settings, keys.DB))
+        health.add("database", database_check(lambda: app[keys.DB]))
+    if with_redis:
+        app.cleanup_ctx.append(redis_ctx(settings, keys.REDIS))
+        health.add("redis", redis_check(lambda: app[keys.REDIS]))
+    add_routes(app, base_routes())
+    return app

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Idempotent machine set-up for `make run` and `make test` on Debian:
+#   1. the Debian packages we need (only the missing ones; apt-get update only when installing),
+#   2. .venv with the project installed (re-installed only when pyproject.toml changed),
+#   3. PostgreSQL and Redis started when nothing answers at the configured URLs,
+#   4. the database created and migrated.
+# Usage: scripts/setup.sh [--test]   (--test adds what the test suites need, e.g. chromium)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+# -- 1. Debian packages ---------------------------------------------------------------------
+pkgs=(postgresql postgresql-contrib redis-server prometheus prometheus-alertmanager
+      prometheus-postgres-exporter prometheus-redis-exporter prometheus-node-exporter
+      python3-venv curl)
+if [ "$want_test" = 1 ]; then pkgs+=(chromium); fi
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  # keep package scripts from starting daemons: we start what we need ourselves, on our ports
+  created_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod +x /usr/sbin/policy-rc.d
+    created_policy=1
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [ "$created_policy" = 1 ] && $SUDO rm -f /usr/sbin/policy-rc.d
+fi
+
+# -- 2. virtualenv --------------------------------------------------------------------------
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  log "installing the project into .venv"
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  .venv/bin/pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
+
+# -- 3. PostgreSQL and Redis ----------------------------------------------------------------
+DATABASE_URL=${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/mailgenius}
+REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/0}
+
+pg_host=$(.venv/bin/python -c "from urllib.parse import urlparse as u; p=u('$DATABASE_URL'); print(p.hostname or '127.0.0.1', p.port or 5432)")
+read -r PGH PGP <<<"$pg_host"
+if ! pg_isready -q -h "$PGH" -p "$PGP" 2>/dev/null; then
+  log "PostgreSQL not answering on $PGH:$PGP: starting a local cluster"
+  ver=$(ls /usr/lib/postgresql | sort -n | tail -1)
+  if ! pg_lsclusters -h 2>/dev/null | awk '{print $2}' | grep -qx main; then
+    $SUDO pg_createcluster "$ver" main -p "$PGP" >/dev/null
+  fi
+  hba=$(ls /etc/postgresql/"$ver"/main/pg_hba.conf)
+  if ! grep -q "mailgenius-local-trust" "$hba"; then
+    # local development cluster: trust loopback connections (DESIGN.md: trust auth on 127.0.0.1)
+    $SUDO sed -i '1i host all all 127.0.0.1/32 trust # mailgenius-local-trust\nhost all all ::1/128 trust # mailgenius-local-trust' "$hba"
+  fi
+  $SUDO pg_ctlcluster --skip-systemctl-redirect "$ver" main start || $SUDO pg_ctlcluster "$ver" main start
+  for _ in $(seq 1 30); do pg_isready -q -h "$PGH" -p "$PGP" && break; sleep 0.5; done
+fi
+
+read -r RH RP <<<"$(.venv/bin/python -c "from urllib.parse import urlparse as u; p=u('$REDIS_URL'); print(p.hostname or '127.0.0.1', p.port or 6379)")"
+if ! redis-cli -h "$RH" -p "$RP" ping >/dev/null 2>&1; then
+  log "Redis not answering on $RH:$RP: starting one"
+  mkdir -p var/redis
+  redis-server --daemonize yes --bind "$RH" --port "$RP" --save "" --appendonly no \
+    --dir "$PWD/var/redis" --logfile "$PWD/var/redis/redis.log"
+  for _ in $(seq 1 30); do redis-cli -h "$RH" -p "$RP" ping >/dev/null 2>&1 && break; sleep 0.2; done
+fi
+
+# -- 4. database ----------------------------------------------------------------------------
+.venv/bin/mailgenius migrate >&2
+log "ready"

@@ -1,0 +1,57 @@
+import subprocess
+import sys
+
+import pytest
+
+from mailgenius.settings import SettingsError, load_settings
+
+
+def test_defaults_match_design():
+    s = load_settings({})
+    assert s.database_url == "postgresql://postgres@127.0.0.1:5432/mailgenius"
+    assert s.redis_url == s.broker_url == "redis://127.0.0.1:6379/0"
+    assert s.email_provider == "smtp"
+    assert (s.smtp_host, s.smtp_port) == ("127.0.0.1", 1025)
+    assert s.upload_max_bytes == 1 << 30
+    assert (s.sender_port, s.importer_port, s.exporter_port) == (8001, 8002, 9300)
+    assert s.broker_kind == "redis"
+
+
+def test_broker_defaults_to_redis_url_and_accepts_amqp():
+    s = load_settings({"REDIS_URL": "redis://10.0.0.1:6380/2"})
+    assert s.broker_url == "redis://10.0.0.1:6380/2"
+    s = load_settings({"BROKER_URL": "amqp://guest:guest@127.0.0.1:5672/"})
+    assert s.broker_kind == "rabbitmq"
+
+
+@pytest.mark.parametrize(
+    "env, variable",
+    [
+        ({"MAILGENIUS_SMTP_PORT": "abc"}, "MAILGENIUS_SMTP_PORT"),
+        ({"MAILGENIUS_SMTP_PORT": "70000"}, "MAILGENIUS_SMTP_PORT"),
+        ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL"),
+        ({"REDIS_URL": "http://127.0.0.1"}, "REDIS_URL"),
+        ({"MAILGENIUS_EMAIL_PROVIDER": "sendgrid"}, "MAILGENIUS_EMAIL_PROVIDER"),
+        ({"MAILGENIUS_UPLOAD_MAX_BYTES": "-1"}, "MAILGENIUS_UPLOAD_MAX_BYTES"),
+        ({"MAILGENIUS_SMTP_STARTTLS": "maybe"}, "MAILGENIUS_SMTP_STARTTLS"),
+    ],
+)
+def test_bad_value_names_the_variable(env, variable):
+    with pytest.raises(SettingsError) as info:
+        load_settings(env)
+    assert info.value.variable == variable
+    assert variable in str(info.value)
+
+
+def test_bad_value_stops_startup_with_one_line_and_no_traceback():
+    # Given a bad port, When the CLI starts, Then it exits 2 with one line naming the variable
+    proc = subprocess.run(
+        [sys.executable, "-m", "mailgenius.cli", "serve", "sender"],
+        env={"MAILGENIUS_SENDER_PORT": "eighty", "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "MAILGENIUS_SENDER_PORT" in lines[0]
+    assert "Traceback" not in proc.stderr
