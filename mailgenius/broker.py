@@ -37,7 +37,10 @@ def build_broker(settings: Settings, *, worker: bool = False) -> dramatiq.Broker
     if worker:
         from dramatiq.middleware.prometheus import Prometheus
 
+        from .queues import WorkerHeartbeat
+
         broker.add_middleware(Prometheus())
+        broker.add_middleware(WorkerHeartbeat(redis_url=settings.redis_url, prefix=settings.redis_prefix))
     return broker
 
 

@@ -1,0 +1,162 @@
+"""Queue depth and worker liveness, shared by every service's health checks and the exporter.
+
+Workers announce themselves with :class:`WorkerHeartbeat` (a dramatiq middleware): every
+``interval`` seconds each worker process writes ``<host>:<pid>`` with the current time into the
+sorted set ``<prefix>:workers:<queue>`` of each queue it consumes. A worker is alive while its
+last beat is younger than ``STALE_AFTER``. This works the same for the Redis and RabbitMQ
+brokers, since the heartbeats live in Redis (our cache), not in the broker.
+
+Depths for the Redis broker come from dramatiq's own keys (see dramatiq/brokers/redis/dispatch.lua):
+``<ns>:<queue>`` (list of waiting ids), ``<ns>:<queue>.DQ`` (delayed), ``<ns>:<queue>.XQ``
+(dead-lettered, a sorted set), with message bodies in the ``.msgs`` hashes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import dramatiq
+import redis as syncredis
+
+from .broker import dramatiq_namespace
+from .health import DEGRADED, UNHEALTHY, CheckResult
+
+#: seconds without a heartbeat after which a worker counts as gone
+STALE_AFTER = 15.0
+#: seconds between two heartbeats of one worker process
+HEARTBEAT_INTERVAL = 5.0
+
+
+def workers_key(prefix: str, queue: str) -> str:
+    return f"{prefix}:workers:{queue}"
+
+
+class WorkerHeartbeat(dramatiq.Middleware):
+    """Announce this worker process for the queues it consumes.
+
+    Parameters:
+      redis_url: the Redis holding the heartbeats (our cache, whatever the broker).
+      prefix: our Redis key prefix (``MAILGENIUS_REDIS_PREFIX``).
+      interval: seconds between beats; keep well below :data:`STALE_AFTER`.
+    """
+
+    def __init__(self, *, redis_url: str, prefix: str, interval: float = HEARTBEAT_INTERVAL):
+        self.logger = logging.getLogger(type(self).__name__)
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.interval = interval
+        self.member = f"{socket.gethostname()}:{os.getpid()}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._queues: set[str] = set()
+
+    def after_worker_boot(self, broker, worker):
+        whitelist = worker.consumer_whitelist
+        self._queues = set(whitelist) if whitelist else {q for q in broker.get_declared_queues() if not q.endswith(".DQ")}
+        self.member = f"{socket.gethostname()}:{os.getpid()}"
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="worker-heartbeat", daemon=True)
+        self._thread.start()
+
+    def before_worker_shutdown(self, broker, worker):
+        self._stop.set()
+        try:
+            client = syncredis.Redis.from_url(self.redis_url, socket_timeout=2)
+            for q in self._queues:
+                client.zrem(workers_key(self.prefix, q), self.member)
+            client.close()
+        except Exception:  # Redis down at shutdown: the beat simply goes stale
+            self.logger.warning("could not remove worker heartbeat", exc_info=True)
+
+    def _run(self):
+        client = syncredis.Redis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        while not self._stop.is_set():
+            try:
+                now = time.time()
+                pipe = client.pipeline()
+                for q in self._queues:
+                    key = workers_key(self.prefix, q)
+                    pipe.zadd(key, {self.member: now})
+                    pipe.zremrangebyscore(key, "-inf", now - 10 * STALE_AFTER)
+                    pipe.expire(key, int(10 * STALE_AFTER))
+                pipe.execute()
+            except Exception:
+                self.logger.warning("worker heartbeat failed", exc_info=True)
+            self._stop.wait(self.interval)
+        client.close()
+
+
+async def worker_count(redis, prefix: str, queue: str, *, stale_after: float = STALE_AFTER) -> int:
+    return int(await redis.zcount(workers_key(prefix, queue), time.time() - stale_after, "+inf"))
+
+
+@dataclass
+class QueueStats:
+    waiting: int = 0
+    delayed: int = 0
+    dead: int = 0
+    oldest_age_seconds: float = 0.0
+
+
+async def redis_queue_stats(redis, namespace: str, queue: str) -> QueueStats:
+    """Depths of one dramatiq queue on the Redis broker (``redis`` is an asyncio client)."""
+    base = f"{namespace}:{queue}"
+    pipe = redis.pipeline(transaction=False)
+    pipe.llen(base)
+    pipe.llen(f"{base}.DQ")
+    pipe.zcard(f"{base}.XQ")
+    pipe.lindex(base, 0)
+    waiting, delayed, dead, oldest_id = await pipe.execute()
+    age = 0.0
+    if oldest_id is not None:
+        raw = await redis.hget(f"{base}.msgs", oldest_id)
+        if raw:
+            try:
+                ts_ms = json.loads(raw)["message_timestamp"]
+                age = max(0.0, time.time() - ts_ms / 1000.0)
+            except (ValueError, KeyError, TypeError):
+                age = 0.0
+    return QueueStats(int(waiting), int(delayed), int(dead), age)
+
+
+def queue_check(get_redis, settings, queue: str, *, max_waiting: int = 1000):
+    """Health check: the broker answers; degraded when more than ``max_waiting`` wait."""
+
+    async def check():
+        if settings.broker_kind != "redis":
+            # RabbitMQ: depth is the exporter's job (management API); here we only know the
+            # heartbeats, which live in Redis
+            await get_redis().ping()
+            return "broker: rabbitmq"
+        stats = await redis_queue_stats(get_redis(), dramatiq_namespace(settings), queue)
+        detail = f"{queue}: {stats.waiting} waiting, {stats.delayed} delayed, {stats.dead} dead"
+        if stats.waiting > max_waiting:
+            return CheckResult(DEGRADED, detail)
+        return detail
+
+    return check
+
+
+def workers_check(get_redis, settings, queue: str):
+    """Health check: unhealthy when messages wait and no worker is alive, degraded when no
+    worker is alive and nothing waits."""
+
+    async def check():
+        redis = get_redis()
+        n = await worker_count(redis, settings.redis_prefix, queue)
+        if n > 0:
+            return f"{n} worker process(es) on {queue}"
+        waiting = 0
+        if settings.broker_kind == "redis":
+            waiting = (await redis_queue_stats(redis, dramatiq_namespace(settings), queue)).waiting
+        if waiting:
+            return CheckResult(UNHEALTHY, f"no live worker on {queue} and {waiting} message(s) waiting")
+        return CheckResult(DEGRADED, f"no live worker on {queue}")
+
+    return check
