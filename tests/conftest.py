@@ -177,3 +177,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def stack(settings, tmp_path):
+    """The real stack in subprocesses on free ports (tests/stack.py); stopped at teardown."""
+    from tests.stack import Stack
+
+    st = Stack(settings, tmp_path)
+    yield st
+    st.stop_all()
