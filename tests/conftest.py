@@ -138,7 +138,8 @@ def settings(database_url, redis_url, redis_prefix, tmp_path) -> Settings:
     return load_settings(os.environ).replace(
         database_url=database_url,
         redis_url=redis_url,
-        broker_url=redis_url,
+        # MAILGENIUS_TEST_BROKER_URL=amqp://guest:guest@127.0.0.1:5672/ runs the suites on RabbitMQ
+        broker_url=os.environ.get("MAILGENIUS_TEST_BROKER_URL") or redis_url,
         redis_prefix=redis_prefix,
         upload_dir=str(tmp_path / "uploads"),
         sink_dir=str(tmp_path / "sink"),
