@@ -98,6 +98,9 @@ def cmd_serve(args) -> int:
     port_attr, env_name = SERVICES[args.service]
     port = args.port or getattr(settings, port_attr)
     setup_logging(args.service, settings.log_level)
+    from .logstream import attach_log_stream
+
+    attach_log_stream(settings, args.service)  # WARNING+ to the capped Redis stream
     module = importlib.import_module(f"{args.service}.app")
     app = module.create_app(settings)
     try:

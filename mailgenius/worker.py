@@ -37,6 +37,10 @@ def worker_setup(service: str) -> tuple[Settings, dramatiq.Broker]:
     settings = load_settings()
     setup_logging(f"{service}-worker", settings.log_level)
     in_worker = os.environ.get("MAILGENIUS_WORKER") == "1"
+    if in_worker:  # WARNING+ to the capped Redis stream (not in test processes importing actors)
+        from .logstream import attach_log_stream
+
+        attach_log_stream(settings, f"{service}-worker")
     broker = setup_broker(settings, worker=in_worker)
     return settings, broker
 
