@@ -25,3 +25,9 @@ ROUTE_META = web.AppKey("route_meta", dict)
 AUTH_CACHE = web.AppKey("auth_cache", dict)
 #: request storage: the scopes of the caller's API key
 API_SCOPES = web.RequestKey("api_scopes", frozenset)
+#: optional async (request) -> frozenset[str] | None: a browser session (the monitoring page's
+#: cookie) accepted by the auth middleware for GET/HEAD on "read" routes when no Authorization
+#: header is sent
+SESSION_AUTH = web.AppKey("session_auth", object)
+#: extra (href, label) links listed on the service's index page "/"
+INDEX_LINKS = web.AppKey("index_links", list)

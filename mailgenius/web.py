@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from html import escape
 from typing import Any
 
 import asyncpg
@@ -216,6 +217,13 @@ async def auth_middleware(request: web.Request, handler: Handler):
     if route_meta is None:  # unmatched: let the router answer 404/405 without leaking auth state
         return await handler(request)
     header = request.headers.get("Authorization", "")
+    if not header and request.method in ("GET", "HEAD") and route_meta.scope == "read":
+        # a browser session (SameSite=Strict cookie of the monitoring page) may read, never write
+        session_auth = request.app.get(keys.SESSION_AUTH)
+        scopes = await session_auth(request) if session_auth is not None else None
+        if scopes is not None:
+            request[keys.API_SCOPES] = scopes
+            return await handler(request)
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise errors.Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
@@ -248,8 +256,11 @@ async def index_handler(request: web.Request) -> web.Response:
     html = (
         f"<!doctype html><title>MailGenius {service}</title><h1>MailGenius {service}</h1>"
         "<ul><li><a href='/metrics'>/metrics</a></li><li><a href='/api/health'>/api/health</a></li>"
-        "<li><a href='/api/openapi.json'>/api/openapi.json</a></li></ul>"
+        "<li><a href='/api/openapi.json'>/api/openapi.json</a></li>"
     )
+    for href, label in request.app.get(keys.INDEX_LINKS, ()):
+        html += f"<li><a href='{escape(href, quote=True)}'>{escape(label)}</a></li>"
+    html += "</ul>"
     return web.Response(text=html, content_type="text/html")
 
 
