@@ -1,0 +1,379 @@
+"""Shared building blocks of the six dashboards (grafanalib).
+
+Every dashboard module (``<uid>.dashboard.py``) builds its panels with the functions here and
+hands a list of :class:`Section` to :func:`dashboard`, which lays them out on Grafana's 24-column
+grid, numbers the panels, and applies the house defaults (refresh 5 s, last 24 h, links to the
+other dashboards, datasource uids that ``provisioning/`` defines).
+
+PromQL is written with the metric names of :mod:`mailgenius.metrics`, so a renamed metric breaks
+the build instead of silently emptying a panel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import attr
+from grafanalib import core as g
+
+from mailgenius import metrics as M
+
+#: Grafana dashboard JSON schema version we emit (Grafana 10.x reads it without migration).
+SCHEMA_VERSION = 39
+#: Refresh every 5 s (operations guide: "Atualização a cada 5 segundos").
+REFRESH = "5s"
+#: Default range: the last 24 h (operations guide: "Dados históricos de 24 horas").
+DEFAULT_TIME = g.Time("now-24h", "now")
+#: Refresh choices offered in the picker; 5 s first.
+REFRESH_INTERVALS = ["5s", "10s", "30s", "1m", "5m", "15m", "1h"]
+
+#: Datasource references; provisioning/datasources defines exactly these uids.
+PROMETHEUS = {"type": "prometheus", "uid": "prometheus"}
+LOKI = {"type": "loki", "uid": "loki"}
+ALERTMANAGER = {"type": "alertmanager", "uid": "alertmanager"}
+DATASOURCES = {"prometheus": PROMETHEUS, "loki": LOKI, "alertmanager": ALERTMANAGER}
+
+#: The six dashboards: stable uid -> title. Alerts' ``dashboard_url`` annotations use /d/<uid>.
+DASHBOARDS = {
+    "system-health": "System Health Overview",
+    "import-progress": "Import Progress",
+    "email-metrics": "Email Metrics",
+    "queue-health": "Queue Health",
+    "alerts-incidents": "Alerts & Incidents",
+    "structured-logs": "Structured Logs",
+}
+#: Tag carried by every dashboard; the dashboard links list the others through it.
+TAG = "mailgenius"
+
+#: Job names of the HTTP services (the scrape config's job = service label).
+HTTP_SERVICES = ("sender", "importer", "exporter")
+#: Job names of the dramatiq worker groups.
+WORKER_JOBS = ("sender-worker", "importer-worker")
+#: Filesystems worth watching (not tmpfs, overlays or pseudo filesystems).
+FS_SELECTOR = 'fstype!~"tmpfs|ramfs|overlay|squashfs|nsfs|autofs|fuse.*",mountpoint!~"/(run|proc|sys|dev)($|/.*)"'
+
+
+# -- queries ---------------------------------------------------------------------------------
+
+def rate(metric: str, selector: str = "", by: str = "", window: str = "$__rate_interval",
+         fn: str = "rate") -> str:
+    """``sum by (<by>) (rate(metric{selector}[window]))``."""
+    grouping = f" by ({by})" if by else ""
+    return f"sum{grouping} ({fn}({metric}{{{selector}}}[{window}]))"
+
+
+def increase(metric: str, selector: str = "", by: str = "", window: str = "$__range") -> str:
+    """Events over the dashboard's range (24 h by default)."""
+    return rate(metric, selector, by, window, fn="increase")
+
+
+def ratio(numerator: str, denominator: str) -> str:
+    """``numerator / denominator`` that is 0, not empty, when the numerator has no series yet.
+
+    (A counter such as 5xx responses only appears after its first event; ``or`` fills the gap
+    with zeros on the denominator's label set.)
+    """
+    return f"({numerator} or ({denominator}) * 0) / ({denominator})"
+
+
+def quantile(q: float, histogram: str, selector: str = "", by: str = "",
+             window: str = "$__rate_interval") -> str:
+    grouping = ", ".join(["le", *([b.strip() for b in by.split(",")] if by else [])])
+    return (f"histogram_quantile({q}, sum by ({grouping}) "
+            f"(rate({histogram}_bucket{{{selector}}}[{window}])))")
+
+
+def mean_of(histogram: str, selector: str = "", by: str = "", window: str = "$__rate_interval") -> str:
+    return f"{rate(histogram + '_sum', selector, by, window)} / {rate(histogram + '_count', selector, by, window)}"
+
+
+# -- targets ---------------------------------------------------------------------------------
+
+@attr.s
+class LokiTarget:
+    """A LogQL query on the ``loki`` datasource (grafanalib has no Loki target)."""
+
+    expr = attr.ib()
+    legendFormat = attr.ib(default="")
+    refId = attr.ib(default="")
+    queryType = attr.ib(default="range")
+    maxLines = attr.ib(default=None)
+
+    def to_json_data(self):
+        data = {"datasource": LOKI, "editorMode": "code", "expr": self.expr,
+                "legendFormat": self.legendFormat, "queryType": self.queryType, "refId": self.refId}
+        if self.maxLines:
+            data["maxLines"] = self.maxLines
+        return data
+
+
+def prom(expr: str, legend: str = "", instant: bool = False, fmt: str = "time_series") -> g.Target:
+    """A PromQL target on the ``prometheus`` datasource (refIds are set by the panel helpers)."""
+    return g.Target(expr=expr, legendFormat=legend, instant=instant, format=fmt,
+                    datasource=PROMETHEUS, intervalFactor=1)
+
+
+def logql(expr: str, legend: str = "", max_lines: int | None = None) -> LokiTarget:
+    return LokiTarget(expr=expr, legendFormat=legend, maxLines=max_lines)
+
+
+def _ref(targets: Sequence) -> list:
+    out = []
+    for i, t in enumerate(targets):
+        out.append(attr.evolve(t, refId=chr(ord("A") + i)))
+    return out
+
+
+def _datasource_of(targets: Sequence) -> dict:
+    kinds = {id(LOKI) if isinstance(t, LokiTarget) else id(PROMETHEUS) for t in targets}
+    if len(kinds) > 1:
+        raise ValueError("a panel mixes Prometheus and Loki targets")
+    return LOKI if targets and isinstance(targets[0], LokiTarget) else PROMETHEUS
+
+
+def _thresholds(steps: Sequence[tuple[float | None, str]] | None) -> list[dict]:
+    steps = steps or [(None, "green")]
+    return [{"color": color, "value": value} for value, color in steps]
+
+
+#: Traffic-light thresholds for ratios where high is bad (values are fractions, 0..1).
+def high_bad(warn: float, crit: float) -> list[tuple[float | None, str]]:
+    return [(None, "green"), (warn, "orange"), (crit, "red")]
+
+
+def low_bad(warn: float, crit: float) -> list[tuple[float | None, str]]:
+    return [(None, "red"), (crit, "orange"), (warn, "green")]
+
+
+# -- panels ----------------------------------------------------------------------------------
+
+def timeseries(title: str, targets: Sequence, unit: str = "short", description: str = "",
+               stacked: bool = False, bars: bool = False, thresholds=None, legend_calcs=None,
+               min_zero: bool = True, links: list | None = None) -> g.TimeSeries:
+    return g.TimeSeries(
+        title=title, description=description, targets=_ref(targets), dataSource=_datasource_of(targets),
+        unit=unit, fillOpacity=40 if bars else 10, drawStyle="bars" if bars else "line",
+        stacking={"mode": "normal", "group": "A"} if stacked else {"mode": "none"},
+        legendDisplayMode="table" if legend_calcs else "list", legendCalcs=legend_calcs or [],
+        tooltipMode="multi", valueMin=0 if min_zero else None,
+        thresholds=_thresholds(thresholds), thresholdsStyleMode="dashed" if thresholds else "off",
+        maxDataPoints=None, links=links or [],
+    )
+
+
+def stat(title: str, targets: Sequence, unit: str = "short", description: str = "",
+         thresholds=None, mappings: list | None = None, decimals: int | None = None,
+         graph: bool = False, calc: str = "lastNotNull", text_mode: str = "auto",
+         links: list | None = None) -> g.Stat:
+    return g.Stat(
+        title=title, description=description, targets=_ref(targets), dataSource=_datasource_of(targets),
+        format=unit, thresholds=_thresholds(thresholds), mappings=mappings or [],
+        decimals=decimals, graphMode="area" if graph else "none", reduceCalc=calc,
+        colorMode="background" if thresholds else "value", textMode=text_mode,
+        noValue="no data", maxDataPoints=None, links=links or [],
+    )
+
+
+def gauge(title: str, targets: Sequence, unit: str = "percentunit", description: str = "",
+          thresholds=None, max_value: float = 1) -> g.GaugePanel:
+    return g.GaugePanel(
+        title=title, description=description, targets=_ref(targets), dataSource=_datasource_of(targets),
+        format=unit, min=0, max=max_value, calc="lastNotNull",
+        thresholds=_thresholds(thresholds), thresholdMarkers=True, maxDataPoints=None,
+    )
+
+
+def bargauge(title: str, targets: Sequence, unit: str = "short", description: str = "",
+             thresholds=None, max_value: float | None = None) -> g.BarGauge:
+    return g.BarGauge(
+        title=title, description=description, targets=_ref(targets), dataSource=_datasource_of(targets),
+        format=unit, min=0, max=max_value, calc="lastNotNull", displayMode="gradient",
+        orientation="horizontal", thresholds=_thresholds(thresholds), maxDataPoints=None,
+    )
+
+
+def table(title: str, targets: Sequence, description: str = "", unit: str = "",
+          hide: Iterable[str] = ("Time",), mappings: list | None = None,
+          links: list | None = None) -> g.Table:
+    exclude = {name: True for name in hide}
+    return g.Table(
+        title=title, description=description, targets=_ref(targets), dataSource=_datasource_of(targets),
+        unit=unit, mappings=mappings or [], filterable=True,
+        transformations=[{"id": "merge", "options": {}},
+                         {"id": "organize", "options": {"excludeByName": exclude}}],
+        maxDataPoints=None, links=links or [],
+    )
+
+
+def state_timeline(title: str, targets: Sequence, description: str = "",
+                   mappings: list | None = None, thresholds=None) -> g.StateTimeline:
+    return g.StateTimeline(
+        title=title, description=description, targets=_ref(targets), dataSource=_datasource_of(targets),
+        mappings=mappings or [], thresholds=_thresholds(thresholds), maxDataPoints=None,
+    )
+
+
+def logs(title: str, targets: Sequence, description: str = "") -> g.Logs:
+    return g.Logs(
+        title=title, description=description, targets=_ref(targets), dataSource=LOKI,
+        showTime=True, showLabels=True, wrapLogMessages=True, enableLogDetails=True,
+        prettifyLogMessage=False, sortOrder="Descending", maxDataPoints=None,
+    )
+
+
+def text(title: str, content: str) -> g.Text:
+    return g.Text(title=title, content=content, mode="markdown", maxDataPoints=None)
+
+
+@attr.s
+class AlertListPanel(g.Panel):
+    """Grafana's unified alert list: the Prometheus datasource's alert rules (any state).
+
+    It reads Prometheus' ``/api/v1/rules`` through Grafana, so it carries no query target."""
+
+    datasource_uid = attr.ib(default="prometheus")
+
+    def to_json_data(self):
+        return self.panel_json({
+            "type": "alertlist",
+            "datasource": None,
+            "targets": [],
+            "options": {
+                "viewMode": "list", "groupMode": "default", "groupBy": [], "maxItems": 100,
+                "sortOrder": 1, "dashboardAlerts": False, "alertName": "", "alertInstanceLabelFilter": "",
+                "datasource": self.datasource_uid, "folder": None, "showInstances": True,
+                "stateFilter": {"firing": True, "pending": True, "noData": True, "normal": True,
+                                "error": True},
+            },
+        })
+
+
+def status_mapping(values: dict) -> list[dict]:
+    """Value -> (text, color) mappings, e.g. ``{1: ("UP", "green"), 0: ("DOWN", "red")}``."""
+    options = {str(k): {"text": text_, "color": color, "index": i}
+               for i, (k, (text_, color)) in enumerate(values.items())}
+    return [{"type": "value", "options": options}]
+
+
+def range_mapping(ranges: Sequence[tuple[float, float, str, str]]) -> list[dict]:
+    """``[(from, to, text, color), ...]`` range mappings."""
+    return [{"type": "range", "options": {"from": lo, "to": hi, "result": {"text": t, "color": c, "index": i}}}
+            for i, (lo, hi, t, c) in enumerate(ranges)]
+
+
+UP_DOWN = status_mapping({1: ("UP", "green"), 0: ("DOWN", "red")})
+
+
+# -- variables -------------------------------------------------------------------------------
+
+def query_var(name: str, label: str, query: str, datasource: dict = PROMETHEUS,
+              all_value: str = ".*", regex: str = "") -> g.Template:
+    """A multi-value variable with "All" (``allValue`` is a regex: use it with ``=~``)."""
+    tpl = g.Template(
+        name=name, label=label, query=query, dataSource=datasource, includeAll=True, multi=True,
+        allValue=all_value, refresh=g.REFRESH_ON_TIME_RANGE_CHANGE, regex=regex or "",
+        sort=g.SORT_ALPHA_ASC,
+    )
+    tpl._current = {"selected": True, "text": ["All"], "value": ["$__all"]}
+    return tpl
+
+
+def service_var() -> g.Template:
+    return query_var("service", "Service", "label_values(up, service)")
+
+
+def queue_var() -> g.Template:
+    return query_var("queue", "Queue", f"label_values({M.QUEUE_MESSAGES}, queue)")
+
+
+def provider_var() -> g.Template:
+    return query_var("provider", "Provider", f"label_values({M.EMAILS_SENT}, provider)")
+
+
+def campaign_var() -> g.Template:
+    return query_var("campaign", "Campaign", f"label_values({M.CAMPAIGN_MESSAGES}, campaign)")
+
+
+# -- layout ----------------------------------------------------------------------------------
+
+@dataclass
+class Section:
+    """A titled row of panels; each item is ``(panel, width, height)`` on the 24-column grid.
+
+    ``guide`` names the operations-guide bullet(s) this row implements (tests check that every
+    bullet of the guide's dashboard section is covered)."""
+
+    title: str
+    panels: list[tuple[g.Panel, int, int]] = field(default_factory=list)
+    guide: tuple[str, ...] = ()
+    collapsed: bool = False
+
+
+GRID_WIDTH = 24
+
+
+def layout(sections: Sequence[Section]) -> list:
+    """Place rows and panels left to right, wrapping at 24 columns; returns Grafana panels."""
+    out: list = []
+    y = 0
+    for section in sections:
+        row = g.RowPanel(title=section.title, gridPos=g.GridPos(h=1, w=GRID_WIDTH, x=0, y=y),
+                         collapsed=False, maxDataPoints=None)
+        if section.guide:
+            row = attr.evolve(row, description="Operations guide: " + "; ".join(section.guide))
+        out.append(row)
+        y += 1
+        x, line_h = 0, 0
+        for panel, w, h in section.panels:
+            if not 0 < w <= GRID_WIDTH:
+                raise ValueError(f"{panel.title}: width {w} is not within 1..{GRID_WIDTH}")
+            if x + w > GRID_WIDTH:
+                y, x, line_h = y + line_h, 0, 0
+            out.append(attr.evolve(panel, gridPos=g.GridPos(h=h, w=w, x=x, y=y)))
+            x += w
+            line_h = max(line_h, h)
+        y += line_h
+    return out
+
+
+def dashboard_links(current: str) -> list:
+    """Links to the five other dashboards (kept time range and variables)."""
+    return [g.DashboardLink(title=title, type="link", uri=f"/d/{uid}", keepTime=True,
+                            includeVars=True, icon="dashboard", tooltip=f"Open {title}")
+            for uid, title in DASHBOARDS.items() if uid != current]
+
+
+def panel_link(uid: str, title: str | None = None) -> dict:
+    """A panel-level data link to another dashboard (drill-down)."""
+    return {"title": f"Open {title or DASHBOARDS[uid]}", "url": f"/d/{uid}?${{__url_time_range}}&${{__all_variables}}",
+            "targetBlank": False}
+
+
+def build_dashboard(uid: str, description: str, sections: Sequence[Section],
+              variables: Sequence[g.Template] = (), annotations: Sequence[dict] = ()) -> g.Dashboard:
+    if uid not in DASHBOARDS:
+        raise ValueError(f"unknown dashboard uid {uid!r}")
+    anns = [{
+        "builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"}, "enable": True,
+        "hide": True, "iconColor": "rgba(0, 211, 255, 1)", "name": "Annotations & Alerts", "type": "dashboard",
+    }, *annotations]
+    return g.Dashboard(
+        uid=uid, title=DASHBOARDS[uid], description=description, tags=[TAG], editable=True,
+        refresh=REFRESH, time=DEFAULT_TIME, schemaVersion=SCHEMA_VERSION, timezone="utc",
+        timePicker=g.TimePicker(refreshIntervals=REFRESH_INTERVALS, timeOptions=[
+            "5m", "15m", "1h", "6h", "12h", "24h", "2d", "7d", "30d"]),
+        graphTooltip=g.GRAPH_TOOLTIP_MODE_SHARED_CROSSHAIR,
+        templating=g.Templating(list=list(variables)), links=dashboard_links(uid),
+        annotations=g.Annotations(list=anns), panels=layout(sections),
+    ).auto_panel_ids()
+
+
+def alerts_annotation() -> dict:
+    """Firing alerts drawn on every time series (ALERTS is Prometheus' own series)."""
+    return {
+        "datasource": PROMETHEUS, "enable": True, "iconColor": "red", "name": "Firing alerts",
+        "expr": 'ALERTS{alertstate="firing", alertname!="Watchdog"}', "step": "30s",
+        "titleFormat": "{{alertname}}", "textFormat": "{{severity}} {{service}}",
+        "tagKeys": "alertname,severity", "useValueForTime": False,
+    }

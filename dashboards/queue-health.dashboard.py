@@ -1,0 +1,134 @@
+"""4. Queue Health: depth, processing rate, worker status, job statistics and error tracking of
+the dramatiq queues (email-sending, lead-import)."""
+
+from dashboards.helpers import (
+    UP_DOWN,
+    WORKER_JOBS,
+    Section,
+    alerts_annotation,
+    build_dashboard,
+    high_bad,
+    increase,
+    panel_link,
+    prom,
+    queue_var,
+    rate,
+    ratio,
+    stat,
+    table,
+    timeseries,
+)
+from mailgenius import metrics as M
+
+Q = 'queue=~"$queue"'
+#: dramatiq labels messages with queue_name; its delay queue is "<queue>.DQ", dead letters ".XQ"
+DQ = 'queue_name=~"($queue)(\\\\.[DX]Q)?"'
+WORKER_SEL = 'job=~"{}"'.format("|".join(WORKER_JOBS))
+
+waiting = stat(
+    "Waiting messages", [prom(f'sum by (queue) ({M.QUEUE_MESSAGES}{{{Q},state="waiting"}})', "{{queue}}")],
+    thresholds=[(None, "green"), (500, "orange"), (1000, "red")], text_mode="value_and_name",
+    description="QueueDepthHigh fires above 1000 waiting messages.",
+)
+depth = timeseries(
+    "Queue depth by state", [prom(f"sum by (queue, state) ({M.QUEUE_MESSAGES}{{{Q}}})", "{{queue}} {{state}}")],
+    thresholds=[(None, "green"), (1000, "red")],
+)
+oldest = timeseries(
+    "Oldest waiting message age", [prom(f"max by (queue) ({M.QUEUE_OLDEST_AGE}{{{Q}}})", "{{queue}}")],
+    unit="s",
+)
+dead = stat(
+    "Dead-lettered", [prom(f'sum by (queue) ({M.QUEUE_MESSAGES}{{{Q},state="dead"}})', "{{queue}}")],
+    thresholds=[(None, "green"), (1, "orange")], text_mode="value_and_name",
+    description="Messages that exhausted their retries; retry or clear them with POST /api/queue/admin.",
+)
+
+processed = timeseries(
+    "Messages processed per second", [prom(rate("dramatiq_messages_total", DQ, "queue_name"), "{{queue_name}}")],
+    unit="ops",
+)
+processed_now = stat(
+    "Processed/s now", [prom(rate("dramatiq_messages_total", DQ, "", "1m"))], decimals=1, graph=True,
+)
+duration = timeseries(
+    "Message processing time p50 / p95",
+    [prom("histogram_quantile(0.5, sum by (le, queue_name) (rate(dramatiq_message_duration_milliseconds_bucket"
+          f"{{{DQ}}}[$__rate_interval]))) / 1000", "{{queue_name}} p50"),
+     prom("histogram_quantile(0.95, sum by (le, queue_name) (rate(dramatiq_message_duration_milliseconds_bucket"
+          f"{{{DQ}}}[$__rate_interval]))) / 1000", "{{queue_name}} p95")],
+    unit="s",
+)
+
+workers = stat(
+    "Workers by queue", [prom(f"sum by (queue) ({M.WORKERS}{{{Q}}})", "{{queue}}")],
+    thresholds=[(None, "red"), (1, "green")], text_mode="value_and_name",
+    description="Worker processes heartbeating per queue (0 = nobody consumes it).",
+)
+worker_up = stat(
+    "Worker metrics endpoints", [prom(f"up{{{WORKER_SEL}}}", "{{service}}")], mappings=UP_DOWN,
+    thresholds=[(None, "red"), (1, "green")], text_mode="value_and_name",
+)
+in_progress = timeseries(
+    "Messages in progress", [prom(f"sum by (queue_name) (dramatiq_messages_inprogress{{{DQ}}})", "{{queue_name}}")],
+)
+workers_ts = timeseries(
+    "Workers over time", [prom(f"sum by (queue) ({M.WORKERS}{{{Q}}})", "{{queue}}")],
+)
+
+jobs_table = table(
+    "Job statistics by actor (range)",
+    [prom(increase("dramatiq_messages_total", DQ, "queue_name, actor_name"), instant=True, fmt="table"),
+     prom(increase("dramatiq_message_errors_total", DQ, "queue_name, actor_name") + " or "
+          + increase("dramatiq_messages_total", DQ, "queue_name, actor_name") + " * 0", instant=True, fmt="table"),
+     prom(increase("dramatiq_message_retries_total", DQ, "queue_name, actor_name") + " or "
+          + increase("dramatiq_messages_total", DQ, "queue_name, actor_name") + " * 0", instant=True, fmt="table")],
+    description="Value #A: processed; #B: errored; #C: retried.",
+)
+completed = stat(
+    "Processed (range)", [prom(increase("dramatiq_messages_total", DQ, "queue_name"), "{{queue_name}}")],
+    decimals=0, text_mode="value_and_name",
+)
+retries = timeseries(
+    "Retries and dead letters per second",
+    [prom(rate("dramatiq_message_retries_total", DQ, "queue_name"), "{{queue_name}} retried"),
+     prom(rate("dramatiq_message_rejects_total", DQ, "queue_name"), "{{queue_name}} dead-lettered")],
+    unit="ops",
+)
+
+failure_ratio = timeseries(
+    "Job failure ratio",
+    [prom(ratio(rate("dramatiq_message_errors_total", DQ, "queue_name", "5m"),
+                rate("dramatiq_messages_total", DQ, "queue_name", "5m")), "{{queue_name}}")],
+    unit="percentunit", thresholds=[(None, "green"), (0.05, "red")],
+    description="WorkerFailureRateHigh fires above 5 %.",
+)
+failure_stat = stat(
+    "Job failure rate (range)",
+    [prom(ratio(increase("dramatiq_message_errors_total", DQ), increase("dramatiq_messages_total", DQ)))],
+    unit="percentunit", thresholds=high_bad(0.02, 0.05), links=[panel_link("structured-logs")],
+)
+errors = timeseries(
+    "Errors per second by actor",
+    [prom(rate("dramatiq_message_errors_total", DQ, "queue_name, actor_name"), "{{actor_name}}")],
+    unit="ops", bars=True, links=[panel_link("structured-logs")],
+)
+
+dashboard = build_dashboard(
+    "queue-health",
+    "dramatiq queues: depth, processing rate, workers, job statistics and errors.",
+    [
+        Section("Queue Depth", [(waiting, 6, 7), (dead, 6, 7), (depth, 12, 7), (oldest, 24, 6)],
+                guide=("Queue Depth",)),
+        Section("Processing Rate", [(processed_now, 4, 7), (processed, 10, 7), (duration, 10, 7)],
+                guide=("Processing Rate",)),
+        Section("Worker Status", [(workers, 6, 6), (worker_up, 6, 6), (in_progress, 6, 6), (workers_ts, 6, 6)],
+                guide=("Worker Status",)),
+        Section("Job Statistics", [(completed, 6, 8), (jobs_table, 10, 8), (retries, 8, 8)],
+                guide=("Job Statistics",)),
+        Section("Error Tracking", [(failure_stat, 6, 7), (failure_ratio, 9, 7), (errors, 9, 7)],
+                guide=("Error Tracking",)),
+    ],
+    variables=[queue_var()],
+    annotations=[alerts_annotation()],
+)

@@ -1,0 +1,223 @@
+"""1. System Health Overview: overall status, monitored services, uptime, response times,
+dependencies (Postgres, Redis, host) and capacity planning."""
+
+from dashboards.helpers import (
+    FS_SELECTOR,
+    UP_DOWN,
+    Section,
+    alerts_annotation,
+    build_dashboard,
+    gauge,
+    high_bad,
+    low_bad,
+    mean_of,
+    prom,
+    quantile,
+    rate,
+    ratio,
+    service_var,
+    stat,
+    status_mapping,
+    table,
+    timeseries,
+)
+from mailgenius import metrics as M
+
+SEL = 'service=~"$service"'
+HTTP_SEL = 'service=~"$service"'
+
+overall = stat(
+    "Overall status",
+    [prom(f"min(up{{{SEL}}}) * (1 + min({M.HEALTH_CHECK_UP}))")],
+    description="2 = Healthy (every target up and every health check passing), 1 = Degraded "
+                "(targets up, a health check failing), 0 = Unhealthy (a scraped target is down).",
+    mappings=status_mapping({2: ("Healthy", "green"), 1: ("Degraded", "orange"), 0: ("Unhealthy", "red")}),
+    thresholds=[(None, "red"), (1, "orange"), (2, "green")],
+)
+checks_passing = stat(
+    "Health checks passing",
+    [prom(f"avg({M.HEALTH_CHECK_UP})")], unit="percentunit",
+    description="Share of the services' health checks (database, redis, queue, email, upload, "
+                "workers) that last passed.",
+    thresholds=low_bad(1, 0.75),
+)
+targets_up = stat(
+    "Targets up", [prom(f"sum(up{{{SEL}}})"), prom(f"count(up{{{SEL}}})")],
+    description="Scrape targets answering / configured.", text_mode="value_and_name",
+)
+
+services = stat(
+    "Service status", [prom(f"up{{{SEL}}}", "{{service}}")],
+    description="Prometheus' `up` for every scraped target: API services, workers, exporters.",
+    mappings=UP_DOWN, thresholds=[(None, "red"), (1, "green")], text_mode="value_and_name",
+)
+dependency_checks = table(
+    "Health checks by service", [prom(f"{M.HEALTH_CHECK_UP}", instant=True, fmt="table")],
+    description="Each service's own checks as `/api/health/<check>` reports them (1 = passing).",
+    hide=("Time", "__name__", "instance"),
+    mappings=status_mapping({1: ("passing", "green"), 0: ("failing", "red")}),
+)
+dependency_up = stat(
+    "Dependencies", [
+        prom("pg_up", "PostgreSQL"), prom("redis_up", "Redis"),
+        prom("min(up{job=~\"sender-worker|importer-worker\"})", "Workers"),
+        prom("min(up{job=\"node\"})", "Host"),
+    ],
+    description="Database, Redis, worker metrics endpoints and the host exporter.",
+    mappings=UP_DOWN, thresholds=[(None, "red"), (1, "green")], text_mode="value_and_name",
+)
+
+availability = stat(
+    "Availability (range)", [prom(f"avg_over_time(up{{{SEL}}}[$__range])", "{{service}}")],
+    unit="percentunit", decimals=2, thresholds=low_bad(0.999, 0.99), text_mode="value_and_name",
+    description="Share of scrapes that succeeded over the selected range.",
+)
+uptime = stat(
+    "Uptime since start",
+    [prom(f"time() - max by (service) (process_start_time_seconds{{{SEL}}})", "{{service}}")],
+    unit="s", description="Time since each process last started (a restart resets it).",
+    text_mode="value_and_name",
+)
+up_history = timeseries(
+    "Targets up over time", [prom(f"sum by (service) (up{{{SEL}}})", "{{service}}")],
+    description="Drops show outages and restarts.",
+)
+
+latency = timeseries(
+    "API latency p50 / p95 / p99",
+    [prom(quantile(0.5, M.HTTP_REQUEST_DURATION, HTTP_SEL), "p50"),
+     prom(quantile(0.95, M.HTTP_REQUEST_DURATION, HTTP_SEL), "p95"),
+     prom(quantile(0.99, M.HTTP_REQUEST_DURATION, HTTP_SEL), "p99")],
+    unit="s", thresholds=[(None, "green"), (0.5, "red")],
+    description="HighAPILatency fires when p95 stays above 500 ms.",
+)
+latency_by_service = timeseries(
+    "Mean response time by service",
+    [prom(mean_of(M.HTTP_REQUEST_DURATION, HTTP_SEL, "service"), "{{service}}")], unit="s",
+)
+p95_stat = stat(
+    "API p95 now", [prom(quantile(0.95, M.HTTP_REQUEST_DURATION, HTTP_SEL))], unit="s",
+    thresholds=[(None, "green"), (0.35, "orange"), (0.5, "red")], graph=True,
+)
+request_rate = timeseries(
+    "Request rate by service", [prom(rate(M.HTTP_REQUESTS, HTTP_SEL, "service"), "{{service}}")],
+    unit="reqps",
+)
+error_rate = timeseries(
+    "5xx error ratio by service",
+    [prom(ratio(rate(M.HTTP_REQUESTS, HTTP_SEL + ',status=~"5.."', "service"),
+                rate(M.HTTP_REQUESTS, HTTP_SEL, "service")), "{{service}}")],
+    unit="percentunit", thresholds=[(None, "green"), (0.01, "red")],
+    description="ErrorRateHigh fires above 1 %.",
+)
+slow_routes = table(
+    "Slowest routes (p95)",
+    [prom(f"topk(10, {quantile(0.95, M.HTTP_REQUEST_DURATION, HTTP_SEL, 'service, method, route', '$__range')})",
+          instant=True, fmt="table")],
+    unit="s", hide=("Time",),
+)
+
+db_connections = timeseries(
+    "Database connections",
+    [prom("sum(pg_stat_database_numbackends)", "connections"),
+     prom("max(pg_settings_max_connections)", "max_connections")],
+    thresholds=[(None, "green"), (80, "red")],
+    description="DatabaseConnectionsHigh fires above 80 connections.",
+)
+db_cache = gauge(
+    "Database cache hit ratio",
+    [prom("sum(rate(pg_stat_database_blks_hit[$__rate_interval])) / "
+          "(sum(rate(pg_stat_database_blks_hit[$__rate_interval])) + "
+          "sum(rate(pg_stat_database_blks_read[$__rate_interval])))")],
+    thresholds=low_bad(0.95, 0.9), description="DatabaseCacheHitRatioLow fires below 90 %.",
+)
+db_tx = timeseries(
+    "Database transactions",
+    [prom("sum(rate(pg_stat_database_xact_commit[$__rate_interval]))", "commits"),
+     prom("sum(rate(pg_stat_database_xact_rollback[$__rate_interval]))", "rollbacks")],
+    unit="ops",
+)
+redis_memory = gauge(
+    "Redis memory used",
+    [prom("max(redis_memory_used_bytes / (redis_memory_max_bytes > 0 or redis_total_system_memory_bytes))")],
+    thresholds=high_bad(0.6, 0.75),
+    description="Of `maxmemory` when set, else of the host's memory. RedisMemoryHigh fires above 75 %.",
+)
+redis_clients = timeseries(
+    "Redis clients and commands",
+    [prom("sum(redis_connected_clients)", "clients"),
+     prom("sum(rate(redis_commands_processed_total[$__rate_interval]))", "commands/s")],
+)
+cpu = gauge(
+    "CPU", [prom('1 - avg(rate(node_cpu_seconds_total{mode="idle"}[$__rate_interval]))')],
+    thresholds=high_bad(0.7, 0.8), description="HighCPUUsage fires above 80 %.",
+)
+memory = gauge(
+    "Memory", [prom("1 - sum(node_memory_MemAvailable_bytes) / sum(node_memory_MemTotal_bytes)")],
+    thresholds=high_bad(0.75, 0.85), description="HighMemoryUsage fires above 85 %.",
+)
+disk = gauge(
+    "Disk (fullest filesystem)",
+    [prom(f"max(1 - node_filesystem_avail_bytes{{{FS_SELECTOR}}} / node_filesystem_size_bytes{{{FS_SELECTOR}}})")],
+    thresholds=high_bad(0.8, 0.9), description="DiskSpaceLow fires above 90 %.",
+)
+resources = timeseries(
+    "Host resources",
+    [prom('1 - avg(rate(node_cpu_seconds_total{mode="idle"}[$__rate_interval]))', "CPU"),
+     prom("1 - sum(node_memory_MemAvailable_bytes) / sum(node_memory_MemTotal_bytes)", "memory"),
+     prom(f"max(1 - node_filesystem_avail_bytes{{{FS_SELECTOR}}} / node_filesystem_size_bytes{{{FS_SELECTOR}}})", "disk")],
+    unit="percentunit",
+)
+
+disk_forecast = timeseries(
+    "Disk free: now and forecast in 7 days",
+    [prom(f"min(node_filesystem_avail_bytes{{{FS_SELECTOR}}})", "free now"),
+     prom(f"min(predict_linear(node_filesystem_avail_bytes{{{FS_SELECTOR}}}[6h], 7 * 86400))",
+          "forecast +7d")],
+    unit="bytes", min_zero=False,
+    description="Linear fit over the last 6 h; a forecast under zero means the disk fills within a week.",
+)
+leads_forecast = timeseries(
+    "Leads: now and forecast in 30 days",
+    [prom(f"sum({M.LEADS})", "leads now"),
+     prom(f"sum(predict_linear({M.LEADS}[6h], 30 * 86400))", "forecast +30d")],
+    description="Lead growth projected from the last 6 h (operations guide: lead growth projections).",
+)
+db_size_forecast = timeseries(
+    "Database size: now and forecast in 30 days",
+    [prom("sum(pg_database_size_bytes)", "size now"),
+     prom("sum(predict_linear(pg_database_size_bytes[6h], 30 * 86400))", "forecast +30d")],
+    unit="bytes",
+)
+queue_forecast = timeseries(
+    "Queue backlog forecast in 1 hour",
+    [prom(f'sum by (queue) ({M.QUEUE_MESSAGES}{{state="waiting"}})', "{{queue}} now"),
+     prom(f'sum by (queue) (predict_linear({M.QUEUE_MESSAGES}{{state="waiting"}}[1h], 3600))',
+          "{{queue}} +1h")],
+    thresholds=[(None, "green"), (1000, "red")], min_zero=False,
+    description="QueueDepthHigh fires above 1000 waiting messages.",
+)
+
+dashboard = build_dashboard(
+    "system-health",
+    "Is MailGenius up? Overall status, every service and dependency, response times, host "
+    "resources and capacity forecasts.",
+    [
+        Section("Status Geral — overall status", [(overall, 8, 5), (checks_passing, 8, 5), (targets_up, 8, 5)],
+                guide=("Status Geral",)),
+        Section("Serviços Monitorados — services and dependencies",
+                [(services, 24, 5), (dependency_up, 10, 8), (dependency_checks, 14, 8)],
+                guide=("Serviços Monitorados",)),
+        Section("Uptime", [(availability, 8, 6), (uptime, 8, 6), (up_history, 8, 6)], guide=("Uptime",)),
+        Section("Response Times", [(p95_stat, 4, 8), (latency, 10, 8), (latency_by_service, 10, 8),
+                                   (request_rate, 8, 8), (error_rate, 8, 8), (slow_routes, 8, 8)],
+                guide=("Response Times",)),
+        Section("Database and Redis", [(db_connections, 8, 7), (db_cache, 4, 7), (db_tx, 6, 7),
+                                       (redis_memory, 6, 7), (redis_clients, 24, 6)]),
+        Section("Host resources", [(cpu, 4, 7), (memory, 4, 7), (disk, 4, 7), (resources, 12, 7)]),
+        Section("Capacity Planning", [(disk_forecast, 12, 7), (db_size_forecast, 12, 7),
+                                      (leads_forecast, 12, 7), (queue_forecast, 12, 7)]),
+    ],
+    variables=[service_var()],
+    annotations=[alerts_annotation()],
+)
