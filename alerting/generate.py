@@ -319,7 +319,8 @@ def render(variant: Variant | None = None, *, source: Path = SOURCE) -> dict[str
         out[f"prometheus/rules/{group}.yml"] = env.get_template("alerts.yml.j2").render(
             header=header, group=group, alerts=alerts)
 
-    suffix = "" if variant.name == "local" else f".{variant.name}"
+    # the compose variant lives beside the local one; any other variant is rendered elsewhere
+    suffix = ".compose" if variant.name == "compose" else ""
     out[f"prometheus/prometheus{suffix}.yml"] = env.get_template("prometheus.yml.j2").render(
         header=header, v=variant, jobs=sorted(set(variant.targets) | set(variant.dns_targets)))
 
@@ -395,3 +396,37 @@ def build(root: Path, check: bool = False) -> list[Path]:
         if not check:
             stale.unlink()
     return changed
+
+
+#: the notification templates in the repository (absolute, for configs rendered elsewhere)
+REPO_TEMPLATES = str(HERE.parent / "alertmanager" / "templates" / "*.tmpl")
+
+
+def local_variant(*, host: str = "127.0.0.1", ports: dict[str, int] | None = None, **changes) -> Variant:
+    """The local variant with some ports moved (``ports``: job -> port; ``"smtp"`` moves the
+    smarthost), for stacks started on free ports. Templates point into this repository."""
+    p = {**LOCAL_PORTS, "smtp": 1025, **(ports or {})}
+    base = dict(
+        name="local",
+        targets={j: [f"{host}:{p[j]}"] for j in LOCAL_PORTS},
+        alertmanager_targets=(f"{host}:{p['alertmanager']}",),
+        smarthost=f"{host}:{p['smtp']}",
+        incident_webhook_url=f"http://{host}:{p['exporter']}{INCIDENT_WEBHOOK_PATH}",
+        watchdog_url=f"http://{host}:{p['exporter']}{INCIDENT_WEBHOOK_PATH}",
+        templates=(REPO_TEMPLATES,),
+    )
+    base.update(changes)
+    return Variant(**base)
+
+
+def render_to(out_dir: Path, variant: Variant) -> dict[str, Path]:
+    """Render one variant into ``out_dir`` (prometheus/..., alertmanager/...); returns the
+    written paths by kind: ``prometheus``, ``alertmanager``, ``rules`` (the rules directory)."""
+    out_dir = Path(out_dir)
+    files = render(variant)
+    write(files, out_dir)
+    return {
+        "prometheus": out_dir / "prometheus" / "prometheus.yml",
+        "alertmanager": out_dir / "alertmanager" / "alertmanager.yml",
+        "rules": out_dir / "prometheus" / "rules",
+    }
