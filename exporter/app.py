@@ -1,14 +1,63 @@
-"""The exporter service: `create_app(settings)` builds the aiohttp application."""
+"""The exporter service: `create_app(settings)` builds the aiohttp application.
+
+It serves ``/metrics`` (the kernel's HTTP metrics plus the snapshot collectors of
+:mod:`exporter.collectors`) and the operator API of :mod:`exporter.routes`: aggregated health,
+the operator summary, queue status and admin, the Alertmanager webhook and incidents.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from mailgenius import keys as k
 from mailgenius.settings import Settings
-from mailgenius.web import base_app
+from mailgenius.web import add_routes, base_app
+
+from . import keys as ek
+from .collectors import Context, Refresher, SnapshotCollector
+from .config import load_config
+from .health import add_checks
+from .routes import ROUTES
+
+
+def http_ctx():
+    """cleanup_ctx: one HTTP client for health relays and Prometheus queries."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        async with aiohttp.ClientSession() as session:
+            app[ek.HTTP] = session
+            yield
+
+    return ctx
+
+
+def refresher_ctx(refresher: Refresher):
+    """cleanup_ctx: the background snapshot refresh runs while the app runs (after the pool and
+    Redis contexts, which base_app appended first, so it stops before they close)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        refresher.start()
+        yield
+        await refresher.stop()
+
+    return ctx
 
 
 def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:
+    registry = registry if registry is not None else CollectorRegistry()
     app = base_app(settings, "exporter", registry=registry)
+    config = load_config(settings)
+    app[ek.CONFIG] = config
+    refresher = Refresher(Context(settings, config, lambda: app[k.DB], lambda: app[k.REDIS]))
+    app[ek.REFRESHER] = refresher
+    registry.register(SnapshotCollector(refresher))
+    app.cleanup_ctx.append(http_ctx())
+    app.cleanup_ctx.append(refresher_ctx(refresher))
+    add_checks(app[k.HEALTH], settings=settings, config=config, get_redis=lambda: app[k.REDIS],
+               get_session=lambda: app[ek.HTTP])
+    add_routes(app, ROUTES)
     return app
