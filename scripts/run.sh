@@ -1,5 +1,15 @@
 #!/usr/bin/env bash
 # Start the whole stack in the foreground from the Procfile (honcho); Ctrl-C stops everything.
+#
+# Every port and address comes from the environment (README "Configuration"; defaults in
+# DESIGN.md). `mailgenius stack-prepare` checks that every port is free (a taken one is reported
+# by name, with the variable that moves it), renders the Prometheus and Alertmanager configs for
+# the chosen ports into $MAILGENIUS_DATA_DIR/run/, writes the settled variables to
+# $MAILGENIUS_DATA_DIR/run/stack.env (honcho loads it; `mailgenius status|demo|report` read it)
+# and prints where each thing is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec .venv/bin/honcho start -f Procfile
+
+.venv/bin/mailgenius stack-prepare --root . || exit $?
+data_dir=${MAILGENIUS_DATA_DIR:-./var}
+exec .venv/bin/honcho start -f Procfile -e "$data_dir/run/stack.env"
