@@ -24,7 +24,8 @@ from dashboards.helpers import (
 from mailgenius import metrics as M
 
 SEL = 'service=~"$service"'
-HTTP_SEL = 'service=~"$service"'
+#: the scrape of /metrics itself is not API traffic (the alert rules exclude it too)
+HTTP_SEL = 'service=~"$service",route!="/metrics"'
 
 overall = stat(
     "Overall status",
@@ -119,7 +120,7 @@ slow_routes = table(
 
 db_connections = timeseries(
     "Database connections",
-    [prom("sum(pg_stat_database_numbackends)", "connections"),
+    [prom("sum(pg_stat_activity_count)", "connections"),
      prom("max(pg_settings_max_connections)", "max_connections")],
     thresholds=[(None, "green"), (80, "red")],
     description="DatabaseConnectionsHigh fires above 80 connections.",

@@ -1,0 +1,416 @@
+"""The dashboards as Grafana would load them: generation, JSON validity, layout, datasources,
+links, variables, PromQL syntax (promtool), metric names, LogQL labels against Promtail."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dashboards import generate, helpers
+from dashboards.queries import (
+    BUILTINS,
+    iter_panels,
+    iter_queries,
+    logql_labels,
+    metric_names,
+    substitute,
+    used_variables,
+)
+from mailgenius import metrics as M
+from tests.conftest import IN_CI, ROOT
+
+UIDS = sorted(helpers.DASHBOARDS)
+#: Panel types Grafana 10 ships (no plugin needed).
+BUILTIN_PANEL_TYPES = {"row", "timeseries", "stat", "gauge", "bargauge", "table", "logs", "text",
+                       "alertlist", "state-timeline", "barchart", "heatmap", "piechart", "histogram"}
+PROMTOOL = "/usr/bin/promtool"
+GUIDE = ROOT.parent / "shared" / "operations-guide.md"
+#: The operations guide's dashboard sections (a copy, for when the guide is not beside the repo).
+GUIDE_BULLETS = {
+    "system-health": ["Status Geral", "Serviços Monitorados", "Uptime", "Response Times"],
+    "import-progress": ["Active Jobs", "Queue Status", "Processing Rate", "Error Rate", "CSV Validation"],
+    "email-metrics": ["Delivery Statistics", "Engagement Metrics", "Provider Performance",
+                      "Campaign Analytics", "Real-time Throughput"],
+    "queue-health": ["Queue Depth", "Processing Rate", "Worker Status", "Job Statistics", "Error Tracking"],
+    "alerts-incidents": ["Active Alerts", "Alert Rules", "Incident Timeline", "MTTR/MTBF"],
+    "structured-logs": ["Real-time Logs", "Log Filtering", "Search Capability", "Export Features"],
+}
+
+
+def _copy_sources(dest: Path) -> Path:
+    (dest / "dashboards").mkdir(parents=True)
+    for src in (ROOT / "dashboards").glob("*.dashboard.py"):
+        shutil.copy(src, dest / "dashboards" / src.name)
+    return dest
+
+
+# -- generation ------------------------------------------------------------------------------
+
+def test_committed_files_match_the_generator():
+    # Given the committed JSON and provisioning, When regenerating in check mode, Then nothing differs
+    changed = generate.build(ROOT, check=True)
+    assert changed == [], f"out of date (run `mailgenius build`): {[str(p.relative_to(ROOT)) for p in changed]}"
+
+
+def test_build_writes_sorted_json_then_is_idempotent(tmp_path):
+    root = _copy_sources(tmp_path)
+    first = generate.build(root)
+    assert sorted(p.name for p in first if p.suffix == ".json") == [f"{uid}.json" for uid in UIDS]
+    assert (root / "dashboards/provisioning/datasources/mailgenius.yml") in first
+    assert (root / "dashboards/provisioning/dashboards/mailgenius.yml") in first
+    assert generate.build(root) == []
+    for uid in UIDS:
+        text = (root / "dashboards/json" / f"{uid}.json").read_text()
+        assert text == json.dumps(json.loads(text), sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+        assert text == (ROOT / "dashboards/json" / f"{uid}.json").read_text()
+
+
+def test_check_mode_reports_edits_and_stale_files_without_writing(tmp_path):
+    root = _copy_sources(tmp_path)
+    generate.build(root)
+    edited = root / "dashboards/json/queue-health.json"
+    edited.write_text(edited.read_text().replace('"5s"', '"1m"'))
+    stale = root / "dashboards/json/old-dashboard.json"
+    stale.write_text("{}")
+    assert generate.build(root, check=True) == [edited, stale]
+    assert stale.exists() and '"1m"' in edited.read_text()
+    assert generate.build(root) == [edited, stale]
+    assert not stale.exists() and generate.build(root, check=True) == []
+
+
+@pytest.mark.parametrize("source, message", [
+    ("raise RuntimeError('boom')\n", "RuntimeError: boom"),
+    ("x = 1\n", "defines no `dashboard`"),
+    ("from dashboards.helpers import build_dashboard\n"
+     "dashboard = build_dashboard('queue-health', 'd', [])\n", "must equal the file name"),
+])
+def test_a_broken_dashboard_source_fails_with_its_file_name(tmp_path, source, message):
+    root = _copy_sources(tmp_path)
+    (root / "dashboards/zz-broken.dashboard.py").write_text(source)
+    with pytest.raises(generate.DashboardError, match=re.escape(message)) as exc:
+        generate.build(root)
+    assert "zz-broken.dashboard.py" in str(exc.value)
+    assert not (root / "dashboards/json").exists()  # nothing half-written
+
+
+def test_a_missing_dashboard_source_is_an_error(tmp_path):
+    root = _copy_sources(tmp_path)
+    (root / "dashboards/email-metrics.dashboard.py").unlink()
+    with pytest.raises(generate.DashboardError, match="email-metrics"):
+        generate.build(root)
+
+
+# -- what Grafana accepts ---------------------------------------------------------------------
+
+def test_six_dashboards_with_the_stable_uids(dashboards):
+    assert sorted(dashboards) == UIDS
+    assert {d["title"] for d in dashboards.values()} == set(helpers.DASHBOARDS.values())
+
+
+@pytest.mark.parametrize("uid", UIDS)
+def test_dashboard_header(dashboards, uid):
+    d = dashboards[uid]
+    assert isinstance(d["schemaVersion"], int) and d["schemaVersion"] >= 36
+    assert d["refresh"] == "5s"
+    assert d["time"] == {"from": "now-24h", "to": "now"}
+    assert "5s" in d["timepicker"]["refresh_intervals"]
+    assert d["id"] is None  # provisioning assigns ids; a fixed one would clash
+    assert helpers.TAG in d["tags"]
+    assert d["panels"] and not d["rows"]
+
+
+@pytest.mark.parametrize("uid", UIDS)
+def test_panel_ids_unique_and_grid_positions_do_not_overlap(dashboards, uid):
+    panels = list(iter_panels(dashboards[uid]))
+    ids = [p["id"] for p in panels]
+    assert all(isinstance(i, int) and i > 0 for i in ids)
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+    boxes = []
+    for p in panels:
+        g = p["gridPos"]
+        assert all(isinstance(g[k], int) for k in "hwxy"), p["title"]
+        assert g["x"] >= 0 and g["y"] >= 0 and g["w"] >= 1 and g["h"] >= 1, p["title"]
+        assert g["x"] + g["w"] <= 24, f"{p['title']} passes column 24"
+        boxes.append((p["title"], g))
+    for (ta, a), (tb, b) in itertools.combinations(boxes, 2):
+        overlap = (a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"]
+                   and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"])
+        assert not overlap, f"{ta!r} overlaps {tb!r}"
+
+
+@pytest.mark.parametrize("uid", UIDS)
+def test_panels_are_builtin_types_with_defined_datasources(dashboards, provisioned_uids, uid):
+    d = dashboards[uid]
+    for p in iter_panels(d):
+        assert p["type"] in BUILTIN_PANEL_TYPES, p["type"]
+        if p["type"] in ("row", "text", "alertlist"):
+            continue
+        assert p["targets"], f"{p['title']} has no query"
+        refs = [t["refId"] for t in p["targets"]]
+        assert len(refs) == len(set(refs)) and all(refs), p["title"]
+        for ds in [p["datasource"], *(t["datasource"] for t in p["targets"])]:
+            assert ds["uid"] in provisioned_uids, f"{p['title']}: datasource {ds} is not provisioned"
+            assert provisioned_uids[ds["uid"]] == ds["type"]
+        for t in p["targets"]:
+            assert t["expr"].strip(), p["title"]
+    for ann in d["annotations"]["list"]:
+        if ann.get("expr"):
+            assert ann["datasource"]["uid"] in provisioned_uids
+    for var in d["templating"]["list"]:
+        if var["type"] == "query":
+            assert var["datasource"]["uid"] in provisioned_uids
+
+
+@pytest.mark.parametrize("uid", UIDS)
+def test_every_variable_a_query_uses_is_defined(dashboards, uid):
+    d = dashboards[uid]
+    defined = {v["name"] for v in d["templating"]["list"]} | set(BUILTINS)
+    for q in iter_queries(d):
+        assert used_variables(q.expr) <= defined, f"{q.key}: {used_variables(q.expr) - defined}"
+    for var in d["templating"]["list"]:
+        if var["type"] == "query":
+            assert var["includeAll"] and var["multi"] and var["allValue"]
+
+
+def test_variables_for_service_queue_provider_and_campaign(dashboards):
+    names = {v["name"] for d in dashboards.values() for v in d["templating"]["list"]}
+    assert {"service", "queue", "provider", "campaign"} <= names
+
+
+@pytest.mark.parametrize("uid", UIDS)
+def test_links_reach_every_other_dashboard(dashboards, uid):
+    d = dashboards[uid]
+    targets = {link["url"] for link in d["links"]}
+    assert targets == {f"/d/{other}" for other in UIDS if other != uid}
+    for p in iter_panels(d):
+        for link in p.get("links") or []:
+            m = re.match(r"/d/([\w-]+)", link["url"])
+            assert m and m.group(1) in dashboards, link
+
+
+def test_alert_dashboard_urls_land_on_a_dashboard(dashboards):
+    rule_files = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
+    if not rule_files:
+        pytest.skip("the alerting generator has not rendered prometheus/rules yet")
+    seen = 0
+    for path in rule_files:
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                url = rule.get("annotations", {}).get("dashboard_url")
+                if url is None:
+                    continue
+                m = re.search(r"/d/([\w-]+)", url)
+                assert m and m.group(1) in dashboards, f"{rule['alert']}: {url}"
+                seen += 1
+    assert seen > 0
+
+
+def test_every_bullet_of_the_guide_has_a_row(dashboards):
+    bullets = dict(GUIDE_BULLETS)
+    if GUIDE.exists():
+        # the guide itself, section by section ("#### **N. Title**" then "- **Bullet**: ...")
+        text = GUIDE.read_text()
+        order = list(helpers.DASHBOARDS)
+        sections = re.findall(r"#### \*\*(\d)\. [^*]+\*\*\n((?:- .*\n)+)", text)
+        assert len(sections) == 6
+        for num, body in sections:
+            bullets[order[int(num) - 1]] = re.findall(r"- \*\*([^*]+)\*\*", body)
+    elif IN_CI:
+        pytest.fail(f"{GUIDE} not found")
+    for uid, names in bullets.items():
+        rows = " ".join(p.get("description") or "" for p in dashboards[uid]["panels"] if p["type"] == "row")
+        for name in names:
+            assert name in rows, f"{uid}: no row implements the guide's {name!r}"
+
+
+def test_capacity_planning_uses_predict_linear(dashboards):
+    exprs = [q.expr for q in iter_queries(dashboards["system-health"]) if "predict_linear" in q.expr]
+    for what in ("node_filesystem_avail_bytes", M.LEADS, M.QUEUE_MESSAGES):
+        assert any(what in e for e in exprs), what
+
+
+# -- PromQL ----------------------------------------------------------------------------------
+
+def _offline_values(d: dict) -> dict[str, str]:
+    return {v["name"]: "example" for v in d["templating"]["list"]}
+
+
+def test_every_promql_target_parses_with_promtool(dashboards, tmp_path):
+    if not Path(PROMTOOL).exists():
+        pytest.fail("promtool is missing: `make test` installs the Debian prometheus package")
+    groups, keys = [], []
+    for uid in UIDS:
+        d = dashboards[uid]
+        for q in iter_queries(d):
+            if q.datasource == "prometheus":
+                keys.append(q.key)
+                groups.append({"name": f"q{len(keys)}", "rules": [
+                    {"record": "dashboards:query", "expr": substitute(q.expr, _offline_values(d))}]})
+    assert len(keys) > 100
+    path = tmp_path / "queries.yml"
+    path.write_text(yaml.safe_dump({"groups": groups}))
+    proc = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        bad = {int(n) for n in re.findall(r'group "q(\d+)"', proc.stdout + proc.stderr)}
+        pytest.fail("promtool rejects: " + "; ".join(keys[n - 1] for n in sorted(bad)) + "\n" + proc.stdout + proc.stderr)
+
+
+def test_promtool_would_catch_a_broken_query(tmp_path):
+    # the check above is only worth something if promtool rejects bad PromQL
+    path = tmp_path / "bad.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "q1", "rules": [
+        {"record": "dashboards:query", "expr": "sum by (x (rate(foo[1m]))"}]}]}))
+    proc = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+
+
+#: metric families of components we scrape but do not define
+EXTERNAL_PREFIXES = ("dramatiq_", "pg_", "redis_", "node_", "alertmanager_", "prometheus_", "process_")
+EXTERNAL_NAMES = {"up", "ALERTS", "time"}
+
+
+def test_metric_names_come_from_the_catalogue_or_a_scraped_component(dashboards):
+    catalogue = {v for k, v in vars(M).items() if k.isupper() and isinstance(v, str) and v.startswith(M.PREFIX)}
+    for uid in UIDS:
+        for q in iter_queries(dashboards[uid]):
+            if q.datasource != "prometheus":
+                continue
+            for name in metric_names(q.expr):
+                base = re.sub(r"_(bucket|sum|count)$", "", name)
+                ok = (name in catalogue or base in catalogue or name in EXTERNAL_NAMES
+                      or name.startswith(EXTERNAL_PREFIXES))
+                assert ok, f"{q.key}: {name} is neither in mailgenius.metrics nor a known exporter's"
+
+
+def test_metric_name_extraction():
+    expr = ('sum by (service) (rate(mailgenius_http_requests_total{status=~"5..",route!="/metrics"}[5m])) '
+            '/ on (x) histogram_quantile(0.9, sum by (le) (rate(foo_bucket[1m]))) + up offset 5m')
+    assert metric_names(expr) == {"mailgenius_http_requests_total", "foo_bucket", "up"}
+
+
+# -- Loki / Promtail -------------------------------------------------------------------------
+
+def promtail_labels(cfg: dict) -> set[str]:
+    """Labels Promtail attaches to streams: relabel targets, static labels, `labels` stages."""
+    labels: set[str] = set()
+
+    def stages(items):
+        for stage in items or []:
+            for kind, body in stage.items():
+                if kind == "labels":
+                    labels.update(body)
+                elif kind == "static_labels":
+                    labels.update(body)
+                elif kind == "match":
+                    stages(body.get("stages"))
+
+    for sc in cfg["scrape_configs"]:
+        for rc in sc.get("relabel_configs", []):
+            if rc.get("action", "replace") == "replace" and "target_label" in rc:
+                labels.add(rc["target_label"])
+            assert rc.get("action") not in ("labelmap",), "labelmap would copy unbounded Docker labels"
+        for static in sc.get("static_configs", []):
+            labels.update(k for k in static.get("labels", {}) if k != "__path__")
+        stages(sc.get("pipeline_stages"))
+    return {label for label in labels if not label.startswith("__")}
+
+
+def test_promtail_promotes_only_service_and_level(promtail):
+    assert promtail_labels(promtail) == {"service", "level"}
+    assert promtail["clients"][0]["url"].endswith("/loki/api/v1/push")
+
+
+def test_logql_targets_use_only_promtail_labels(dashboards, promtail):
+    allowed = promtail_labels(promtail)
+    loki_queries = [q for uid in UIDS for q in iter_queries(dashboards[uid]) if q.datasource == "loki"]
+    assert loki_queries
+    for q in loki_queries:
+        used = logql_labels(q.expr)
+        assert used, f"{q.key}: no stream selector"
+        assert used <= allowed, f"{q.key} uses {used - allowed}, which Promtail does not produce"
+        # Loki refuses selectors whose every matcher matches the empty string
+        assert re.search(r'service=~"\$service"', q.expr), q.key
+    service_var = next(v for v in dashboards["structured-logs"]["templating"]["list"] if v["name"] == "service")
+    assert service_var["allValue"] == ".+"
+
+
+def test_logql_label_extraction_sees_a_foreign_label():
+    assert logql_labels('sum by (pod) (rate({app="x", level=~"e.*"} |= "a" [1m]))') == {"app", "level", "pod"}
+
+
+def test_promtail_json_stage_reads_service_and_level_from_real_service_logs(dashboards, promtail):
+    # Given the services' own JSON formatter
+    from mailgenius.logs import setup_logging
+
+    buf = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        setup_logging("importer-worker", "DEBUG", stream=buf)
+        log = logging.getLogger("importer.actors")
+        log.debug("d")
+        log.info("import started", extra={"import_id": 42})
+        log.warning("w")
+        log.error("row rejected")
+        log.critical("c")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    # When Promtail's json stage extracts its expressions from each line
+    stage = next(s["json"] for s in promtail["scrape_configs"][0]["pipeline_stages"] if "json" in s)
+    extracted = [{k: json.loads(line).get(v) for k, v in stage["expressions"].items()}
+                 for line in buf.getvalue().splitlines()]
+    # Then every line yields the service and a level the dashboard's level filter offers
+    levels = next(v for v in dashboards["structured-logs"]["templating"]["list"] if v["name"] == "level")
+    offered = {o["value"] for o in levels["options"]}
+    assert [e["service"] for e in extracted] == ["importer-worker"] * 5
+    assert [e["level"] for e in extracted] == ["debug", "info", "warning", "error", "critical"]
+    assert {e["level"] for e in extracted} <= offered
+    # and the text-line regex agrees for dramatiq's own "[INFO]" lines
+    regex = next(s["regex"] for s in promtail["scrape_configs"][0]["pipeline_stages"] if "regex" in s)
+    pattern = re.compile(regex["expression"].replace("(?P<", "(?P<"))
+    m = pattern.search("[2026-11-29 17:00:00,000] [PID 7] [MainThread] [dramatiq.MainProcess] [WARNING] x")
+    assert m and m.group("level").lower() in offered
+
+
+def test_loki_config_keeps_a_day_of_logs_on_disk():
+    cfg = yaml.safe_load((ROOT / "dashboards/logging/loki.yml").read_text())
+    assert cfg["server"]["http_listen_port"] == 3100
+    assert cfg["auth_enabled"] is False
+    hours = int(cfg["limits_config"]["retention_period"].removesuffix("h"))
+    assert hours >= 24
+
+
+# -- provisioning ----------------------------------------------------------------------------
+
+def test_provisioning_defines_the_three_datasources_and_a_provider(provisioned_uids):
+    assert provisioned_uids == {"prometheus": "prometheus", "loki": "loki", "alertmanager": "alertmanager"}
+    prov = yaml.safe_load((ROOT / "dashboards/provisioning/dashboards/mailgenius.yml").read_text())
+    (provider,) = prov["providers"]
+    assert provider["type"] == "file"
+    assert provider["options"]["path"] == generate.GRAFANA_DASHBOARDS_PATH
+    ds = yaml.safe_load((ROOT / "dashboards/provisioning/datasources/mailgenius.yml").read_text())
+    urls = {d["uid"]: d["url"] for d in ds["datasources"]}
+    assert urls == generate.COMPOSE_URLS
+    assert [d["uid"] for d in ds["datasources"] if d.get("isDefault")] == ["prometheus"]
+
+
+def test_docker_compose_mounts_what_grafana_provisioning_expects():
+    compose = ROOT / "docker-compose.yml"
+    if not compose.exists():
+        pytest.skip("docker-compose.yml is not written yet")
+    services = yaml.safe_load(compose.read_text())["services"]
+    grafana = " ".join(str(v) for v in services["grafana"].get("volumes", []))
+    assert "dashboards/provisioning" in grafana
+    assert "dashboards/json" in grafana and generate.GRAFANA_DASHBOARDS_PATH in grafana
+    promtail = " ".join(str(v) for v in services["promtail"].get("volumes", []))
+    assert "dashboards/logging/promtail.yml" in promtail
