@@ -21,6 +21,7 @@ from . import keys as ek
 from .collectors import Context, Refresher, SnapshotCollector
 from .config import load_config
 from .health import add_checks
+from .monitoring_page import setup_monitoring_page
 from .routes import ROUTES
 
 
@@ -60,4 +61,5 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     add_checks(app[k.HEALTH], settings=settings, config=config, get_redis=lambda: app[k.REDIS],
                get_session=lambda: app[ek.HTTP])
     add_routes(app, ROUTES)
+    setup_monitoring_page(app)
     return app

@@ -1,0 +1,51 @@
+"""Imports in progress (and the last few finished), straight from the ``imports`` table.
+
+The importer keeps ``processed_rows`` and the counts up to date after each committed batch, so
+rows/s and the ETA follow from them; the query reads at most :data:`RECENT` rows by index.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+#: finished imports listed below the running ones
+RECENT = 5
+
+_ACTIVE_SQL = """
+SELECT id, status, filename, bytes, total_rows, processed_rows, inserted, updated, duplicates,
+       invalid, error, created_at, started_at, finished_at, now() AS now
+FROM imports WHERE status IN ('queued', 'running') ORDER BY id DESC LIMIT 20
+"""
+_RECENT_SQL = """
+SELECT id, status, filename, bytes, total_rows, processed_rows, inserted, updated, duplicates,
+       invalid, error, created_at, started_at, finished_at, now() AS now
+FROM imports WHERE status NOT IN ('queued', 'running') ORDER BY created_at DESC LIMIT $1
+"""
+
+
+def _row(r) -> dict:
+    started: dt.datetime | None = r["started_at"]
+    end: dt.datetime = r["finished_at"] or r["now"]
+    elapsed = (end - started).total_seconds() if started else 0.0
+    processed = int(r["processed_rows"] or 0)
+    rate = processed / elapsed if elapsed > 0 else 0.0
+    total = r["total_rows"]
+    eta = None
+    if r["status"] == "running" and total and rate > 0:
+        eta = max(0.0, (int(total) - processed) / rate)
+    return {
+        "id": r["id"], "status": r["status"], "filename": r["filename"], "bytes": r["bytes"],
+        "total_rows": total, "processed_rows": processed, "inserted": r["inserted"],
+        "updated": r["updated"], "duplicates": r["duplicates"], "invalid": r["invalid"],
+        "error": r["error"], "rows_per_second": round(rate, 1),
+        "eta_seconds": None if eta is None else round(eta, 1),
+        "progress": (processed / int(total)) if total else None,
+        "created_at": r["created_at"], "finished_at": r["finished_at"],
+    }
+
+
+async def import_overview(pool) -> dict:
+    async with pool.acquire() as conn:
+        active = await conn.fetch(_ACTIVE_SQL)
+        recent = await conn.fetch(_RECENT_SQL, RECENT)
+    return {"active": [_row(r) for r in active], "recent": [_row(r) for r in recent]}

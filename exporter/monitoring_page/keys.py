@@ -1,0 +1,12 @@
+"""Typed application keys of the monitoring page."""
+
+from __future__ import annotations
+
+from aiohttp import ClientSession, web
+
+#: aiohttp client for Prometheus and Alertmanager (short timeouts)
+HTTP = web.AppKey("monitoring_page_http", ClientSession)
+#: the Jinja2 environment of the templates/ folder
+JINJA = web.AppKey("monitoring_page_jinja", object)
+#: key_hash -> (expires monotonic, scopes | None): revocation is noticed within KEY_RECHECK seconds
+KEY_CACHE = web.AppKey("monitoring_page_key_cache", dict)

@@ -1,0 +1,236 @@
+"""Routes of the monitoring page: the page itself, login/logout, and the JSON the page's
+script polls besides the operator API (charts, alerts, logs, imports, log export)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import jinja2
+from aiohttp import web
+
+from mailgenius import auth, errors
+from mailgenius import keys as kernel_keys
+from mailgenius.web import Route, add_routes, json_response
+
+from . import keys, sessions, sources
+from .csvsafe import to_csv, to_ndjson
+from .imports import import_overview
+from .logview import KNOWN_SERVICES, LEVELS, LogFilter, parse_after, parse_limit, read_logs
+
+HERE = Path(__file__).resolve().parent
+#: where the page lives (the operations guide's address)
+BASE = "/dashboard/monitoring"
+#: milliseconds between two polls of the page (the guide: every 5 s)
+REFRESH_MS = 5000
+#: the page's own JSON, under the page's path (operator API calls go to /api/*)
+API = f"{BASE}/api"
+#: columns of a log export, in order
+EXPORT_COLUMNS = ("ts", "level", "service", "logger", "message", "request_id", "id")
+#: the longest API key accepted by the login form (real ones are ~55 characters)
+MAX_KEY_CHARS = 200
+
+#: Content-Security-Policy of every page response: our own files only, no inline script/style
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+
+
+def _secure(resp: web.StreamResponse) -> web.StreamResponse:
+    resp.headers["Content-Security-Policy"] = CSP
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    resp.headers["Referrer-Policy"] = "no-referrer"
+    resp.headers["X-Frame-Options"] = "DENY"
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+def _render(request: web.Request, name: str, status: int = 200, **ctx) -> web.Response:
+    env: jinja2.Environment = request.app[keys.JINJA]
+    router = request.app.router
+
+    def static(filename: str) -> str:
+        return str(router["monitoring_page_static"].url_for(filename=filename))
+
+    html = env.get_template(name).render(base=BASE, api=API, static=static, **ctx)
+    return _secure(web.Response(text=html, content_type="text/html", status=status))
+
+
+async def _require_session(request: web.Request) -> frozenset[str]:
+    scopes = await sessions.session_scopes(request)
+    if scopes is None:
+        raise errors.Unauthorized("not logged in to the monitoring page (or the session expired)")
+    return scopes
+
+
+def _check_origin(request: web.Request) -> None:
+    """Form posts must come from this page (SameSite=Strict is the first line of defence)."""
+    origin = request.headers.get("Origin")
+    if origin and origin != "null" and origin != f"{request.scheme}://{request.host}":
+        raise errors.Forbidden("cross-origin form post refused")
+
+
+async def _login_with_key(request: web.Request, key: str) -> web.StreamResponse:
+    key = key.strip()
+    scopes = None
+    if key and len(key) <= MAX_KEY_CHARS and key.isprintable():
+        scopes = await auth.lookup(request.app[kernel_keys.DB], key, request.app[kernel_keys.AUTH_CACHE])
+    if scopes is None:
+        return _render(request, "login.html.j2", status=401,
+                       error="That API key is not valid (unknown or revoked).")
+    token = await sessions.create_session(request.app, auth.hash_key(key), scopes)
+    # 303 to the bare page address: the key never stays in the address bar or in history
+    resp = web.Response(status=303, headers={"Location": BASE})
+    sessions.set_cookie(request, resp, token)
+    return _secure(resp)
+
+
+# -- pages -----------------------------------------------------------------------------------
+
+async def page(request: web.Request) -> web.StreamResponse:
+    """The monitoring page (or the login form; ``?key=`` exchanges a key for a session)."""
+    if "key" in request.query:
+        return await _login_with_key(request, request.query["key"])
+    if await sessions.session_scopes(request) is None:
+        return _render(request, "login.html.j2", error=None)
+    return _render(request, "monitoring.html.j2", refresh_ms=REFRESH_MS, ranges=list(sources.RANGES),
+                   levels=LEVELS, services=KNOWN_SERVICES,
+                   service=request.app[kernel_keys.SERVICE])
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    """Log in with an API key (form field ``key``)."""
+    _check_origin(request)
+    form = await request.post()
+    key = form.get("key", "")
+    if not isinstance(key, str):
+        raise errors.ValidationError("key: expected a text field")
+    return await _login_with_key(request, key)
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    """End the session and forget the cookie."""
+    _check_origin(request)
+    token = request.cookies.get(sessions.COOKIE)
+    if token:
+        await sessions.delete_session(request.app, token)
+    resp = web.Response(status=303, headers={"Location": BASE})
+    sessions.clear_cookie(resp)
+    return _secure(resp)
+
+
+# -- JSON for the page -------------------------------------------------------------------------
+
+async def api_series(request: web.Request) -> web.Response:
+    """Chart data over ``range`` (1h, 6h, 24h) from Prometheus range queries (fixed allow-list)."""
+    await _require_session(request)
+    name, rng = sources.parse_range(request.query.get("range"))
+    settings = request.app[kernel_keys.SETTINGS]
+    body = await sources.range_series(request.app[keys.HTTP], settings.prometheus_url, name, rng)
+    return _secure(json_response(body))
+
+
+async def api_alerts(request: web.Request) -> web.Response:
+    """Active alerts from Alertmanager."""
+    await _require_session(request)
+    settings = request.app[kernel_keys.SETTINGS]
+    return _secure(json_response(await sources.active_alerts(request.app[keys.HTTP], settings.alertmanager_url)))
+
+
+async def api_imports(request: web.Request) -> web.Response:
+    """Imports in progress and the last finished ones (rows/s, ETA, errors)."""
+    await _require_session(request)
+    return _secure(json_response(await import_overview(request.app[kernel_keys.DB])))
+
+
+async def api_logs(request: web.Request) -> web.Response:
+    """Recent WARNING+ log records, filtered by ``service``, ``level`` (minimum) and ``q`` (text);
+    ``after`` (a stream id) returns only newer ones."""
+    await _require_session(request)
+    flt = LogFilter.from_query(request.query)
+    after = parse_after(request.query.get("after"))
+    limit = parse_limit(request.query.get("limit"))
+    settings = request.app[kernel_keys.SETTINGS]
+    entries, last_id = await read_logs(request.app[kernel_keys.REDIS], settings.redis_prefix, flt,
+                                       after=after, limit=limit)
+    return _secure(json_response({"entries": entries, "last_id": last_id, "levels": LEVELS,
+                                  "services": KNOWN_SERVICES}))
+
+
+async def api_logs_export(request: web.Request) -> web.Response:
+    """The matching log records as a CSV (formula-safe cells) or NDJSON download."""
+    await _require_session(request)
+    fmt = request.query.get("format", "csv")
+    if fmt not in ("csv", "ndjson"):
+        raise errors.ValidationError(f"format: must be csv or ndjson; got {fmt[:20]!r}")
+    flt = LogFilter.from_query(request.query)
+    settings = request.app[kernel_keys.SETTINGS]
+    from .logview import SCAN_LIMIT
+
+    entries, _ = await read_logs(request.app[kernel_keys.REDIS], settings.redis_prefix, flt, limit=SCAN_LIMIT)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    if fmt == "csv":
+        body, ctype = to_csv(entries, EXPORT_COLUMNS), "text/csv"
+    else:
+        body, ctype = to_ndjson(entries, EXPORT_COLUMNS), "application/x-ndjson"
+    resp = web.Response(text=body, content_type=ctype, charset="utf-8", headers={
+        "Content-Disposition": f'attachment; filename="mailgenius-logs-{stamp}.{fmt}"',
+    })
+    return _secure(resp)
+
+
+_UNAUTH = {401: {"description": "not logged in to the monitoring page"}}
+_HTML = {200: {"description": "HTML page", "content": {"text/html": {}}}}
+
+
+def routes() -> list[Route]:
+    tags = ("monitoring-page",)
+    return [
+        Route("GET", BASE, page, scope=None, summary="Monitoring page (login form without a session)",
+              responses={**_HTML, 303: {"description": "?key= exchanged for a session cookie"},
+                         401: {"description": "invalid key"}}, tags=tags),
+        Route("POST", f"{BASE}/login", login, scope=None, summary="Log in to the page with an API key",
+              request_content="application/x-www-form-urlencoded",
+              request_schema={"type": "object", "required": ["key"], "properties": {"key": {"type": "string"}}},
+              responses={303: {"description": "logged in; session cookie set"},
+                         401: {"description": "invalid key"}}, tags=tags),
+        Route("POST", f"{BASE}/logout", logout, scope=None, summary="Log out of the page",
+              responses={303: {"description": "logged out"}}, tags=tags),
+        Route("GET", f"{API}/series", api_series, scope=None, summary=api_series.__doc__.split("\n")[0],
+              responses={200: {"description": "charts"}, **_UNAUTH}, tags=tags),
+        Route("GET", f"{API}/alerts", api_alerts, scope=None, summary="Active alerts from Alertmanager",
+              responses={200: {"description": "alerts"}, **_UNAUTH}, tags=tags),
+        Route("GET", f"{API}/imports", api_imports, scope=None, summary="Imports in progress",
+              responses={200: {"description": "imports"}, **_UNAUTH}, tags=tags),
+        Route("GET", f"{API}/logs", api_logs, scope=None, summary="Recent WARNING+ log records",
+              responses={200: {"description": "log records"}, **_UNAUTH}, tags=tags),
+        Route("GET", f"{API}/logs/export", api_logs_export, scope=None, summary="Export log records (CSV or NDJSON)",
+              responses={200: {"description": "a file", "content": {"text/csv": {}, "application/x-ndjson": {}}},
+                         **_UNAUTH}, tags=tags),
+    ]
+
+
+def _http_ctx():
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=sources.BACKEND_TIMEOUT)) as http:
+            app[keys.HTTP] = http
+            yield
+
+    return ctx
+
+
+def setup_monitoring_page(app: web.Application) -> None:
+    """Mount the page on an application built by :func:`mailgenius.web.base_app` (with its
+    Postgres pool and Redis client): routes, static files, sessions, and a link from ``/``."""
+    app[keys.JINJA] = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    app[keys.KEY_CACHE] = {}
+    app.cleanup_ctx.append(_http_ctx())
+    add_routes(app, routes())
+    app.router.add_static(f"{BASE}/static/", HERE / "static", name="monitoring_page_static",
+                          append_version=True)
+    app[kernel_keys.SESSION_AUTH] = sessions.session_scopes
+    app.setdefault(kernel_keys.INDEX_LINKS, []).append((BASE, "Monitoring page"))
