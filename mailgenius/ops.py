@@ -220,21 +220,24 @@ def _port_map(env: dict[str, str]) -> dict[int, int]:
     return {c.default: int(env[c.env]) for c in COMPONENTS if c.env in env}
 
 
-def _substitute(obj: Any, port_map: dict[int, int], base: Path) -> Any:
+def _substitute(obj: Any, port_map: dict[int, int], base: Path, root: Path) -> Any:
     """Move ``127.0.0.1:<default port>`` to the chosen port in every string (one pass, so two
-    swapped ports never chain), and make relative file references absolute."""
+    swapped ports never chain), and make relative file references absolute: rule files and
+    templates against the config's folder (as Prometheus and Alertmanager resolve them), secret
+    ``*_file`` paths against the repository root (``mailgenius alerting secrets`` writes them
+    there)."""
     if isinstance(obj, dict):
         out = {}
         for key, value in obj.items():
             if key in _PATH_LIST_KEYS and isinstance(value, list):
                 out[key] = [str((base / v).resolve()) if isinstance(v, str) and not os.path.isabs(v) else v for v in value]
             elif isinstance(key, str) and key.endswith("_file") and isinstance(value, str) and value and not os.path.isabs(value):
-                out[key] = str((base / value).resolve())
+                out[key] = str((root / value).resolve())
             else:
-                out[key] = _substitute(value, port_map, base)
+                out[key] = _substitute(value, port_map, base, root)
         return out
     if isinstance(obj, list):
-        return [_substitute(v, port_map, base) for v in obj]
+        return [_substitute(v, port_map, base, root) for v in obj]
     if isinstance(obj, str):
         return _LOCAL_ADDR.sub(lambda m: f"{m.group(1)}:{port_map.get(int(m.group(2)), int(m.group(2)))}", obj)
     return obj
@@ -288,7 +291,7 @@ def render_configs(env: dict[str, str], root: Path, out_dir: Path) -> dict[str, 
             print(f"[run] {src} does not exist (run `mailgenius build`): using a minimal built-in {name} config",
                   file=sys.stderr)
             config, base = fallback(env), root
-        config = _substitute(config, port_map, base)
+        config = _substitute(config, port_map, base, root)
         if name == "prometheus" and env.get("MAILGENIUS_SCRAPE_INTERVAL"):
             interval = env["MAILGENIUS_SCRAPE_INTERVAL"]
             glob = config.setdefault("global", {})

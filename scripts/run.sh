@@ -10,6 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Slack / PagerDuty / SMTP secrets from the environment into the files alertmanager.yml names
+# (nothing is written for unset variables; those channels then fail loudly in Alertmanager's log)
+.venv/bin/mailgenius alerting secrets --dir var/secrets >/dev/null 2>&1 || true
 .venv/bin/mailgenius stack-prepare --root . || exit $?
 data_dir=${MAILGENIUS_DATA_DIR:-./var}
 exec .venv/bin/honcho start -f Procfile -e "$data_dir/run/stack.env"
