@@ -77,6 +77,12 @@ def ratio(numerator: str, denominator: str) -> str:
     return f"({numerator} or ({denominator}) * 0) / ({denominator})"
 
 
+def zero_fill(expr: str, like: str) -> str:
+    """``expr``, or zeros on the label sets of ``like`` while ``expr`` has no series: for
+    counters a library creates on their first increment (dramatiq's errors, retries, rejects)."""
+    return f"({expr}) or ({like}) * 0"
+
+
 def quantile(q: float, histogram: str, selector: str = "", by: str = "",
              window: str = "$__rate_interval") -> str:
     grouping = ", ".join(["le", *([b.strip() for b in by.split(",")] if by else [])])

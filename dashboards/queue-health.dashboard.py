@@ -17,6 +17,7 @@ from dashboards.helpers import (
     stat,
     table,
     timeseries,
+    zero_fill,
 )
 from mailgenius import metrics as M
 
@@ -79,10 +80,10 @@ workers_ts = timeseries(
 jobs_table = table(
     "Job statistics by actor (range)",
     [prom(increase("dramatiq_messages_total", DQ, "queue_name, actor_name"), instant=True, fmt="table"),
-     prom(increase("dramatiq_message_errors_total", DQ, "queue_name, actor_name") + " or "
-          + increase("dramatiq_messages_total", DQ, "queue_name, actor_name") + " * 0", instant=True, fmt="table"),
-     prom(increase("dramatiq_message_retries_total", DQ, "queue_name, actor_name") + " or "
-          + increase("dramatiq_messages_total", DQ, "queue_name, actor_name") + " * 0", instant=True, fmt="table")],
+     prom(zero_fill(increase("dramatiq_message_errors_total", DQ, "queue_name, actor_name"),
+                    increase("dramatiq_messages_total", DQ, "queue_name, actor_name")), instant=True, fmt="table"),
+     prom(zero_fill(increase("dramatiq_message_retries_total", DQ, "queue_name, actor_name"),
+                    increase("dramatiq_messages_total", DQ, "queue_name, actor_name")), instant=True, fmt="table")],
     description="Value #A: processed; #B: errored; #C: retried.",
 )
 completed = stat(
@@ -91,8 +92,10 @@ completed = stat(
 )
 retries = timeseries(
     "Retries and dead letters per second",
-    [prom(rate("dramatiq_message_retries_total", DQ, "queue_name"), "{{queue_name}} retried"),
-     prom(rate("dramatiq_message_rejects_total", DQ, "queue_name"), "{{queue_name}} dead-lettered")],
+    [prom(zero_fill(rate("dramatiq_message_retries_total", DQ, "queue_name"),
+                    rate("dramatiq_messages_total", DQ, "queue_name")), "{{queue_name}} retried"),
+     prom(zero_fill(rate("dramatiq_message_rejects_total", DQ, "queue_name"),
+                    rate("dramatiq_messages_total", DQ, "queue_name")), "{{queue_name}} dead-lettered")],
     unit="ops",
 )
 
@@ -110,7 +113,8 @@ failure_stat = stat(
 )
 errors = timeseries(
     "Errors per second by actor",
-    [prom(rate("dramatiq_message_errors_total", DQ, "queue_name, actor_name"), "{{actor_name}}")],
+    [prom(zero_fill(rate("dramatiq_message_errors_total", DQ, "queue_name, actor_name"),
+                    rate("dramatiq_messages_total", DQ, "queue_name, actor_name")), "{{actor_name}}")],
     unit="ops", bars=True, links=[panel_link("structured-logs")],
 )
 

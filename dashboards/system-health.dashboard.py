@@ -140,7 +140,8 @@ db_tx = timeseries(
 )
 redis_memory = gauge(
     "Redis memory used",
-    [prom("max(redis_memory_used_bytes / (redis_memory_max_bytes > 0 or redis_total_system_memory_bytes))")],
+    [prom("max(redis_memory_used_bytes / (redis_memory_max_bytes > 0) or "
+          "redis_memory_used_bytes / on () group_left () max(node_memory_MemTotal_bytes))")],
     thresholds=high_bad(0.6, 0.75),
     description="Of `maxmemory` when set, else of the host's memory. RedisMemoryHigh fires above 75 %.",
 )
