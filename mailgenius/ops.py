@@ -206,6 +206,10 @@ def stack_env(environ: dict[str, str] | None = None) -> dict[str, str]:
             secret_file.write_text(secret + "\n")
             secret_file.chmod(0o600)
     out["MAILGENIUS_RESEND_WEBHOOK_SECRET"] = secret
+    # options of the config rendering, passed through when set
+    for key in ("MAILGENIUS_SCRAPE_INTERVAL", "MAILGENIUS_PROMETHEUS_CONFIG", "MAILGENIUS_ALERTMANAGER_CONFIG"):
+        if env.get(key):
+            out[key] = env[key]
     return out
 
 
