@@ -1,0 +1,257 @@
+"""Campaigns: creation (templates checked here), the recipient ledger, and the state machine
+draft -> queued -> sending -> sent | failed, with paused and cancelled.
+
+Counters on the campaigns row (recipients, queued, sent, failed, ...) change only in the same
+transaction as the ledger rows they count, so reading a campaign never scans ``messages``.
+``queued`` is the number of recipients still pending or being sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+from mailgenius.errors import Conflict, NotFound, ValidationError
+
+from . import templates
+from .config import BATCH_SIZE
+
+log = logging.getLogger(__name__)
+
+COUNTS = ("recipients", "queued", "sent", "delivered", "bounced", "complained", "opened", "clicked", "failed")
+#: name <addr> or addr; no CR/LF (header injection)
+EMAIL_RE = re.compile(r"^[^@\s<>\"\r\n]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}$")
+FROM_RE = re.compile(r"^(?:[^<>\r\n]{0,100}<([^<>\r\n]+)>|([^<>\r\n]+))$")
+MAX_TAGS = 50
+#: rows cancelled per transaction when a big campaign is cancelled
+CANCEL_CHUNK = 50_000
+
+CAMPAIGN_FIELDS = ("id, name, subject, from_email, segment, status, " + ", ".join(COUNTS)
+                   + ", created_at, started_at, finished_at, updated_at")
+
+
+def valid_email(addr: str) -> bool:
+    return isinstance(addr, str) and len(addr) <= 320 and EMAIL_RE.match(addr) is not None
+
+
+def check_from(value) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError("from_email is required")
+    m = FROM_RE.match(value.strip())
+    addr = (m.group(1) or m.group(2)).strip() if m else ""
+    if not valid_email(addr):
+        raise ValidationError("from_email must be an address like news@example.com or 'Name <news@example.com>'")
+    return value.strip()
+
+
+def _str(body: dict, key: str, *, required: bool, max_len: int, default: str = "") -> str:
+    v = body.get(key, None)
+    if v is None:
+        if required:
+            raise ValidationError(f"{key} is required")
+        return default
+    if not isinstance(v, str):
+        raise ValidationError(f"{key} must be a string")
+    if len(v) > max_len:
+        raise ValidationError(f"{key} is longer than {max_len} characters")
+    return v
+
+
+def parse_segment(seg) -> dict:
+    if seg is None:
+        return {"tags": []}
+    if not isinstance(seg, dict):
+        raise ValidationError("segment must be an object like {\"tags\": [\"newsletter\"]}")
+    unknown = set(seg) - {"tags"}
+    if unknown:
+        raise ValidationError(f"unknown segment field(s): {', '.join(sorted(unknown))}")
+    tags = seg.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) and 0 < len(t) <= 100 for t in tags):
+        raise ValidationError("segment.tags must be a list of non-empty strings")
+    if len(tags) > MAX_TAGS:
+        raise ValidationError(f"segment.tags has more than {MAX_TAGS} tags")
+    return {"tags": sorted(set(tags))}
+
+
+def row_to_json(r) -> dict:
+    d = dict(r)
+    seg = d.get("segment")
+    if isinstance(seg, str):
+        d["segment"] = json.loads(seg)
+    return d
+
+
+async def create(pool, body) -> dict:
+    if not isinstance(body, dict):
+        raise ValidationError("expected a JSON object")
+    allowed = {"name", "subject", "from_email", "html", "text", "segment"}
+    unknown = set(body) - allowed
+    if unknown:
+        raise ValidationError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    name = _str(body, "name", required=True, max_len=200).strip()
+    if not name:
+        raise ValidationError("name must not be empty")
+    subject = _str(body, "subject", required=True, max_len=templates.MAX_SUBJECT_CHARS)
+    from_email = check_from(body.get("from_email"))
+    html = _str(body, "html", required=False, max_len=templates.MAX_HTML_BYTES)
+    text = _str(body, "text", required=False, max_len=templates.MAX_TEXT_BYTES)
+    segment = parse_segment(body.get("segment"))
+    links = templates.validate_campaign(subject, html, text)
+    async with pool.acquire() as conn, conn.transaction():
+        cid = await conn.fetchval(
+            """INSERT INTO campaigns (name, subject, from_email, html, text, segment)
+               VALUES ($1, $2, $3, $4, $5, $6::jsonb) RETURNING id""",
+            name, subject, from_email, html, text, json.dumps(segment))
+        if links:
+            await conn.execute(
+                "INSERT INTO links (campaign_id, url) SELECT $1, u FROM unnest($2::text[]) u ON CONFLICT DO NOTHING",
+                cid, links)
+    return {"id": cid, "status": "draft", "links": len(links)}
+
+
+async def get(pool, cid: int) -> dict:
+    r = await pool.fetchrow(f"SELECT {CAMPAIGN_FIELDS} FROM campaigns WHERE id = $1", cid)
+    if r is None:
+        raise NotFound(f"no campaign {cid}")
+    return row_to_json(r)
+
+
+async def list_recent(pool, limit: int = 50) -> list[dict]:
+    rows = await pool.fetch(f"SELECT {CAMPAIGN_FIELDS} FROM campaigns ORDER BY id DESC LIMIT $1", limit)
+    return [row_to_json(r) for r in rows]
+
+
+async def _transition(pool, cid: int, allowed: tuple[str, ...], new: str, extra: str = "") -> str:
+    """Move the campaign to ``new`` from one of ``allowed``; returns the previous status."""
+    async with pool.acquire() as conn, conn.transaction():
+        cur = await conn.fetchval("SELECT status FROM campaigns WHERE id = $1 FOR UPDATE", cid)
+        if cur is None:
+            raise NotFound(f"no campaign {cid}")
+        if cur not in allowed:
+            raise Conflict(f"campaign {cid} is {cur}; this needs it to be {' or '.join(allowed)}",
+                           code="invalid_state")
+        await conn.execute(f"UPDATE campaigns SET status = $2, updated_at = now(){extra} WHERE id = $1", cid, new)
+        return cur
+
+
+async def request_send(pool, cid: int) -> None:
+    await _transition(pool, cid, ("draft",), "queued")
+
+
+async def write_ledger(pool, cid: int) -> int | None:
+    """One messages row per recipient of the segment, numbered into batches of BATCH_SIZE, with
+    the counters, in one transaction. None when the ledger was already written (redelivery)."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow("SELECT status, segment FROM campaigns WHERE id = $1 FOR UPDATE", cid)
+        if row is None or row["status"] != "queued":
+            return None
+        tags = json.loads(row["segment"]).get("tags") or []
+        status = await conn.execute(
+            f"""INSERT INTO messages (campaign_id, lead_id, email, batch)
+                SELECT $1, l.id, l.email, ((row_number() OVER (ORDER BY l.id)) - 1) / {BATCH_SIZE}
+                FROM leads l
+                WHERE l.status = 'active' AND (cardinality($2::text[]) = 0 OR l.tags && $2::text[])""",
+            cid, tags)
+        n = int(status.split()[-1])
+        await conn.execute(
+            """UPDATE campaigns SET recipients = $2::bigint, queued = $2::bigint, started_at = now(), updated_at = now(),
+                      status = CASE WHEN $2::bigint = 0 THEN 'sent' ELSE 'sending' END,
+                      finished_at = CASE WHEN $2::bigint = 0 THEN now() ELSE NULL END
+               WHERE id = $1""", cid, n)
+    return n
+
+
+async def open_batches(pool, cid: int) -> list[int]:
+    rows = await pool.fetch(
+        "SELECT DISTINCT batch FROM messages WHERE campaign_id = $1 AND status IN ('pending', 'sending') ORDER BY batch",
+        cid)
+    return [r["batch"] for r in rows]
+
+
+async def pause(pool, cid: int) -> None:
+    await _transition(pool, cid, ("sending",), "paused")
+
+
+async def resume(pool, cid: int) -> tuple[list[int], str | None]:
+    """Back to sending; returns the batches still holding unsent recipients (to enqueue) and the
+    outcome when nothing was left (the campaign finishes right here)."""
+    async with pool.acquire() as conn, conn.transaction():
+        cur = await conn.fetchrow("SELECT status, queued, sent, failed FROM campaigns WHERE id = $1 FOR UPDATE", cid)
+        if cur is None:
+            raise NotFound(f"no campaign {cid}")
+        if cur["status"] != "paused":
+            raise Conflict(f"campaign {cid} is {cur['status']}; only a paused campaign resumes", code="invalid_state")
+        if cur["queued"] <= 0:
+            outcome = "sent" if cur["sent"] > 0 or cur["failed"] == 0 else "failed"
+            await conn.execute("UPDATE campaigns SET status = $2, finished_at = now(), updated_at = now() WHERE id = $1",
+                               cid, outcome)
+            return [], outcome
+        await conn.execute("UPDATE campaigns SET status = 'sending', updated_at = now() WHERE id = $1", cid)
+    return await open_batches(pool, cid), None
+
+
+async def cancel(pool, cid: int) -> tuple[str, int]:
+    """Cancel now (workers stop at their next batch), then mark unsent rows cancelled in chunks,
+    each chunk with its counter update. Returns (previous status, rows cancelled)."""
+    prev = await _transition(pool, cid, ("draft", "queued", "sending", "paused"), "cancelled",
+                             ", finished_at = now()")
+    total = 0
+    while True:
+        async with pool.acquire() as conn, conn.transaction():
+            n = _count(await conn.execute(
+                f"""UPDATE messages SET status = 'cancelled', updated_at = now()
+                    WHERE id IN (SELECT id FROM messages WHERE campaign_id = $1 AND status = 'pending'
+                                 LIMIT {CANCEL_CHUNK} FOR UPDATE SKIP LOCKED)""", cid))
+            if n:
+                await conn.execute("UPDATE campaigns SET queued = queued - $2, updated_at = now() WHERE id = $1", cid, n)
+        total += n
+        if n < CANCEL_CHUNK:
+            break
+    return prev, total
+
+
+def _count(status: str) -> int:
+    return int(status.split()[-1])
+
+
+async def retry_failed(pool, campaign_id: int | None = None) -> tuple[dict[int, list[int]], list[int]]:
+    """Failed recipients (of live campaigns, leads not suppressed) back to pending, counters
+    moved from failed to queued; finished campaigns go back to sending. Returns the batches to
+    enqueue per campaign and the transactional message ids to enqueue."""
+    async with pool.acquire() as conn, conn.transaction():
+        if campaign_id is not None:
+            exists = await conn.fetchval("SELECT 1 FROM campaigns WHERE id = $1", campaign_id)
+            if not exists:
+                raise NotFound(f"no campaign {campaign_id}")
+        rows = await conn.fetch(
+            """WITH upd AS (
+                   UPDATE messages m SET status = 'pending', updated_at = now()
+                   FROM campaigns c
+                   WHERE m.status = 'failed' AND m.campaign_id = c.id
+                     AND c.status IN ('sending', 'paused', 'sent', 'failed')
+                     AND ($1::bigint IS NULL OR m.campaign_id = $1)
+                     AND NOT EXISTS (SELECT 1 FROM leads l WHERE l.id = m.lead_id AND l.status <> 'active')
+                   RETURNING m.campaign_id, m.batch)
+               SELECT campaign_id, batch, count(*) AS n FROM upd GROUP BY campaign_id, batch""", campaign_id)
+        per: dict[int, int] = {}
+        batches: dict[int, list[int]] = {}
+        for r in rows:
+            per[r["campaign_id"]] = per.get(r["campaign_id"], 0) + r["n"]
+            batches.setdefault(r["campaign_id"], []).append(r["batch"])
+        if per:
+            await conn.execute(
+                """UPDATE campaigns c SET failed = c.failed - x.n, queued = c.queued + x.n, updated_at = now(),
+                          status = CASE WHEN c.status IN ('sent', 'failed') THEN 'sending' ELSE c.status END,
+                          finished_at = CASE WHEN c.status IN ('sent', 'failed') THEN NULL ELSE c.finished_at END
+                   FROM unnest($1::bigint[], $2::bigint[]) AS x(id, n) WHERE c.id = x.id""",
+                list(per), list(per.values()))
+        # paused campaigns are enqueued by resume, not now
+        paused = {r["id"] for r in await conn.fetch(
+            "SELECT id FROM campaigns WHERE id = ANY($1::bigint[]) AND status = 'paused'", list(per))}
+        tx: list[int] = []
+        if campaign_id is None:
+            tx = [r["id"] for r in await conn.fetch(
+                """UPDATE messages SET status = 'pending', updated_at = now()
+                   WHERE campaign_id IS NULL AND status = 'failed' RETURNING id""")]
+    return {c: sorted(b) for c, b in batches.items() if c not in paused}, tx

@@ -1,0 +1,346 @@
+"""The send path: claim a batch of the ledger, render, rate-limit, call the provider, record.
+
+Exactly once per recipient:
+
+* a batch is processed under a Postgres session advisory lock on (campaign, batch): two
+  deliveries of the same batch (dramatiq redelivery, a resume racing an old message) never run
+  at once, and the lock dies with a killed worker's connection;
+* under the lock, rows still ``sending`` can only be leftovers of a dead attempt; they are sent
+  again with the *same* provider idempotency key (derived from campaign, batch and the message
+  ids), so a provider that already accepted them (Resend keeps keys 24 h) does not send twice;
+* outcomes are written after every provider call, in one transaction with the campaign's
+  counters (set-based updates over ``unnest`` arrays), so a redelivered batch skips what was sent.
+
+SMTP has no idempotency key: there the window between the relay's 250 and our commit is the one
+place a crash can duplicate a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from mailgenius.cache import rkey
+
+from . import config, templates
+from .email_settings import RateLimiter, SettingsCache
+from .metrics import SenderMetrics
+from .providers import OutEmail, ProviderError, ResendProvider, SendResult, SmtpProvider
+from .tracking import Tracker, load_secret
+
+log = logging.getLogger(__name__)
+
+#: compiled campaigns kept per worker process
+COMPILED_CACHE_SIZE = 64
+
+CLAIM_SQL = """
+UPDATE messages m SET status = 'sending', attempts = m.attempts + 1, updated_at = now()
+FROM campaigns c
+WHERE c.id = $1 AND c.status = 'sending'
+  AND m.campaign_id = $1 AND m.batch = $2 AND m.status IN ('pending', 'sending')
+RETURNING m.id, m.lead_id, m.email
+"""
+
+SENT_SQL = """
+UPDATE messages m SET status = 'sent', provider = $3, provider_message_id = v.pid,
+       sent_at = now(), updated_at = now(), last_error = NULL
+FROM unnest($1::bigint[], $2::text[]) AS v(id, pid)
+WHERE m.id = v.id AND m.status = 'sending'
+"""
+
+NOT_SENT_SQL = """
+UPDATE messages m SET status = v.st, provider = $4, last_error = v.err, updated_at = now()
+FROM unnest($1::bigint[], $2::text[], $3::text[]) AS v(id, err, st)
+WHERE m.id = v.id AND m.status = 'sending'
+RETURNING m.status
+"""
+
+CAMPAIGN_COUNTS_SQL = """
+WITH old AS (SELECT id, status FROM campaigns WHERE id = $1 FOR UPDATE)
+UPDATE campaigns c
+SET queued = c.queued - $2, sent = c.sent + $3, failed = c.failed + $4, updated_at = now(),
+    status = CASE WHEN c.status = 'sending' AND c.queued - $2 <= 0
+                  THEN (CASE WHEN c.sent + $3 > 0 OR c.failed + $4 = 0 THEN 'sent' ELSE 'failed' END)
+                  ELSE c.status END,
+    finished_at = CASE WHEN c.status = 'sending' AND c.queued - $2 <= 0 THEN now() ELSE c.finished_at END
+FROM old WHERE c.id = old.id
+RETURNING old.status AS old_status, c.status AS new_status
+"""
+
+
+def idempotency_key(kind: str, owner: int, part: int, ids: list[int]) -> str:
+    digest = hashlib.sha256(",".join(map(str, sorted(ids))).encode()).hexdigest()[:16]
+    return f"mailgenius-{kind}{owner}-b{part}-{digest}"
+
+
+def backoff(attempt: int) -> float:
+    return min(config.BACKOFF_MAX, config.BACKOFF_BASE * (2 ** (attempt - 1)))
+
+
+def _int(v) -> int:
+    return int(str(v).split()[-1])
+
+
+@dataclass
+class Outcome:
+    sent: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    finished: str | None = None
+    detail: str = ""
+
+
+@dataclass
+class SendContext:
+    """Everything the send path needs in one worker process (or one test)."""
+
+    pool: object
+    redis: object
+    settings: object
+    metrics: SenderMetrics
+    tracker: Tracker | None = None
+    http: aiohttp.ClientSession | None = None
+    settings_cache: SettingsCache | None = None
+    limiter: RateLimiter | None = None
+    _providers: dict = field(default_factory=dict)
+    _compiled: dict = field(default_factory=dict)
+
+    async def start(self) -> SendContext:
+        if self.tracker is None:
+            secret = await load_secret(self.pool, self.settings.tracking_secret)
+            self.tracker = Tracker(secret, self.settings.public_url)
+        if self.http is None:
+            self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
+        self.settings_cache = self.settings_cache or SettingsCache(self.redis, self.pool, self.settings)
+        self.limiter = self.limiter or RateLimiter(self.redis, self.settings)
+        return self
+
+    async def close(self) -> None:
+        for p in self._providers.values():
+            if hasattr(p, "close"):
+                await p.close()
+        if self.http is not None:
+            await self.http.close()
+
+    def observe(self, provider: str):
+        hist = self.metrics.provider_duration
+
+        def obs(operation: str, seconds: float) -> None:
+            hist.labels(provider, operation).observe(seconds)
+
+        return obs
+
+    async def provider(self):
+        name = (await self.settings_cache.get()).get("provider") or self.settings.email_provider
+        p = self._providers.get(name)
+        if p is None:
+            s = self.settings
+            if name == "resend":
+                p = ResendProvider(self.http, s.resend_base_url, s.resend_api_key, observe=self.observe("resend"))
+            else:
+                p = SmtpProvider(s.smtp_host, s.smtp_port, starttls=s.smtp_starttls, username=s.smtp_username,
+                                 password=s.smtp_password, observe=self.observe("smtp"))
+            self._providers[name] = p
+        return p
+
+    async def compiled(self, conn, camp) -> templates.CompiledCampaign:
+        c = self._compiled.get(camp["id"])
+        if c is None:
+            links = {r["url"]: r["id"] for r in await conn.fetch(
+                "SELECT id, url FROM links WHERE campaign_id = $1", camp["id"])}
+            c = templates.compile_campaign(camp["subject"], camp["html"], camp["text"], links)
+            if len(self._compiled) >= COMPILED_CACHE_SIZE:
+                self._compiled.pop(next(iter(self._compiled)))
+            self._compiled[camp["id"]] = c
+        return c
+
+    async def count_stats(self, sent: int, failed: int) -> None:
+        """Per-minute sent/failed counts in Redis for the email health check's failure ratio."""
+        if not sent and not failed:
+            return
+        key = rkey(self.settings, "sender", "stats", str(int(time.time() // 60)))
+        pipe = self.redis.pipeline(transaction=False)
+        if sent:
+            pipe.hincrby(key, "sent", sent)
+        if failed:
+            pipe.hincrby(key, "failed", failed)
+        pipe.expire(key, 3600)
+        try:
+            await pipe.execute()
+        except Exception:  # statistics only: never fail a send for them
+            log.warning("could not record send statistics", exc_info=True)
+
+
+def list_headers(tracker: Tracker, msg_id: int) -> dict[str, str]:
+    return {"List-Unsubscribe": f"<{tracker.unsubscribe_url(msg_id)}>",
+            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+
+
+async def _record(ctx: SendContext, conn, provider: str, campaign_id: int | None,
+                  sent: dict[int, str], failed: dict[int, tuple[str, str]], cancelled: list[int],
+                  outcome: Outcome) -> None:
+    """Write one round of outcomes and the campaign counters in one transaction."""
+    if not sent and not failed and not cancelled:
+        return
+    ids = list(failed) + cancelled
+    errs = [failed[i][1] for i in failed] + ["lead is suppressed"] * len(cancelled)
+    sts = ["failed"] * len(failed) + ["cancelled"] * len(cancelled)
+    async with conn.transaction():
+        n_sent = _int(await conn.execute(SENT_SQL, list(sent), list(sent.values()), provider)) if sent else 0
+        n_failed = n_cancelled = 0
+        if ids:
+            for r in await conn.fetch(NOT_SENT_SQL, ids, errs, sts, provider):
+                if r["status"] == "failed":
+                    n_failed += 1
+                else:
+                    n_cancelled += 1
+        row = None
+        if campaign_id is not None:
+            row = await conn.fetchrow(CAMPAIGN_COUNTS_SQL, campaign_id, n_sent + n_failed + n_cancelled,
+                                      n_sent, n_failed)
+    outcome.sent += n_sent
+    outcome.failed += n_failed
+    outcome.cancelled += n_cancelled
+    m = ctx.metrics
+    if n_sent:
+        m.sent.labels(provider).inc(n_sent)
+    reasons: dict[str, int] = {}
+    for reason, _msg in failed.values():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, n in reasons.items():
+        m.failures.labels(provider, reason).inc(n)
+    if row is not None and row["old_status"] == "sending" and row["new_status"] in ("sent", "failed"):
+        outcome.finished = row["new_status"]
+        m.campaigns_finished.labels(row["new_status"]).inc()
+        log.info("campaign finished", extra={"campaign_id": campaign_id, "outcome": row["new_status"]})
+    await ctx.count_stats(n_sent, n_failed)
+
+
+async def _deliver(ctx: SendContext, conn, campaign_id: int | None, emails: list[OutEmail],
+                   key_kind: str, owner: int, part: int, outcome: Outcome) -> None:
+    """Send with retries (5xx, timeouts, 429 + Retry-After), recording after every call."""
+    provider = await ctx.provider()
+    pending = emails
+    attempt = 0
+    while pending:
+        attempt += 1
+        await ctx.limiter.acquire(len(pending))
+        key = idempotency_key(key_kind, owner, part, [e.message_id for e in pending])
+        try:
+            result = await provider.send_batch(pending, key)
+        except Exception as exc:  # a bug or an unexpected library error: retry like a 5xx
+            log.exception("provider call raised")
+            result = SendResult(retry=[e.message_id for e in pending],
+                                error=ProviderError("server_error", f"{type(exc).__name__}: {exc}"[:500], True))
+        retry_ids = set(result.retry)
+        exhausted = bool(retry_ids) and attempt >= config.MAX_ATTEMPTS
+        failed = dict(result.rejected)
+        if exhausted:
+            err = result.error or ProviderError("server_error", "retries exhausted", True)
+            for i in retry_ids:
+                failed[i] = (err.reason, f"after {attempt} attempts: {err.message}"[:500])
+        await _record(ctx, conn, provider.name, campaign_id, result.accepted, failed, [], outcome)
+        if not retry_ids or exhausted:
+            return
+        err = result.error
+        delay = backoff(attempt)
+        if err is not None and err.retry_after is not None:
+            delay = min(err.retry_after, config.RETRY_AFTER_MAX)
+        log.warning("provider call to retry", extra={"campaign_id": campaign_id, "attempt": attempt,
+                                                     "reason": err.reason if err else "", "delay": delay,
+                                                     "error": err.message if err else ""})
+        await asyncio.sleep(delay)
+        pending = [e for e in pending if e.message_id in retry_ids]
+
+
+def _lead_dict(r) -> dict:
+    d = dict(r)
+    attrs = d.get("attributes")
+    if isinstance(attrs, str):
+        try:
+            d["attributes"] = json.loads(attrs)
+        except ValueError:
+            d["attributes"] = {}
+    return d
+
+
+async def send_campaign_batch(ctx: SendContext, campaign_id: int, batch: int) -> Outcome:
+    outcome = Outcome()
+    async with ctx.pool.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1::int, $2::int)", campaign_id, batch):
+            outcome.detail = "locked"  # a live worker holds this batch; it will finish it
+            return outcome
+        try:
+            camp = await conn.fetchrow(
+                "SELECT id, name, subject, from_email, html, text, status FROM campaigns WHERE id = $1", campaign_id)
+            if camp is None or camp["status"] != "sending":
+                outcome.detail = f"campaign {camp['status'] if camp else 'missing'}"
+                return outcome
+            rows = await conn.fetch(CLAIM_SQL, campaign_id, batch)
+            if not rows:
+                outcome.detail = "nothing to send"
+                return outcome
+            compiled = await ctx.compiled(conn, camp)
+            leads = {r["id"]: _lead_dict(r) for r in await conn.fetch(
+                """SELECT id, email, first_name, last_name, company, phone, tags, attributes, status
+                   FROM leads WHERE id = ANY($1::bigint[])""", [r["lead_id"] for r in rows])}
+            campaign_view = {"id": camp["id"], "name": camp["name"]}
+            tracker = ctx.tracker
+            emails: list[OutEmail] = []
+            failed: dict[int, tuple[str, str]] = {}
+            cancelled: list[int] = []
+            for r in rows:
+                mid = r["id"]
+                lead = leads.get(r["lead_id"])
+                if lead is None or lead["status"] != "active":
+                    cancelled.append(mid)  # unsubscribed / bounced / deleted since the ledger was written
+                    continue
+                ctx_vars = templates.lead_context(
+                    lead, campaign=campaign_view, unsubscribe_url=tracker.unsubscribe_url(mid),
+                    click_url=lambda link_id, _m=mid: tracker.click_url(_m, int(link_id)))
+                try:
+                    subject, html, text = templates.render(compiled, ctx_vars)
+                except templates.RenderError as exc:
+                    failed[mid] = ("render_error", str(exc)[:500])
+                    continue
+                html = templates.add_open_pixel(html, tracker.open_url(mid))
+                emails.append(OutEmail(mid, r["email"], camp["from_email"], subject, html, text,
+                                       list_headers(tracker, mid)))
+            if failed or cancelled:
+                provider = await ctx.provider()
+                await _record(ctx, conn, provider.name, campaign_id, {}, failed, cancelled, outcome)
+            if emails:
+                await _deliver(ctx, conn, campaign_id, emails, "c", campaign_id, batch, outcome)
+            return outcome
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1::int, $2::int)", campaign_id, batch)
+
+
+async def send_transactional(ctx: SendContext, message_id: int) -> Outcome:
+    outcome = Outcome()
+    lock = -int(message_id)  # negative: never one of the kernel's positive bigint lock keys
+    async with ctx.pool.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1::bigint)", lock):
+            outcome.detail = "locked"
+            return outcome
+        try:
+            row = await conn.fetchrow(
+                """UPDATE messages m SET status = 'sending', attempts = m.attempts + 1, updated_at = now()
+                   FROM transactional_emails t
+                   WHERE m.id = $1 AND t.message_id = m.id AND m.campaign_id IS NULL
+                     AND m.status IN ('pending', 'sending')
+                   RETURNING m.id, m.email, t.from_email, t.subject, t.html, t.text""", message_id)
+            if row is None:
+                outcome.detail = "nothing to send"
+                return outcome
+            e = OutEmail(row["id"], row["email"], row["from_email"], row["subject"], row["html"], row["text"])
+            await _deliver(ctx, conn, None, [e], "t", message_id, 0, outcome)
+            return outcome
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1::bigint)", lock)

@@ -1,0 +1,186 @@
+"""A local fake of Resend's batch endpoint, for tests and benchmarks/send_campaign.py.
+
+It behaves like the parts of Resend we rely on: ``POST /emails/batch`` (<= 100 emails, Bearer
+key, ``Idempotency-Key`` replayed for 24 h: a repeated key returns the first answer and sends
+nothing again; ``x-batch-validation: permissive`` per-email errors), ``POST /emails``. It counts
+every recipient it accepted, so a test can prove each was sent exactly once.
+
+Control endpoints: ``GET /_stats``, ``POST /_script`` (``{"responses": [{"status": 429,
+"retry_after": "1"}, {"status": 500}]}``: answers for the next calls), ``POST /_config``
+(``{"delay": seconds}``), ``POST /_reset``. Addresses whose local part starts with ``reject``
+are refused (a per-email 4xx).
+
+Run standalone: ``python -m sender.testing --port 8650``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+from collections import Counter
+
+from aiohttp import web
+
+MAX_BATCH = 100
+
+
+class FakeResend:
+    def __init__(self, *, api_key: str | None = None, delay: float = 0.0):
+        self.api_key = api_key
+        self.delay = delay
+        self.script: list[dict] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.calls = 0
+        self.replays = 0
+        self.emails = 0
+        self.in_flight = 0
+        self.keys: dict[str, tuple[int, bytes]] = {}
+        self.pending_keys: set[str] = set()
+        self.call_log: list[tuple[float, int, int]] = []  # (time, emails accepted, status)
+        self.last_payload: list[dict] = []
+        self.last_headers: dict[str, str] = {}
+
+    def stats(self) -> dict:
+        dup = sum(n - 1 for n in self.counts.values() if n > 1)
+        accepted = [t for t, n, _s in self.call_log if n]
+        return {"calls": self.calls, "replays": self.replays, "emails": self.emails,
+                "unique_recipients": len(self.counts), "duplicates": dup, "in_flight": self.in_flight,
+                "first_at": accepted[0] if accepted else None, "last_at": accepted[-1] if accepted else None,
+                "statuses": dict(Counter(s for _t, _n, s in self.call_log))}
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_post("/emails/batch", self.batch)
+        app.router.add_post("/emails", self.single)
+        app.router.add_get("/", self.index)
+        app.router.add_get("/_stats", self.get_stats)
+        app.router.add_post("/_script", self.set_script)
+        app.router.add_post("/_config", self.set_config)
+        app.router.add_post("/_reset", self.do_reset)
+        return app
+
+    async def index(self, request):
+        return web.json_response({"name": "fake-resend"})
+
+    async def get_stats(self, request):
+        return web.json_response(self.stats())
+
+    async def set_script(self, request):
+        self.script.extend((await request.json()).get("responses", []))
+        return web.json_response({"queued": len(self.script)})
+
+    async def set_config(self, request):
+        body = await request.json()
+        if "delay" in body:
+            self.delay = float(body["delay"])
+        return web.json_response({"delay": self.delay})
+
+    async def do_reset(self, request):
+        self.reset()
+        self.script.clear()
+        return web.json_response({"ok": True})
+
+    def _error(self, status: int, message: str, headers=None):
+        return web.json_response({"statusCode": status, "name": "error", "message": message},
+                                 status=status, headers=headers)
+
+    async def single(self, request):
+        return await self._handle(request, single=True)
+
+    async def batch(self, request):
+        return await self._handle(request, single=False)
+
+    async def _handle(self, request, *, single: bool):
+        self.calls += 1
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or (self.api_key is not None and auth[7:] != self.api_key):
+            self.call_log.append((time.time(), 0, 401))
+            return self._error(401, "API key is invalid")
+        if self.script:
+            forced = self.script.pop(0)
+            status = int(forced.get("status", 500))
+            headers = {"Retry-After": str(forced["retry_after"])} if "retry_after" in forced else None
+            self.call_log.append((time.time(), 0, status))
+            return self._error(status, forced.get("message", f"forced {status}"), headers)
+        key = request.headers.get("Idempotency-Key")
+        if key and key in self.keys:
+            self.replays += 1
+            status, body = self.keys[key]
+            self.call_log.append((time.time(), 0, status))
+            return web.Response(body=body, status=status, content_type="application/json")
+        if key and key in self.pending_keys:
+            return self._error(409, "concurrent_idempotent_requests")
+        try:
+            payload = json.loads(await request.read())
+        except ValueError:
+            return self._error(422, "invalid JSON")
+        emails = [payload] if single else payload
+        if not isinstance(emails, list) or not emails or len(emails) > MAX_BATCH:
+            return self._error(422, f"a batch holds 1 to {MAX_BATCH} emails")
+        if key:
+            self.pending_keys.add(key)
+        self.in_flight += 1
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            data, errors = [], []
+            for i, e in enumerate(emails):
+                to = e.get("to") if isinstance(e, dict) else None
+                to = to[0] if isinstance(to, list) and to else to
+                if not isinstance(to, str) or "@" not in to or not e.get("from") or not e.get("subject"):
+                    errors.append({"index": i, "message": "The `to`, `from` and `subject` fields are required."})
+                    continue
+                if to.split("@")[0].lower().startswith("reject"):
+                    errors.append({"index": i, "message": f"Invalid `to` field: {to} is not deliverable."})
+                    continue
+                self.counts[to.lower()] += 1
+                data.append({"id": str(uuid.uuid4())})
+            self.emails += len(data)
+            self.last_payload = emails
+            self.last_headers = dict(request.headers)
+            if single:
+                body = json.dumps(data[0] if data else {"message": errors[0]["message"]}).encode()
+                status = 200 if data else 422
+            else:
+                body = json.dumps({"data": data, "errors": errors} if errors else {"data": data}).encode()
+                status = 200
+            if key and status == 200:
+                self.keys[key] = (status, body)
+            self.call_log.append((time.time(), len(data), status))
+            return web.Response(body=body, status=status, content_type="application/json")
+        finally:
+            self.in_flight -= 1
+            if key:
+                self.pending_keys.discard(key)
+
+
+async def start_fake(host: str = "127.0.0.1", port: int = 0, **kw) -> tuple[FakeResend, web.AppRunner, str]:
+    fake = FakeResend(**kw)
+    runner = web.AppRunner(fake.app(), access_log=None, handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    sock = site._server.sockets[0]  # the bound port when port=0
+    return fake, runner, f"http://{host}:{sock.getsockname()[1]}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="fake Resend batch endpoint (tests, benchmarks)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="listen address")
+    p.add_argument("--port", type=int, default=8650, help="listen port; pick a free one")
+    p.add_argument("--delay", type=float, default=0.0, help="seconds each call takes (provider latency)")
+    args = p.parse_args(argv)
+    fake = FakeResend(delay=args.delay)
+    web.run_app(fake.app(), host=args.host, port=args.port, print=None, access_log=None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
