@@ -31,6 +31,12 @@ _LAT = f"sum by (le) (rate({_HTTP_DUR}_bucket{{{_API}}}[5m]))"
 
 
 def _ratio(num: str, den: str) -> str:
+    """Percent; a numerator with no series yet (no 5xx ever, no bounce yet) counts as 0, so the
+    answer is 0 % whenever the denominator has data, and null only when it has none."""
+    return f"100 * (({num}) or vector(0)) / ({den})"
+
+
+def _ratio_by(num: str, den: str) -> str:
     return f"100 * ({num}) / ({den})"
 
 
@@ -63,7 +69,7 @@ VECTOR_QUERIES: dict[str, tuple[str, str]] = {
     "queue_completed": ("sum by (queue_name) (increase(dramatiq_messages_total[24h]))"
                         " - sum by (queue_name) (increase(dramatiq_message_errors_total[24h]))", "queue_name"),
     "queue_errors": ("sum by (queue_name) (increase(dramatiq_message_errors_total[24h]))", "queue_name"),
-    "provider_delivery": (_ratio(f'sum by (provider) (increase({m.EMAIL_EVENTS}{{event="delivered"}}[24h]))',
+    "provider_delivery": (_ratio_by(f'sum by (provider) (increase({m.EMAIL_EVENTS}{{event="delivered"}}[24h]))',
                                  f"sum by (provider) (increase({m.EMAILS_SENT}[24h]))"), "provider"),
     "provider_latency": (f"sum by (provider) (rate({m.EMAIL_DELIVERY_LATENCY}_sum[1h]))"
                          f" / sum by (provider) (rate({m.EMAIL_DELIVERY_LATENCY}_count[1h]))", "provider"),
