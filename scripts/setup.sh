@@ -71,6 +71,7 @@ if ! pg_isready -q -h "$PGH" -p "$PGP" 2>/dev/null; then
     $SUDO sed -i '1i host all all 127.0.0.1/32 trust # mailgenius-local-trust\nhost all all ::1/128 trust # mailgenius-local-trust' "$hba"
   fi
   $SUDO pg_ctlcluster --skip-systemctl-redirect "$ver" main start || $SUDO pg_ctlcluster "$ver" main start
+  pg_started_here="$ver"
   for _ in $(seq 1 30); do pg_isready -q -h "$PGH" -p "$PGP" && break; sleep 0.5; done
 fi
 
@@ -85,4 +86,20 @@ fi
 
 # -- 4. database ----------------------------------------------------------------------------
 .venv/bin/mailgenius migrate >&2
+# -- 5. pg_stat_statements (for `mailgenius slow-queries`) -----------------------------------
+# Preload it with ALTER SYSTEM when the library is installed and we are superuser. A server that
+# was already running picks it up at its next restart (we never restart someone's server); one
+# this script started just now is restarted at once.
+preload=$(psql "$DATABASE_URL" -Atc "SHOW shared_preload_libraries" 2>/dev/null || echo "?")
+if [ "$preload" != "?" ] && [[ "$preload" != *pg_stat_statements* ]] \
+   && [ "$(psql "$DATABASE_URL" -Atc "SELECT count(*) FROM pg_available_extensions WHERE name = 'pg_stat_statements'" 2>/dev/null)" = 1 ]; then
+  if psql "$DATABASE_URL" -qAtc "ALTER SYSTEM SET shared_preload_libraries = '${preload:+$preload,}pg_stat_statements'" >/dev/null 2>&1; then
+    if [ -n "${pg_started_here:-}" ]; then
+      $SUDO pg_ctlcluster --skip-systemctl-redirect "$pg_started_here" main restart || $SUDO pg_ctlcluster "$pg_started_here" main restart
+      for _ in $(seq 1 30); do pg_isready -q -h "$PGH" -p "$PGP" && break; sleep 0.5; done
+    else
+      log "pg_stat_statements will be loaded at PostgreSQL's next restart (mailgenius slow-queries needs it)"
+    fi
+  fi
+fi
 log "ready"
