@@ -36,6 +36,41 @@ ROOT = Path(__file__).resolve().parents[2]
 UP_WITHIN = 60.0
 
 
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (honcho starts each process in its own session, so
+    process groups do not reach them: the parent links do)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _kill_all(pids: set[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _make_clone(tmp: Path) -> Path:
     clone = tmp / "repo"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
@@ -80,10 +115,15 @@ def running_stack(tmp_path_factory, database_url, redis_url, redis_prefix):
         yield stack
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            # a failed test left the stack up: stop it (every descendant, by pid)
+            below = descendants(proc.pid)
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+            _kill_all({p for p in below | descendants(proc.pid) if _alive(p)} | ({proc.pid} if proc.poll() is None else set()))
             proc.wait(10)
-        # honcho starts every process in its own session: reap any survivor by its port owner
-        subprocess.run(["pkill", "-KILL", "-f", str(clone)], check=False)  # only this clone's processes
 
 
 def _health(url: str) -> str | None:
@@ -208,9 +248,13 @@ def test_ctrl_c_stops_everything(running_stack):
     s = running_stack
     proc = s["proc"]
     assert proc.poll() is None, s["log"]()
+    below = descendants(proc.pid)
+    assert len(below) >= len(ops.COMPONENTS)
     # Ctrl-C in a terminal: SIGINT to the foreground process group (make, and honcho under it)
+    stopped_at = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(30)
+    took = time.monotonic() - stopped_at
     listening = []
     for comp in ops.COMPONENTS:
         port = int(s["ports"][comp.env])
@@ -219,5 +263,8 @@ def test_ctrl_c_stops_everything(running_stack):
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 listening.append(comp.name)
     assert not listening, f"still listening after Ctrl-C: {listening}\n{s['log']()}"
-    left = subprocess.run(["pgrep", "-f", str(s["clone"])], capture_output=True, text=True).stdout.split()
+    left = {p for p in below if _alive(p)}
     assert not left, f"processes left after Ctrl-C: {left}"
+    out = s["log"]()
+    assert "SIGINT received" in out
+    print(f"Ctrl-C: everything stopped in {took:.1f} s")
