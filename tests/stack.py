@@ -292,9 +292,11 @@ class Stack:
             cfg["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [self.target("alertmanager")]}]}]}
         return cfg
 
-    def start_prometheus(self, config: dict | str | Path | None = None, **config_kw) -> Proc:
+    def start_prometheus(self, config: dict | str | Path | None = None, *, extra_args: tuple[str, ...] = (),
+                         **config_kw) -> Proc:
         """Start Prometheus with ``config`` (a dict, a YAML string, or a file path); by default
-        it scrapes everything started so far every second."""
+        it scrapes everything started so far every second. ``extra_args`` go to the command line
+        (e.g. ``--rules.alert.resend-delay=1s``: alerts reach an Alertmanager discovered late)."""
         if config is None:
             config = self.prometheus_config(**config_kw)
         if isinstance(config, dict):
@@ -308,7 +310,7 @@ class Stack:
         data = self.tmp / "prometheus-data"
         proc = self._spawn("prometheus", [PROMETHEUS, f"--config.file={path}", f"--storage.tsdb.path={data}",
                                           f"--web.listen-address=127.0.0.1:{self.ports['prometheus']}",
-                                          "--web.enable-lifecycle", "--log.level=warn"],
+                                          "--web.enable-lifecycle", "--log.level=warn", *extra_args],
                            dict(os.environ), self.ports["prometheus"])
         self.wait_http("prometheus", "/-/ready", timeout=30)
         return proc
