@@ -334,13 +334,16 @@ def render(variant: Variant | None = None, *, source: Path = SOURCE) -> dict[str
                        "repeat_interval": a.cooldown})
     default_receiver = _receiver_name(tuple(src["severities"]["warning"]["channels"]))
     receivers.setdefault(default_receiver, tuple(src["severities"]["warning"]["channels"]))
+    critical_receiver = _receiver_name(tuple(src["severities"]["critical"]["channels"]))
+    receivers.setdefault(critical_receiver, tuple(src["severities"]["critical"]["channels"]))
     secrets = variant.secrets_dir.rstrip("/")
     out[f"alertmanager/alertmanager{suffix}.yml"] = env.get_template("alertmanager.yml.j2").render(
         header=header, v=variant, routing=routing, go=GO_TEMPLATES,
         group_wait=_duration(variant.group_wait or routing["group_wait"], "group_wait"),
         group_interval=_duration(variant.group_interval or routing["group_interval"], "group_interval"),
         resolve_timeout=_duration(routing["resolve_timeout"], "resolve_timeout"),
-        default_receiver=default_receiver,
+        default_receiver=default_receiver, critical_receiver=critical_receiver,
+        critical_repeat=_duration(src["severities"]["critical"]["cooldown"], "cooldown"),
         default_repeat=_duration(src["severities"]["warning"]["cooldown"], "cooldown"),
         incident_receiver=routing["incident_channel"],
         routes=routes, receivers=sorted(receivers.items()), channels=src["channels"],
