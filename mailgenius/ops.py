@@ -848,10 +848,14 @@ async def _poll(fetch, done, *, timeout: float, what: str, interval: float = 0.5
     raise DemoError(f"timed out after {timeout:g} s waiting for {what}; last state: {json.dumps(last, default=str)[:300]}")
 
 
-def resend_event(kind: str, provider_id: str, to: str, subject: str, now: dt.datetime, *, link: str = "") -> dict:
-    """One Resend webhook event (https://resend.com/docs/dashboard/webhooks/event-types shape)."""
-    data: dict[str, Any] = {"email_id": provider_id, "from": "MailGenius Demo <demo@example.com>", "to": [to],
+def resend_event(kind: str, provider_id: str | None, to: str, subject: str, now: dt.datetime, *, link: str = "",
+                 message_id: int | None = None) -> dict:
+    """One Resend webhook event (the shape of Resend's event types), carrying our message id in
+    the ``mg_message_id`` tag as the Resend provider sends it."""
+    data: dict[str, Any] = {"email_id": provider_id or "", "from": "MailGenius Demo <demo@example.com>", "to": [to],
                             "subject": subject, "created_at": now.isoformat().replace("+00:00", "Z")}
+    if message_id is not None:
+        data["tags"] = {"mg_message_id": str(message_id)}
     if kind == "email.bounced":
         data["bounce"] = {"type": "Permanent", "subType": "General",
                           "message": "The recipient's mailbox does not exist (demo)."}
@@ -936,22 +940,21 @@ async def run_demo(settings: Settings, *, leads: int = 200, api_key: str | None 
         try:
             msgs = await conn.fetch(
                 "SELECT id, email, provider_message_id FROM messages "
-                "WHERE campaign_id = $1 AND status = 'sent' AND provider_message_id IS NOT NULL ORDER BY id", cid)
+                "WHERE campaign_id = $1 AND status = 'sent' ORDER BY id", cid)
         finally:
             await conn.close()
         events: list[tuple[str, dict]] = []
         now = dt.datetime.now(dt.UTC)
         n_bounce = max(1, round(len(msgs) * DEMO_BOUNCE_RATIO)) if len(msgs) >= 20 else 0
         for i, m in enumerate(msgs):
-            pid, to = m["provider_message_id"], m["email"]
-            if i < n_bounce:
-                events.append(("email.bounced", resend_event("email.bounced", pid, to, body["subject"], now)))
-                continue
-            events.append(("email.delivered", resend_event("email.delivered", pid, to, body["subject"], now)))
-            if rng.random() < DEMO_OPEN_RATIO:
-                events.append(("email.opened", resend_event("email.opened", pid, to, body["subject"], now)))
+            pid, to, mid = m["provider_message_id"], m["email"], m["id"]
+            kinds = ["email.bounced"] if i < n_bounce else ["email.delivered"]
+            if i >= n_bounce and rng.random() < DEMO_OPEN_RATIO:
+                kinds.append("email.opened")
                 if rng.random() < DEMO_CLICK_RATIO:
-                    events.append(("email.clicked", resend_event("email.clicked", pid, to, body["subject"], now, link=link)))
+                    kinds.append("email.clicked")
+            for kind in kinds:
+                events.append((kind, resend_event(kind, pid, to, body["subject"], now, link=link, message_id=mid)))
         sem = asyncio.Semaphore(8)
         counts: dict[str, int] = {}
 
@@ -964,7 +967,9 @@ async def run_demo(settings: Settings, *, leads: int = 200, api_key: str | None 
                                data=payload.encode(), headers=headers)
             counts[kind] = counts.get(kind, 0) + 1
 
-        await asyncio.gather(*(post(k, e) for k, e in events))
+        # in the order a provider reports them: deliveries and bounces, then opens, then clicks
+        for phase in (("email.delivered", "email.bounced"), ("email.opened",), ("email.clicked",)):
+            await asyncio.gather(*(post(k, e) for k, e in events if k in phase))
         say("demo: posted signed events: " + (", ".join(f"{v} {k.split('.')[1]}" for k, v in sorted(counts.items())) or "none"))
         summary["events"] = counts
         final = await _request(session, "GET", f"{settings.sender_url}/api/campaigns/{cid}", expect=(200,), headers=auth)
