@@ -78,14 +78,12 @@ from .config import ExporterConfig
 
 log = logging.getLogger(__name__)
 
-#: names of metrics only the exporter emits (kept here; the catalogue's are in mailgenius.metrics)
-IMPORT_SUCCESS_RATIO = getattr(m, "IMPORT_SUCCESS_RATIO", "mailgenius_import_success_ratio")
-IMPORT_VALIDATION_ERROR_RATIO = getattr(m, "IMPORT_VALIDATION_ERROR_RATIO",
-                                        "mailgenius_import_validation_error_ratio")
-IMPORTS = getattr(m, "IMPORTS", "mailgenius_imports")
-SNAPSHOT_AGE = "mailgenius_exporter_snapshot_age_seconds"
-COLLECTOR_UP = "mailgenius_exporter_collector_up"
-COLLECT_ERRORS = "mailgenius_exporter_collect_errors_total"
+IMPORT_SUCCESS_RATIO = m.IMPORT_SUCCESS_RATIO
+IMPORT_VALIDATION_ERROR_RATIO = m.IMPORT_VALIDATION_ERROR_RATIO
+IMPORTS = m.IMPORTS
+SNAPSHOT_AGE = m.EXPORTER_SNAPSHOT_AGE
+COLLECTOR_UP = m.EXPORTER_COLLECTOR_UP
+COLLECT_ERRORS = m.EXPORTER_COLLECT_ERRORS
 
 #: label values pre-initialised so a series exists (at 0) before the first row of its kind
 LEAD_STATUSES = ("active", "unsubscribed", "bounced", "complained")

@@ -44,6 +44,12 @@ INCIDENTS_OPEN = "mailgenius_incidents_open"  #: gauge{severity}
 INCIDENT_MTTR = "mailgenius_incident_mttr_seconds"  #: gauge
 INCIDENT_MTBF = "mailgenius_incident_mtbf_seconds"  #: gauge
 EXPORTER_COLLECT_DURATION = "mailgenius_exporter_collect_duration_seconds"  #: gauge{collector}
+EXPORTER_SNAPSHOT_AGE = "mailgenius_exporter_snapshot_age_seconds"  #: gauge{collector}; -1 before the first
+EXPORTER_COLLECTOR_UP = "mailgenius_exporter_collector_up"  #: gauge{collector}: 1 when its last refresh worked
+EXPORTER_COLLECT_ERRORS = "mailgenius_exporter_collect_errors_total"  #: counter{collector}
+IMPORTS = "mailgenius_imports"  #: gauge{status}: queued/running now; completed/failed/cancelled in 24 h
+IMPORT_SUCCESS_RATIO = "mailgenius_import_success_ratio"  #: gauge: completed / (completed + failed), 24 h
+IMPORT_VALIDATION_ERROR_RATIO = "mailgenius_import_validation_error_ratio"  #: gauge: invalid / processed rows, 24 h
 
 #: The dramatiq queues of the contract.
 QUEUE_EMAIL = "email-sending"
