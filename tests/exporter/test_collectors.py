@@ -301,3 +301,25 @@ async def test_metrics_pass_promtool_check_metrics(exporter, pool, broker):
     out = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
     assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()
     assert out.stdout.strip() == b"" and out.stderr.strip() == b"", (out.stdout + out.stderr).decode()
+
+
+async def test_a_snapshot_too_old_is_not_exported_but_its_age_is(aiohttp_client, exporter_settings, pool):
+    from prometheus_client import CollectorRegistry
+
+    from exporter import keys as ek
+    from exporter.app import create_app
+
+    # Given snapshots that expire after 0.3 s and no background refresh in between
+    registry = CollectorRegistry()
+    app = create_app(exporter_settings.replace(extra={"MAILGENIUS_EXPORTER_MAX_SNAPSHOT_AGE": "0.3",
+                                                      "MAILGENIUS_EXPORTER_REFRESH_SECONDS": "600"}),
+                     registry=registry)
+    await aiohttp_client(app)
+    await app[ek.REFRESHER].refresh_once()
+    assert registry.get_sample_value(m.LEADS, {"status": "active"}) == 0
+    # When it gets older than that
+    time.sleep(0.4)
+    # Then its values disappear (stale numbers must not look live) and its age tells why
+    assert registry.get_sample_value(m.LEADS, {"status": "active"}) is None
+    assert registry.get_sample_value(SNAPSHOT_AGE, {"collector": "leads"}) >= 0.4
+    assert registry.get_sample_value(COLLECTOR_UP, {"collector": "leads"}) == 1
