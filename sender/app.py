@@ -42,7 +42,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app = base_app(settings, "sender", registry=registry)
     app[skeys.METRICS] = SenderMetrics(app[keys.REGISTRY])
     app[skeys.WEBHOOK] = _webhook(settings)
-    app[skeys.TRACKING] = None
+    app[skeys.TRACKING] = {"tracker": None}  # filled at start-up, or on first use
 
     async def broker_ctx(app):
         broker = build_broker(settings)
@@ -59,7 +59,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         # best effort: with Postgres or Redis down the service still starts (and reports it)
         try:
             secret = await load_secret(app[keys.DB], settings.tracking_secret)
-            app[skeys.TRACKING] = Tracker(secret, settings.public_url)
+            app[skeys.TRACKING]["tracker"] = Tracker(secret, settings.public_url)
             values = await email_settings.load(app[keys.DB], settings)
             await email_settings.mirror(app[keys.REDIS], settings, values)
         except Exception as exc:

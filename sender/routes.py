@@ -47,13 +47,13 @@ async def _enqueue(request: web.Request, actor: str, *args) -> None:
 
 async def _tracker(app: web.Application):
     """The tracking signer; loaded at start-up, or on first use when Postgres was down then."""
-    tracker = app.get(skeys.TRACKING)
-    if tracker is None:
+    holder: dict = app[skeys.TRACKING]
+    if holder.get("tracker") is None:
         from .tracking import Tracker, load_secret
 
         secret = await load_secret(app[keys.DB], app[keys.SETTINGS].tracking_secret)
-        tracker = app[skeys.TRACKING] = Tracker(secret, app[keys.SETTINGS].public_url)
-    return tracker
+        holder["tracker"] = Tracker(secret, app[keys.SETTINGS].public_url)
+    return holder["tracker"]
 
 
 # -- campaigns ---------------------------------------------------------------------------------
