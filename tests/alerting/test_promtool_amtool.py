@@ -12,8 +12,8 @@ import yaml
 
 from alerting import generate
 from tests.alerting.expected import ALERTS, WATCHDOG, expected
-from tests.alerting.harness import require_binaries
 from tests.conftest import ROOT
+from tests.stack import require_binaries
 
 PROMTOOL = "/usr/bin/promtool"
 AMTOOL = "/usr/bin/amtool"
