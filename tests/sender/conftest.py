@@ -163,6 +163,15 @@ class Workers:
 
 @pytest.fixture
 def workers(ssettings, tmp_path):
+    # messages left by in-process tests (ids restart with every truncate) must not reach them
+    import redis as syncredis
+
+    from mailgenius.broker import dramatiq_namespace
+
+    client = syncredis.Redis.from_url(ssettings.redis_url)
+    for key in client.scan_iter(match=f"{dramatiq_namespace(ssettings)}*", count=1000):
+        client.delete(key)
+    client.close()
     w = Workers(ssettings, tmp_path)
     yield w
     w.stop_all()
