@@ -1126,12 +1126,13 @@ def draw_chart(chart: Chart) -> str:
             ys = [v for _, v in s.points]
             ax.plot(xs, ys, label=s.label, linewidth=1.6, marker="o" if len(xs) < 30 else None, markersize=3)
         if chart.series:
-            ax.xaxis.set_major_formatter(mdates.DateFormatter("%d/%m %H:%M", tz=dt.UTC))
+            locator = mdates.AutoDateLocator(tz=dt.UTC, maxticks=8)
+            ax.xaxis.set_major_locator(locator)
+            ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=dt.UTC))
             ax.set_ylabel(chart.unit)
             ax.grid(True, alpha=0.3)
             ax.set_ylim(bottom=0)
             ax.legend(loc="upper left", fontsize=7, ncol=min(4, len(chart.series[:12])), frameon=False)
-            fig.autofmt_xdate()
         ax.set_title(chart.title, fontsize=10, loc="left")
         buf = io.BytesIO()
         fig.tight_layout()
@@ -1181,7 +1182,7 @@ def collect_report(prom: Prom, kind: str, *, now: float | None = None, db_rows: 
     per_service = prom.by(f"sum by (service) (increase({_HTTP_REQ}[{R}]))", "service")
     p95_service = prom.by(f"histogram_quantile(0.95, sum by (service, le) (increase({_HTTP_DUR}[{R}])))", "service")
     s["performance"] = {
-        "figures": [("requests", _num(total_req)), ("requests / min", _num(_ratio(total_req, period / 60), 1)),
+        "figures": [("requests", _num(total_req)), ("requests / min", _num(_ratio(total_req, (end - data_since) / 60), 1)),
                     ("latency p50", _ms(q[0.5])), ("latency p95", _ms(q[0.95])), ("latency p99", _ms(q[0.99]))],
         "table": {"headers": ["service", "requests", "p95"],
                   "rows": [[k, _num(v), _ms(p95_service.get(k))] for k, v in sorted(per_service.items())]},

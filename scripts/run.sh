@@ -15,4 +15,7 @@ cd "$(dirname "$0")/.."
 .venv/bin/mailgenius alerting secrets --dir var/secrets >/dev/null 2>&1 || true
 .venv/bin/mailgenius stack-prepare --root . || exit $?
 data_dir=${MAILGENIUS_DATA_DIR:-./var}
-exec .venv/bin/honcho start -f Procfile -e "$data_dir/run/stack.env"
+# honcho, with more than its fixed 5 s between SIGTERM and SIGKILL at Ctrl-C: a worker finishing
+# its current message, or Prometheus writing its head block, may need longer
+exec .venv/bin/python -c 'import sys, honcho.manager as m; m.KILL_WAIT = int(sys.argv.pop(1)); sys.argv[0] = "honcho"
+from honcho.command import main; main()' "${MAILGENIUS_STOP_TIMEOUT:-20}" start -f Procfile -e "$data_dir/run/stack.env"
