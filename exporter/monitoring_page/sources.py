@@ -155,7 +155,8 @@ async def _get_json(http: aiohttp.ClientSession, url: str, params: dict | None =
 
 async def range_series(http, prometheus_url: str, range_name: str, rng: Range, *, now: float | None = None) -> dict:
     """Every chart of :data:`CHARTS` over the range, as ``{"ok", "error", "charts"}``."""
-    end = math.floor((now or time.time()) / rng.step) * rng.step
+    # end at now (not at a step boundary): the newest point is at most a scrape old
+    end = math.floor(now or time.time())
     start = end - rng.seconds
     url = prometheus_url.rstrip("/") + "/api/v1/query_range"
     jobs = [(chart, s) for chart in CHARTS for s in chart.series]

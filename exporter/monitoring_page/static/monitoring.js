@@ -253,7 +253,7 @@
     return (u, vals) => vals.map((v) => (v === null ? "" : (Math.abs(v) < 10 ? +v.toFixed(2) : Math.round(v)).toLocaleString("en-US")));
   }
 
-  function drawChart(spec) {
+  function drawChart(spec, span) {
     const host = $(`[data-chart="${spec.id}"]`);
     if (!host) return;
     const title = el("h4", { text: `${spec.title} (${spec.unit === "s" ? "ms" : spec.unit})` });
@@ -281,8 +281,9 @@
     host.dataset.state = "drawn";
     const opts = {
       width: chartWidth(host), height: 170, series, legend: { show: true },
-      scales: { x: { time: true } },
-      axes: [{ stroke: "#5b6573" }, { stroke: "#5b6573", size: 56, values: unitFormatter(spec.unit) }],
+      // the x axis always spans the selected range, however little data there is yet
+      scales: { x: { time: true, range: () => [span.start, span.end] } },
+      axes: [{ stroke: "#5b6573" }, { stroke: "#5b6573", size: 70, values: unitFormatter(spec.unit) }],
       cursor: { drag: { x: false, y: false } },
     };
     charts.set(spec.id, new uPlot(opts, data, plotHost)); // eslint-disable-line no-undef
@@ -312,7 +313,7 @@
       return;
     }
     setBanner("prometheus", null);
-    data.charts.forEach(drawChart);
+    data.charts.forEach((spec) => drawChart(spec, data));
     fillStats(data.stats || {});
   }
 
@@ -324,7 +325,9 @@
   });
 
   // -- logs -----------------------------------------------------------------------------------
-  const logState = { lastId: null, rows: 0, loading: false };
+  // gen counts filter changes: a reply for older filters is dropped, so rows of two filter
+  // settings never mix, whatever order the requests finish in
+  const logState = { lastId: null, rows: 0, gen: 0 };
 
   function logQuery() {
     const form = $("#log-filters");
@@ -354,33 +357,27 @@
   }
 
   async function loadLogs(reset) {
-    if (logState.loading) return;
-    logState.loading = true;
-    try {
-      const p = logQuery();
-      if (reset) { logState.lastId = null; }
-      if (logState.lastId) p.set("after", logState.lastId);
-      const data = await getJSON(`${API}/logs?${p}`);
-      const tbody = $("#logs-table tbody");
-      if (reset || !logState.lastId) {
-        tbody.replaceChildren();
-        logState.rows = 0;
-      }
-      // newest first: the entries come oldest first
-      const fresh = data.entries.slice().reverse().map(logRow);
-      if (fresh.length) {
-        $(".empty", tbody)?.closest("tr")?.remove();
-        tbody.prepend(...fresh);
-        logState.rows += fresh.length;
-        while (tbody.rows.length > MAX_LOG_ROWS) tbody.deleteRow(-1);
-        logState.rows = Math.min(logState.rows, MAX_LOG_ROWS);
-      }
-      if (!tbody.rows.length) tbody.append(el("tr", {}, el("td", { colspan: "4", class: "empty", text: "no matching warnings or errors" })));
-      if (data.last_id) logState.lastId = data.last_id;
-      $("#logs-count").textContent = `(${logState.rows} shown)`;
-    } finally {
-      logState.loading = false;
+    if (reset) { logState.gen += 1; logState.lastId = null; }
+    const gen = logState.gen;
+    const after = logState.lastId;
+    const p = logQuery();
+    if (after) p.set("after", after);
+    const data = await getJSON(`${API}/logs?${p}`);
+    if (gen !== logState.gen || after !== logState.lastId) return; // superseded meanwhile
+    const tbody = $("#logs-table tbody");
+    if (!after) { tbody.replaceChildren(); logState.rows = 0; }
+    // newest first on screen; the entries come oldest first
+    const fresh = data.entries.slice().reverse().map(logRow);
+    if (fresh.length) {
+      for (const r of $$("tr:not([data-log-id])", tbody)) r.remove();
+      tbody.prepend(...fresh);
+      while (tbody.rows.length > MAX_LOG_ROWS) tbody.deleteRow(-1);
+      logState.rows = tbody.rows.length;
     }
+    if (!tbody.rows.length) tbody.append(el("tr", {}, el("td", { colspan: "4", class: "empty", text: "no matching warnings or errors" })));
+    logState.lastId = data.last_id || after;
+    $("#logs-count").textContent = `(${logState.rows} shown)`;
+    tbody.closest("table").dataset.filters = p.toString().replace(/&?after=[^&]*/, "");
   }
 
   let filterTimer = null;

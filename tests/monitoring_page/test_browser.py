@@ -1,0 +1,302 @@
+"""The monitoring page in a real browser (Debian chromium driven by Playwright) against the real
+exporter process, Prometheus and Alertmanager, after a scripted workload.
+
+One scenario, in order: log in, every section populated, a number changing without a reload,
+log filters, CSV and NDJSON downloads, screenshots at 1280 px and at phone width (saved under
+test-artifacts/monitoring_page/), then Prometheus and Alertmanager stopped: the page says
+"Prometheus unreachable" and keeps working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import logging
+import os
+import subprocess
+import textwrap
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from exporter.monitoring_page.routes import BASE
+from mailgenius.broker import build_broker
+from mailgenius.logstream import RedisStreamHandler, stream_key
+from mailgenius.worker import enqueue
+from tests.monitoring_page.conftest import load_stack_harness
+
+_h = load_stack_harness()
+ALERTMANAGER, PROMETHEUS, ROOT, VENV_BIN = _h.ALERTMANAGER, _h.PROMETHEUS, _h.ROOT, _h.VENV_BIN
+Stack, require_binaries, wait_until = _h.Stack, _h.require_binaries, _h.wait_until
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARTIFACTS = ROOT / "test-artifacts" / "monitoring_page"
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+@pytest.fixture
+def stack(settings, tmp_path):
+    s = Stack(settings, tmp_path)
+    yield s
+    s.stop_all()
+
+
+@pytest.fixture
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: `scripts/setup.sh --test` installs the Debian chromium package")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _api_key(stack: Stack, scopes: str) -> str:
+    """A key made the operator's way: `mailgenius apikey create` (the key is the last line)."""
+    out = subprocess.run([str(VENV_BIN / "mailgenius"), "apikey", "create", "--scopes", scopes,
+                          "--name", "page-test"], env=stack.env(), capture_output=True, text=True,
+                         timeout=30, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _write_configs(stack: Stack, tmp: Path) -> tuple[Path, Path]:
+    rules = tmp / "page-rules.yml"
+    rules.write_text(textwrap.dedent("""\
+        groups:
+          - name: page-test
+            interval: 1s
+            rules:
+              - alert: MonitoringPageProbe
+                expr: vector(1)
+                labels: {severity: warning, service: exporter}
+                annotations: {summary: "probe alert of the monitoring page test"}
+        """))
+    am = tmp / "alertmanager.yml"
+    am.write_text(textwrap.dedent(f"""\
+        route:
+          receiver: exporter
+          group_wait: 1s
+          group_interval: 1s
+          repeat_interval: 1h
+        receivers:
+          - name: exporter
+            webhook_configs:
+              - url: {stack.url("exporter")}/api/alerts/webhook
+                send_resolved: true
+        """))
+    return rules, am
+
+
+def _get(url: str, key: str) -> int:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _log_warnings(settings, records) -> None:
+    handler = RedisStreamHandler(settings.redis_url, stream_key(settings.redis_prefix), "x")
+    try:
+        for service, level, message in records:
+            handler.service = service
+            handler.emit(logging.LogRecord(f"{service}.workload", level, __file__, 1, message, None, None))
+        assert handler.flush(5)
+    finally:
+        handler.close()
+
+
+def _insert_running_import(database_url: str) -> None:
+    async def run():
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(
+                """INSERT INTO imports (status, filename, total_rows, processed_rows, inserted, invalid, started_at)
+                   VALUES ('running', 'page-test-leads.csv', 50000, 12000, 11950, 50, now() - interval '30 seconds')""")
+        finally:
+            await conn.close()
+
+    # Playwright's sync API runs an event loop in this thread: use another one
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, run()).result()
+
+
+def wait_js(page, expr: str, timeout: float = 10_000) -> None:
+    """Poll a JS expression until truthy. (Playwright's wait_for_function compiles its predicate
+    with eval, which the page's strict CSP forbids; page.evaluate is not subject to it.)"""
+    deadline = time.monotonic() + timeout / 1000
+    while True:
+        if page.evaluate(expr):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout / 1000:g}s waiting for: {expr}")
+        page.wait_for_timeout(100)
+
+
+def _text(page, selector: str) -> str:
+    return page.locator(selector).first.inner_text().strip()
+
+
+def test_monitoring_page_in_a_browser(stack, browser, settings, tmp_path):
+    require_binaries(PROMETHEUS, ALERTMANAGER)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    # Given the exporter, Prometheus (scraping it every second, with a rule that always fires)
+    # and Alertmanager (sending to the exporter's incident webhook)
+    rules, am_config = _write_configs(stack, tmp_path)
+    stack.start_service("exporter")
+    stack.start_alertmanager(am_config)
+    stack.start_prometheus(rule_files=[str(rules)], extra_args=("--rules.alert.resend-delay=1s",))
+    key = _api_key(stack, "read")
+
+    # And a scripted workload: API traffic, queued messages (no worker), an import in progress,
+    # warnings and errors from several services
+    exporter = stack.url("exporter")
+    for _ in range(15):
+        assert _get(f"{exporter}/api/queue/status", key) == 200
+        assert _get(f"{exporter}/api/incidents", key) == 200
+    assert _get(f"{exporter}/api/queue/admin", key) == 405
+    broker = build_broker(settings)
+    for i in range(5):
+        enqueue(broker, "email-sending", "send_message", i)
+    _insert_running_import(settings.database_url)
+    _log_warnings(settings, [
+        ("sender", logging.WARNING, "provider latency high: 2.4 s"),
+        ("importer", logging.ERROR, "=cmd|' /C calc'!A0 rejected row 17"),
+        ("sender-worker", logging.ERROR, "SMTP relay refused the connection"),
+        ("importer-worker", logging.WARNING, "batch 3 retried"),
+    ])
+    stack.wait_targets_up()
+    wait_until(lambda: stack.alerts(), 30, what="the probe alert in Alertmanager")
+    wait_until(lambda: stack.prom_query("sum(mailgenius_queue_messages{state=\"waiting\"}) >= 5"), 30,
+               what="queue depth scraped")
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    console_errors: list[str] = []
+    page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: console_errors.append(str(exc)))
+    try:
+        # When the operator signs in with the login form
+        page.goto(f"{exporter}{BASE}")
+        page.fill("#key", "mg_wrong_key")
+        page.click("#login-form button[type=submit]")
+        assert "not valid" in _text(page, "#login-error")
+        page.fill("#key", key)
+        page.click("#login-form button[type=submit]")
+        page.wait_for_selector("#sec-health")
+        assert page.url == f"{exporter}{BASE}"
+        cookies = {c["name"]: c for c in context.cookies()}
+        session = cookies["mg_monitoring_session"]
+        assert session["httpOnly"] and session["sameSite"] == "Strict"
+        assert key not in page.content()
+
+        # Then every section is populated
+        wait_js(page, "document.querySelectorAll('#health-table tbody tr[data-check]').length >= 4")
+        assert "database" in _text(page, "#health-table")
+        assert _text(page, "#overall").startswith(("✔", "▲", "✖"))  # icon + word, not colour alone
+        wait_js(page,
+            "document.querySelector('#queues-table tr[data-queue=\"email-sending\"] [data-field=waiting]')?.textContent === '5'")
+        page.wait_for_selector("#imports-table tr[data-import]")
+        assert "page-test-leads.csv" in _text(page, "#imports-table")
+        page.wait_for_selector("#alerts-list li[data-alert=MonitoringPageProbe]", timeout=20_000)
+        page.wait_for_selector("#incidents-table tbody tr:not(:has(.empty))", timeout=20_000)
+        assert "MonitoringPageProbe" in _text(page, "#incidents-table")
+        page.wait_for_selector("#summary .summary-grid")
+        wait_js(page, "document.querySelectorAll('#logs-table tr[data-log-id]').length === 4")
+        page.wait_for_selector('[data-chart="api_traffic"][data-state="drawn"] .uplot', timeout=20_000)
+        page.wait_for_selector('[data-chart="queue_depth"][data-state="drawn"] .uplot', timeout=20_000)
+        wait_js(page, "document.querySelector('[data-stat=request_rate]').textContent !== '—'",
+                               timeout=20_000)
+        for section in ("#sec-email", "#sec-imports", "#sec-api"):
+            assert page.locator(f"{section} .chart[data-state]").count() >= 1, section
+        assert not page.locator("#banners .banner").count(), _text(page, "#banners")
+
+        # And a number changes without a reload
+        page.evaluate("window.__sameDocument = 'yes'")
+        polls_before = int(page.get_attribute("body", "data-polls"))
+        for i in range(7):
+            enqueue(broker, "email-sending", "send_message", 100 + i)
+        wait_js(page,
+            "document.querySelector('#queues-table tr[data-queue=\"email-sending\"] [data-field=waiting]').textContent === '12'",
+            timeout=15_000)
+        assert page.evaluate("window.__sameDocument") == "yes"
+        assert int(page.get_attribute("body", "data-polls")) > polls_before
+
+        # And new log records appear live; the filters narrow them
+        _log_warnings(settings, [("exporter", logging.CRITICAL, "collector leads failed 3 times")])
+        page.wait_for_selector("#logs-table tr[data-log-id] >> text=collector leads failed", timeout=15_000)
+        rows = "document.querySelectorAll('#logs-table tr[data-log-id]')"
+        filters = "document.querySelector('#logs-table').dataset.filters"
+        page.select_option("#log-service", "sender-worker")
+        wait_js(page, f"{filters} === 'service=sender-worker' && {rows}.length === 1")
+        assert page.get_attribute("#logs-table tr[data-log-id]", "data-service") == "sender-worker"
+        page.select_option("#log-service", "")
+        page.select_option("#log-level", "critical")
+        wait_js(page, f"{filters} === 'level=critical' && {rows}.length === 1")
+        assert page.get_attribute("#logs-table tr[data-log-id]", "data-level") == "critical"
+        page.select_option("#log-level", "")
+        page.fill("#log-q", "calc")
+        wait_js(page, f"{filters} === 'q=calc' && {rows}.length === 1")
+        assert "rejected row 17" in _text(page, "#logs-table tbody")
+
+        # And the filtered records download as CSV (formula-safe) and as NDJSON
+        with page.expect_download() as dl:
+            page.click("#export-csv")
+        csv_path = ARTIFACTS / "logs.csv"
+        dl.value.save_as(csv_path)
+        assert dl.value.suggested_filename.endswith(".csv")
+        rows = list(csv.DictReader(io.StringIO(csv_path.read_text())))
+        assert [r["message"] for r in rows] == ["'=cmd|' /C calc'!A0 rejected row 17"]
+        page.fill("#log-q", "")
+        with page.expect_download() as dl:
+            page.click("#export-ndjson")
+        nd_path = ARTIFACTS / "logs.ndjson"
+        dl.value.save_as(nd_path)
+        records = [json.loads(line) for line in nd_path.read_text().splitlines()]
+        assert {r["service"] for r in records} == {"sender", "importer", "sender-worker", "importer-worker", "exporter"}
+
+        # And the page reads well at 1280 px and at phone width (screenshots are test artefacts)
+        page.screenshot(path=str(ARTIFACTS / "desktop-1280.png"), full_page=True)
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.wait_for_timeout(300)
+        overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 1, f"page scrolls sideways at phone width by {overflow}px"
+        page.screenshot(path=str(ARTIFACTS / "phone-390.png"), full_page=True)
+        page.set_viewport_size({"width": 1280, "height": 900})
+
+        # When Prometheus and Alertmanager go down
+        stack.stop("prometheus")
+        stack.stop("alertmanager")
+        # Then the page says so instead of breaking, and the rest keeps updating
+        page.wait_for_selector("#banners .banner >> text=Prometheus unreachable", timeout=20_000)
+        page.wait_for_selector("#banners .banner >> text=Alertmanager unreachable", timeout=20_000)
+        page.wait_for_selector('[data-chart="api_latency"][data-state="unreachable"]')
+        for i in range(3):
+            enqueue(broker, "email-sending", "send_message", 200 + i)
+        wait_js(page,
+            "document.querySelector('#queues-table tr[data-queue=\"email-sending\"] [data-field=waiting]').textContent === '15'",
+            timeout=15_000)
+        assert page.evaluate("window.__sameDocument") == "yes"
+        page.screenshot(path=str(ARTIFACTS / "backends-down.png"), full_page=True)
+
+        # And signing out ends the session
+        page.click("header form button[type=submit]")
+        page.wait_for_selector("#login-form")
+        assert _get(f"{exporter}/api/queue/status", "") == 401
+    finally:
+        context.close()
+    assert not [e for e in console_errors if "401" not in e], console_errors
