@@ -200,6 +200,11 @@ async def error_middleware(request: web.Request, handler: Handler):
         log.warning("dependency unavailable", extra={"error": f"{type(exc).__name__}: {exc}"})
         return error_response(503, "unavailable", "a dependency is unavailable; try again shortly",
                               headers={"Retry-After": "5"})
+    except asyncpg.exceptions.DataError as exc:
+        # SQLSTATE class 22 ("data exception"): Postgres refused a value the client sent (a NUL
+        # character, a timestamp out of range, a number too large...): the client's fault, 422
+        log.info("value refused by Postgres", extra={"error": f"{type(exc).__name__}: {exc}"})
+        return error_response(422, "invalid_value", f"a value was refused: {exc}"[:300])
     except Exception:
         log.exception("unhandled error")
         return error_response(500, "internal_error", "internal server error")
