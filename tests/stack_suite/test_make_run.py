@@ -110,7 +110,7 @@ def running_stack(tmp_path_factory, database_url, redis_url, redis_prefix):
                             start_new_session=True)
     log.close()
     stack = {"proc": proc, "clone": clone, "env": env, "ports": ports, "tmp": tmp, "started": started,
-             "log": lambda: log_path.read_text(errors="replace")[-6000:]}
+             "log": lambda tail=6000: log_path.read_text(errors="replace")[-tail:]}
     try:
         yield stack
     finally:
@@ -187,7 +187,7 @@ def test_make_run_brings_everything_up_within_60s(running_stack):
     # every target carries service=<job>
     assert all(t["labels"].get("service") == t["labels"]["job"] for t in targets)
     # run.sh printed where each thing is
-    out = s["log"]()
+    out = s["log"](10**7)
     for comp in ops.COMPONENTS:
         assert f"127.0.0.1:{p[comp.env]}" in out, f"run.sh did not print where {comp.name} is"
 
@@ -265,6 +265,6 @@ def test_ctrl_c_stops_everything(running_stack):
     assert not listening, f"still listening after Ctrl-C: {listening}\n{s['log']()}"
     left = {p for p in below if _alive(p)}
     assert not left, f"processes left after Ctrl-C: {left}"
-    out = s["log"]()
+    out = s["log"](10**7)
     assert "SIGINT received" in out
     print(f"Ctrl-C: everything stopped in {took:.1f} s")
