@@ -101,10 +101,10 @@ notification_failures = stat(
 )
 notification_ratio = stat(
     "Notification failure ratio (range)",
-    [prom(f'({increase("alertmanager_notifications_failed_total")}) / '
-          f'({increase("alertmanager_notifications_total")} > 0)')],
+    [prom(f'{increase("alertmanager_notifications_failed_total")} / '
+          f'clamp_min({increase("alertmanager_notifications_total")}, 1)')],
     unit="percentunit", thresholds=high_bad(0.01, 0.05),
-    description="Empty until Alertmanager has sent a notification.",
+    description="Failed / attempted notifications (0 while none were attempted).",
 )
 
 dashboard = build_dashboard(
