@@ -206,3 +206,13 @@ def test_a_moved_variant_renders_every_port_and_the_test_timings(tmp_path):
     assert pd and all(p["url"] == "http://127.0.0.1:9/v2/enqueue" for p in pd)
     rules = yaml.safe_load((paths["rules"] / "application.yml").read_text())
     assert {r["for"] for r in rules["groups"][0]["rules"]} == {"3s"}
+
+
+def test_cli_render_moves_ports_and_refuses_an_unknown_job(tmp_path, capsys):
+    from mailgenius.cli import main
+
+    assert main(["alerting", "render", "--out", str(tmp_path), "--port", "exporter=19300", "--interval", "1s"]) == 0
+    am = yaml.safe_load((tmp_path / "alertmanager/alertmanager.yml").read_text())
+    assert am["receivers"][0]["webhook_configs"][0]["url"] == "http://127.0.0.1:19300/api/alerts/webhook"
+    assert main(["alerting", "render", "--out", str(tmp_path), "--port", "grafana=3000"]) == 2
+    assert "--port expects JOB=PORT" in capsys.readouterr().err
