@@ -1168,12 +1168,16 @@ def collect_report(prom: Prom, kind: str, *, now: float | None = None, db_rows: 
     end = now or time.time()
     start = end - period
     first = prom.head_min_time()
-    data_since = max(start, first) if first else start
+    # an empty TSDB reports an "infinite" minimum time: then there is no data to zoom onto
+    data_since = max(start, first) if first and first < end - 1 else start
     step = max((end - data_since) / npoints, 5.0)
     win = f"{max(300, int(step * 2))}s"  # rate window: at least 5 min, at least two steps
 
+    # evaluate at end, end - step, ...: the newest point is always "now"
+    chart_start = end - math.ceil((end - data_since) / step) * step
+
     def rng(title, unit, queries, scale=1.0):
-        return range_chart(prom, title, unit, queries, data_since, end, step, scale)
+        return range_chart(prom, title, unit, queries, chart_start, end, step, scale)
 
     s = {}
     # -- system performance
