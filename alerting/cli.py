@@ -61,7 +61,8 @@ def cmd_render(args) -> int:
             return 2
         ports[job] = int(port)
     variant = generate.local_variant(host=args.host, ports=ports, scrape_interval=args.interval,
-                                     evaluation_interval=args.interval, secrets_dir=os.path.abspath(args.secrets_dir))
+                                     evaluation_interval=args.interval, secrets_dir=os.path.abspath(args.secrets_dir),
+                                     pagerduty_url=args.pagerduty_url)
     paths = generate.render_to(Path(args.out), variant)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
@@ -89,4 +90,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--interval", default="5s", help="scrape and evaluation interval; tests use 1s")
     r.add_argument("--secrets-dir", default="var/secrets",
                    help="directory of the secret files (made absolute in the output)")
+    r.add_argument("--pagerduty-url", default="",
+                   help="PagerDuty Events API v2 URL (empty: rules.yml, else PagerDuty's own); e.g. a local test receiver")
     r.set_defaults(func=cmd_render)

@@ -337,6 +337,8 @@ def render(variant: Variant | None = None, *, source: Path = SOURCE) -> dict[str
     critical_receiver = _receiver_name(tuple(src["severities"]["critical"]["channels"]))
     receivers.setdefault(critical_receiver, tuple(src["severities"]["critical"]["channels"]))
     secrets = variant.secrets_dir.rstrip("/")
+    if not variant.pagerduty_url and src["channels"]["pagerduty"].get("url"):
+        variant = replace(variant, pagerduty_url=src["channels"]["pagerduty"]["url"])
     out[f"alertmanager/alertmanager{suffix}.yml"] = env.get_template("alertmanager.yml.j2").render(
         header=header, v=variant, routing=routing, go=GO_TEMPLATES,
         group_wait=_duration(variant.group_wait or routing["group_wait"], "group_wait"),
