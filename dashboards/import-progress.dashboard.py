@@ -8,6 +8,7 @@ from dashboards.helpers import (
     build_dashboard,
     high_bad,
     increase,
+    low_bad,
     mean_of,
     panel_link,
     prom,
@@ -24,8 +25,9 @@ DQ = f'queue_name=~"{QUEUE}(\\\\.[DX]Q)?"'  # dramatiq's delay queue shares the 
 IMPORTER = 'service="importer"'
 
 active = stat(
-    "Active import jobs", [prom(f"sum(dramatiq_messages_inprogress{{{DQ}}})")],
-    description="Import messages a worker is processing right now.", graph=True,
+    "Active import jobs", [prom(f'sum by (status) ({M.IMPORTS}{{status=~"queued|running"}})', "{{status}}")],
+    description="Imports queued or running now (the exporter's view of the imports table).",
+    text_mode="value_and_name", decimals=0,
 )
 jobs_range = stat(
     "Import jobs (range)", [prom(increase(M.IMPORT_JOBS, "", "status"), "{{status}}")],
@@ -34,7 +36,8 @@ jobs_range = stat(
 )
 active_ts = timeseries(
     "Import jobs in progress and finishing",
-    [prom(f"sum(dramatiq_messages_inprogress{{{DQ}}})", "in progress"),
+    [prom(f'sum({M.IMPORTS}{{status=~"queued|running"}})', "queued + running"),
+     prom(f"sum(dramatiq_messages_inprogress{{{DQ}}})", "being processed by a worker"),
      prom(rate(M.IMPORT_JOBS, "", "status", "5m") + " * 60", "finished {{status}} / min")],
 )
 
@@ -81,6 +84,14 @@ invalid_ratio = timeseries(
           "invalid / all rows")],
     unit="percentunit", thresholds=high_bad(0.02, 0.05),
 )
+success_ratio = stat(
+    "Import success rate (24 h)", [prom(f"max({M.IMPORT_SUCCESS_RATIO})")], unit="percentunit", decimals=1,
+    thresholds=low_bad(0.98, 0.95), description="Completed / (completed + failed) imports over 24 h.",
+)
+validation_ratio = stat(
+    "Validation error rate (24 h)", [prom(f"max({M.IMPORT_VALIDATION_ERROR_RATIO})")], unit="percentunit",
+    decimals=2, thresholds=high_bad(0.02, 0.05), description="Invalid / processed rows over 24 h.",
+)
 job_failure = stat(
     "Import job failure rate (range)",
     [prom(ratio(increase(M.IMPORT_JOBS, 'status="failed"'), increase(M.IMPORT_JOBS)))],
@@ -115,9 +126,11 @@ dashboard = build_dashboard(
                 guide=("Queue Status",)),
         Section("Processing Rate", [(rows_now, 4, 7), (rows_rate, 12, 7), (rows_range, 8, 7),
                                     (upload, 12, 6), (duration, 12, 6)], guide=("Processing Rate",)),
-        Section("Error Rate", [(job_failure, 6, 6), (invalid_ratio, 9, 6), (upload_errors, 9, 6)],
+        Section("Error Rate", [(success_ratio, 4, 6), (job_failure, 4, 6), (invalid_ratio, 8, 6),
+                               (upload_errors, 8, 6)],
                 guide=("Error Rate",)),
-        Section("CSV Validation", [(validation, 8, 8), (validation_ts, 8, 8), (leads, 8, 8)],
+        Section("CSV Validation", [(validation_ratio, 4, 8), (validation, 8, 8), (validation_ts, 6, 8),
+                                   (leads, 6, 8)],
                 guide=("CSV Validation",)),
     ],
     annotations=[alerts_annotation()],

@@ -68,6 +68,14 @@ dependency_up = stat(
     mappings=UP_DOWN, thresholds=[(None, "red"), (1, "green")], text_mode="value_and_name",
 )
 
+collectors = stat(
+    "Exporter collectors", [prom(f"min by (collector) ({M.EXPORTER_COLLECTOR_UP})", "{{collector}}")],
+    mappings=status_mapping({1: ("OK", "green"), 0: ("FAILING", "red")}), thresholds=[(None, "red"), (1, "green")],
+    text_mode="value_and_name",
+    description="The exporter's business collectors (leads, campaigns, queues, workers, incidents, imports); "
+                "a failing one keeps its last snapshot while its age grows.",
+)
+
 availability = stat(
     "Availability (range)", [prom(f"avg_over_time(up{{{SEL}}}[$__range])", "{{service}}")],
     unit="percentunit", decimals=2, thresholds=low_bad(0.999, 0.99), text_mode="value_and_name",
@@ -208,7 +216,7 @@ dashboard = build_dashboard(
         Section("Status Geral — overall status", [(overall, 8, 5), (checks_passing, 8, 5), (targets_up, 8, 5)],
                 guide=("Status Geral",)),
         Section("Serviços Monitorados — services and dependencies",
-                [(services, 24, 5), (dependency_up, 10, 8), (dependency_checks, 14, 8)],
+                [(services, 24, 5), (dependency_up, 8, 8), (dependency_checks, 10, 8), (collectors, 6, 8)],
                 guide=("Serviços Monitorados",)),
         Section("Uptime", [(availability, 8, 6), (uptime, 8, 6), (up_history, 8, 6)], guide=("Uptime",)),
         Section("Response Times", [(p95_stat, 4, 8), (latency, 10, 8), (latency_by_service, 10, 8),

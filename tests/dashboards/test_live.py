@@ -341,6 +341,19 @@ def test_every_metric_a_dashboard_names_is_exposed_by_a_scraped_target(live, das
     assert not unexpected, "named by a dashboard but exposed by no target: " + json.dumps(unexpected, indent=1)
 
 
+def test_cli_check_reports_every_query_with_data(live):
+    import subprocess
+    import sys
+
+    cli = str(Path(sys.executable).parent / "mailgenius")
+    proc = subprocess.run([cli, "dashboards", "check", "--root", str(ROOT), "--prometheus-url", live.url("prometheus")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = proc.stdout.splitlines()[-1]
+    total, with_data, empty = map(int, re.match(r"(\d+) queries: (\d+) with data, (\d+) empty, 0 rejected", summary).groups())
+    assert empty == len(EXPECTED_EMPTY) and with_data == total - empty, proc.stdout
+
+
 def _values(live, expr: str, label: str) -> dict[str, float]:
     return {r["metric"].get(label, ""): float(r["value"][1]) for r in live.prom_query(expr)}
 

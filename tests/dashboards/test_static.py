@@ -414,3 +414,40 @@ def test_docker_compose_mounts_what_grafana_provisioning_expects():
     assert "dashboards/json" in grafana and generate.GRAFANA_DASHBOARDS_PATH in grafana
     promtail = " ".join(str(v) for v in services["promtail"].get("volumes", []))
     assert "dashboards/logging/promtail.yml" in promtail
+
+
+# -- command line ----------------------------------------------------------------------------
+
+MAILGENIUS = str(Path(__import__("sys").executable).parent / "mailgenius")
+
+
+def test_cli_build_check_passes_on_the_committed_tree():
+    proc = subprocess.run([MAILGENIUS, "build", "--check", "--root", str(ROOT)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "up to date" in proc.stdout
+
+
+def test_cli_lists_every_query(dashboards):
+    proc = subprocess.run([MAILGENIUS, "dashboards", "list", "--root", str(ROOT)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == sum(len(list(iter_queries(d))) for d in dashboards.values())
+    assert all(len(line.split("\t")) == 5 for line in lines)
+
+
+def test_cli_check_against_an_unreachable_prometheus_is_one_clear_line():
+    from tests.conftest import free_port
+
+    proc = subprocess.run([MAILGENIUS, "dashboards", "check", "--root", str(ROOT),
+                           "--prometheus-url", f"http://127.0.0.1:{free_port()}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "cannot query Prometheus" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_check_without_generated_json_says_so(tmp_path):
+    proc = subprocess.run([MAILGENIUS, "dashboards", "check", "--root", str(tmp_path),
+                           "--prometheus-url", "http://127.0.0.1:9"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "mailgenius build" in proc.stderr
