@@ -139,7 +139,7 @@ def effective_environ(environ: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def stack_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+def stack_env(environ: dict[str, str] | None = None, *, generate_secret: bool = True) -> dict[str, str]:
     """Every variable the stack's processes need, from the environment and the defaults.
 
     Ports come first (``MAILGENIUS_*_PORT``); the URLs the services use to find each other are
@@ -200,12 +200,13 @@ def stack_env(environ: dict[str, str] | None = None) -> dict[str, str]:
         secret_file = Path(settings.data_dir) / RUN_SUBDIR / "resend-webhook-secret"
         if secret_file.exists():
             secret = secret_file.read_text().strip()
-        else:
+        elif generate_secret:
             secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
             secret_file.parent.mkdir(parents=True, exist_ok=True)
             secret_file.write_text(secret + "\n")
             secret_file.chmod(0o600)
-    out["MAILGENIUS_RESEND_WEBHOOK_SECRET"] = secret
+    if secret:
+        out["MAILGENIUS_RESEND_WEBHOOK_SECRET"] = secret
     # options of the config rendering, passed through when set
     for key in ("MAILGENIUS_SCRAPE_INTERVAL", "MAILGENIUS_PROMETHEUS_CONFIG", "MAILGENIUS_ALERTMANAGER_CONFIG"):
         if env.get(key):
@@ -370,7 +371,7 @@ def ops_env() -> dict[str, str]:
     """The environment completed by stack.env, then by the stack's derived defaults."""
     env = effective_environ()
     try:
-        derived = stack_env(env)
+        derived = stack_env(env, generate_secret=False)  # only `make run` creates the secret
     except OpsError:
         derived = {}
     for key, value in derived.items():
