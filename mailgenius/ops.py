@@ -526,8 +526,10 @@ async def probe_broker(settings: Settings) -> Probe:
         return probe
     p = urlparse(settings.broker_url)
     try:
-        _, probe.latency_ms = await _timed(asyncio.wait_for(
+        (_reader, writer), probe.latency_ms = await _timed(asyncio.wait_for(
             asyncio.open_connection(p.hostname, p.port or 5672), PROBE_TIMEOUT))
+        writer.close()
+        await writer.wait_closed()
         probe.detail = f"RabbitMQ at {p.hostname}:{p.port or 5672} accepts connections"
     except Exception as exc:
         probe.status, probe.detail = UNHEALTHY, f"RabbitMQ at {p.hostname}:{p.port or 5672}: {type(exc).__name__} {exc}"

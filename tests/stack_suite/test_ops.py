@@ -248,3 +248,18 @@ async def test_slow_queries_lists_statements_or_says_how_to_enable(settings, tmp
         assert res.returncode == 2
         assert "pg_stat_statements is not available" in res.stderr
         assert "shared_preload_libraries" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_check_broker_rabbitmq_up_and_down(settings, tmp_path):
+    # a RabbitMQ broker is probed on its AMQP port (workers on many hosts use it)
+    down = run_cli("check", "broker", env=cli_env(settings, tmp_path, BROKER_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/"))
+    assert down.returncode == 1 and "unhealthy" in down.stdout and "RabbitMQ at 127.0.0.1" in down.stdout
+    rabbit = os.environ.get("MAILGENIUS_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    if not rabbit.startswith("amqp"):
+        return
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
+    except OSError:
+        pytest.skip("no RabbitMQ on 127.0.0.1:5672")
+    up = run_cli("check", "broker", env=cli_env(settings, tmp_path, BROKER_URL=rabbit))
+    assert up.returncode == 0 and "accepts connections" in up.stdout, up.stdout + up.stderr
