@@ -102,4 +102,10 @@ if [ "$preload" != "?" ] && [[ "$preload" != *pg_stat_statements* ]] \
     fi
   fi
 fi
+# -- 6. test-only: Grafana's LogQL grammar (npm), for the dashboards' LogQL syntax check --------
+if [ "$want_test" = 1 ] && command -v npm >/dev/null 2>&1 \
+   && [ ! -d tests/dashboards/logql/node_modules/@grafana/lezer-logql ]; then
+  log "installing Grafana's LogQL grammar for tests/dashboards (npm ci)"
+  npm ci --prefix tests/dashboards/logql --no-audit --no-fund --silent >&2
+fi
 log "ready"

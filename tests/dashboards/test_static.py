@@ -343,6 +343,36 @@ def test_logql_targets_use_only_promtail_labels(dashboards, promtail):
     assert service_var["allValue"] == ".+"
 
 
+LOGQL_DIR = ROOT / "tests" / "dashboards" / "logql"
+
+
+def parse_logql(queries: list[str]) -> list[dict]:
+    """Grafana's LogQL grammar (npm @grafana/lezer-logql, installed by `make test`'s setup)."""
+    if not (LOGQL_DIR / "node_modules" / "@grafana" / "lezer-logql").is_dir() or not shutil.which("node"):
+        msg = "Grafana's LogQL grammar is not installed (scripts/setup.sh --test runs npm ci)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    proc = subprocess.run(["node", str(LOGQL_DIR / "check.cjs")], input=json.dumps(queries), capture_output=True,
+                          text=True, timeout=60, cwd=LOGQL_DIR)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_every_logql_target_parses_with_grafanas_grammar(dashboards):
+    d = dashboards["structured-logs"]
+    values = {"service": "(importer|sender-worker)", "level": "(error|critical)", "search": "import started"}
+    queries = [substitute(q.expr, values) for q in iter_queries(d) if q.datasource == "loki"]
+    assert len(queries) >= 6
+    bad = [(r["query"], r["errors"]) for r in parse_logql(queries) if r["errors"]]
+    assert not bad, f"LogQL syntax errors (query, offsets): {bad}"
+
+
+def test_the_logql_grammar_rejects_a_broken_query():
+    broken, fine = parse_logql(['sum by (level (count_over_time({service="x"}[1m]))', '{service="x"} |= "y"'])
+    assert broken["errors"] and not fine["errors"]
+
+
 def test_logql_label_extraction_sees_a_foreign_label():
     assert logql_labels('sum by (pod) (rate({app="x", level=~"e.*"} |= "a" [1m]))') == {"app", "level", "pod"}
 
