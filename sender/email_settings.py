@@ -25,10 +25,13 @@ SETTINGS_KEY = "email"
 MAX_RATE_LIMIT = 1_000_000
 #: a batch may start this much before its slot (compensates for sleep overshoot), seconds
 RATE_TOLERANCE = 0.005
+#: a slot taken up to this late does not push the schedule back, seconds
+RATE_CATCH_UP = 0.25
 #: longest single sleep while waiting for a slot, so rate changes apply quickly, seconds
 MAX_WAIT_STEP = 1.0
 
-# KEYS[1] settings hash, KEYS[2] GCRA "theoretical arrival time"; ARGV[1] emails, ARGV[2] tolerance
+# KEYS[1] settings hash, KEYS[2] GCRA "theoretical arrival time";
+# ARGV[1] emails, ARGV[2] tolerance, ARGV[3] lateness kept in the schedule (seconds)
 _GCRA = """
 local rate = tonumber(redis.call('HGET', KEYS[1], 'rate_limit') or '0') or 0
 if rate <= 0 then return '0' end
@@ -36,7 +39,9 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local n = tonumber(ARGV[1])
 local tat = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-if tat < now then tat = now end
+-- a slot taken a little late keeps its place in the schedule (no drift below the rate);
+-- after an idle spell the schedule restarts from now (no burst above it)
+if tat < now - tonumber(ARGV[3]) then tat = now end
 local wait = tat - now
 if wait > tonumber(ARGV[2]) then return tostring(wait) end
 local new_tat = tat + n / rate
@@ -115,7 +120,7 @@ class RateLimiter:
         """Wait for a slot for ``n`` emails; returns the seconds waited."""
         waited = 0.0
         while True:
-            wait = float(await self._script(keys=self.keys, args=[n, RATE_TOLERANCE]))
+            wait = float(await self._script(keys=self.keys, args=[n, RATE_TOLERANCE, RATE_CATCH_UP]))
             if wait <= 0:
                 return waited
             step = min(wait, MAX_WAIT_STEP)

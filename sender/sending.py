@@ -177,8 +177,8 @@ class SendContext:
             log.warning("could not record send statistics", exc_info=True)
 
 
-def list_headers(tracker: Tracker, msg_id: int) -> dict[str, str]:
-    return {"List-Unsubscribe": f"<{tracker.unsubscribe_url(msg_id)}>",
+def list_headers(unsubscribe_url: str) -> dict[str, str]:
+    return {"List-Unsubscribe": f"<{unsubscribe_url}>",
             "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
 
 
@@ -230,7 +230,8 @@ async def _deliver(ctx: SendContext, conn, campaign_id: int | None, emails: list
     attempt = 0
     while pending:
         attempt += 1
-        await ctx.limiter.acquire(len(pending))
+        if float((await ctx.settings_cache.get()).get("rate_limit") or 0) > 0:  # re-read every second
+            await ctx.limiter.acquire(len(pending))
         key = idempotency_key(key_kind, owner, part, [e.message_id for e in pending])
         try:
             result = await provider.send_batch(pending, key)
@@ -273,14 +274,16 @@ def _lead_dict(r) -> dict:
 async def send_campaign_batch(ctx: SendContext, campaign_id: int, batch: int) -> Outcome:
     outcome = Outcome()
     async with ctx.pool.acquire() as conn:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1::int, $2::int)", campaign_id, batch):
+        camp = await conn.fetchrow(
+            """SELECT pg_try_advisory_lock($1::int, $2::int) AS locked, c.id, c.name, c.subject, c.from_email,
+                      c.html, c.text, c.status
+               FROM (SELECT 1) one LEFT JOIN campaigns c ON c.id = $1""", campaign_id, batch)
+        if not camp["locked"]:
             outcome.detail = "locked"  # a live worker holds this batch; it will finish it
             return outcome
         try:
-            camp = await conn.fetchrow(
-                "SELECT id, name, subject, from_email, html, text, status FROM campaigns WHERE id = $1", campaign_id)
-            if camp is None or camp["status"] != "sending":
-                outcome.detail = f"campaign {camp['status'] if camp else 'missing'}"
+            if camp["id"] is None or camp["status"] != "sending":
+                outcome.detail = f"campaign {camp['status'] or 'missing'}"
                 return outcome
             rows = await conn.fetch(CLAIM_SQL, campaign_id, batch)
             if not rows:
@@ -301,8 +304,9 @@ async def send_campaign_batch(ctx: SendContext, campaign_id: int, batch: int) ->
                 if lead is None or lead["status"] != "active":
                     cancelled.append(mid)  # unsubscribed / bounced / deleted since the ledger was written
                     continue
+                unsub = tracker.unsubscribe_url(mid)
                 ctx_vars = templates.lead_context(
-                    lead, campaign=campaign_view, unsubscribe_url=tracker.unsubscribe_url(mid),
+                    lead, campaign=campaign_view, unsubscribe_url=unsub,
                     click_url=lambda link_id, _m=mid: tracker.click_url(_m, int(link_id)))
                 try:
                     subject, html, text = templates.render(compiled, ctx_vars)
@@ -311,7 +315,7 @@ async def send_campaign_batch(ctx: SendContext, campaign_id: int, batch: int) ->
                     continue
                 html = templates.add_open_pixel(html, tracker.open_url(mid))
                 emails.append(OutEmail(mid, r["email"], camp["from_email"], subject, html, text,
-                                       list_headers(tracker, mid)))
+                                       list_headers(unsub)))
             if failed or cancelled:
                 provider = await ctx.provider()
                 await _record(ctx, conn, provider.name, campaign_id, {}, failed, cancelled, outcome)

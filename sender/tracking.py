@@ -1,7 +1,7 @@
 """Signed tracking and unsubscribe tokens.
 
-A token is ``<message id>.<link id>.<mac>`` (ids in base 36) where mac is the first 12 bytes of
-HMAC-SHA256(secret, kind:message:link), base64url. Any change to an id or the mac is a 404.
+A token is ``<message id>.<link id>.<mac>`` (ids in lowercase hex) where mac is a keyed
+BLAKE2b-96 (a MAC by construction, RFC 7693 keyed mode) of ``kind:message:link``, base64url. Any change to an id or the mac is a 404.
 The secret comes from ``MAILGENIUS_TRACKING_SECRET`` or, when empty, is generated once and kept
 in the ``settings`` table (key ``tracking_secret``) so every process signs alike.
 """
@@ -18,37 +18,28 @@ import secrets
 SECRET_KEY = "tracking_secret"
 
 
-def _b36(n: int) -> str:
-    if n == 0:
-        return "0"
-    out = []
-    while n:
-        n, r = divmod(n, 36)
-        out.append("0123456789abcdefghijklmnopqrstuvwxyz"[r])
-    return "".join(reversed(out))
-
-
 class Tracker:
     def __init__(self, secret: bytes, public_url: str):
-        self.secret = secret
+        # BLAKE2b keys are at most 64 bytes: longer secrets are hashed down first
+        self.secret = secret if len(secret) <= 64 else hashlib.sha512(secret).digest()
         self.base = public_url.rstrip("/")
 
     def _mac(self, kind: str, msg: int, link: int) -> str:
-        d = hmac.digest(self.secret, f"{kind}:{msg}:{link}".encode(), hashlib.sha256)[:12]
+        d = hashlib.blake2b(f"{kind}:{msg}:{link}".encode(), key=self.secret, digest_size=12).digest()
         return base64.urlsafe_b64encode(d).decode()
 
     def token(self, kind: str, msg_id: int, link_id: int = 0) -> str:
-        return f"{_b36(msg_id)}.{_b36(link_id)}.{self._mac(kind, msg_id, link_id)}"
+        return f"{msg_id:x}.{link_id:x}.{self._mac(kind, msg_id, link_id)}"
 
     def verify(self, kind: str, token: str) -> tuple[int, int] | None:
         parts = token.split(".")
         if len(parts) != 3 or len(token) > 80:
             return None
         try:
-            msg, link = int(parts[0], 36), int(parts[1], 36)
+            msg, link = int(parts[0], 16), int(parts[1], 16)
         except ValueError:
             return None
-        if parts[0] != _b36(msg) or parts[1] != _b36(link):
+        if parts[0] != f"{msg:x}" or parts[1] != f"{link:x}":
             return None
         if not hmac.compare_digest(parts[2], self._mac(kind, msg, link)):
             return None

@@ -146,7 +146,7 @@ class Workers:
             if p.poll() is None:
                 try:
                     os.killpg(p.pid, signal.SIGTERM)
-                    p.wait(timeout=10)
+                    p.wait(timeout=3)  # in-flight work does not matter at teardown
                 except (ProcessLookupError, subprocess.TimeoutExpired):
                     try:
                         os.killpg(p.pid, signal.SIGKILL)

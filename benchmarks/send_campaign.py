@@ -1,0 +1,227 @@
+"""Send-campaign benchmark: API -> recipient ledger -> dramatiq -> fake Resend batch endpoint.
+
+Prints: the time to write the ledger of N recipients, the sustained send rate with no rate
+limit (two worker processes; the fake provider answers at once), and the achieved rate with
+``rate_limit`` 500 (default) against its target. Also checks every recipient got one email.
+
+    .venv/bin/python benchmarks/send_campaign.py                 # 200,000 leads
+    .venv/bin/python benchmarks/send_campaign.py --leads 2000000 # the 2M flag
+
+Uses a throw-away database next to DATABASE_URL's and its own Redis prefix; starts the fake
+Resend, the sender API and `mailgenius worker sender` on free ports, and stops them at the end.
+Other engineers share this machine's 2 cores: check `uptime` and rerun when it was busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mailgenius import auth  # noqa: E402
+from mailgenius.db import migrate, with_database  # noqa: E402
+from mailgenius.settings import load_settings  # noqa: E402
+
+#: the bare-pipeline ceiling quoted by the issue (batch of 100, sandboxed render, one provider
+#: call, two set-based ledger updates) on this 2-core machine, emails/s
+BASELINE_EMAILS_PER_SECOND = 35_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(argv, env, log):
+    return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
+                            start_new_session=True)
+
+
+def stop(proc):
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=5)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=5)
+
+
+async def wait_http(url, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while True:
+            try:
+                async with s.get(url) as r:
+                    if r.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not come up")
+            await asyncio.sleep(0.2)
+
+
+async def run(args) -> int:
+    base = load_settings()
+    db_name = f"mailgenius_bench_{uuid.uuid4().hex[:8]}"
+    admin_url = with_database(base.database_url, "postgres")
+    db_url = with_database(base.database_url, db_name)
+    prefix = f"mgbench-{uuid.uuid4().hex[:6]}"
+    logdir = ROOT / "var" / "bench"
+    logdir.mkdir(parents=True, exist_ok=True)
+    conn = await asyncpg.connect(admin_url)
+    await conn.execute(f'CREATE DATABASE "{db_name}"')
+    await conn.close()
+    procs = []
+    try:
+        await migrate(db_url)
+        pool = await asyncpg.create_pool(db_url, min_size=1, max_size=4)
+        t = time.perf_counter()
+        await pool.execute(
+            """INSERT INTO leads (email, first_name, last_name, company, tags)
+               SELECT 'lead' || g || '@bench.example.com', 'First' || g, 'Last' || g, 'Company ' || (g % 1000),
+                      CASE WHEN g <= $2 THEN ARRAY['all', 'rl'] ELSE ARRAY['all'] END
+               FROM generate_series(1, $1) g""", args.leads, args.rate_leads)
+        await pool.execute("ANALYZE leads")
+        print(f"setup: {args.leads:,} leads inserted in {time.perf_counter() - t:.1f}s", flush=True)
+        async with pool.acquire() as c:
+            _id, key = await auth.create_key(c, ["send", "admin"], "bench")
+        hdr = {"Authorization": f"Bearer {key}"}
+
+        fake_port, api_port = free_port(), free_port()
+        fake_url, api_url = f"http://127.0.0.1:{fake_port}", f"http://127.0.0.1:{api_port}"
+        env = dict(os.environ)
+        env.update({
+            "DATABASE_URL": db_url, "REDIS_URL": base.redis_url, "BROKER_URL": base.redis_url,
+            "MAILGENIUS_REDIS_PREFIX": prefix, "MAILGENIUS_EMAIL_PROVIDER": "resend",
+            "MAILGENIUS_RESEND_BASE_URL": fake_url, "RESEND_API_KEY": "re_bench",
+            "MAILGENIUS_TRACKING_SECRET": "bench-secret", "MAILGENIUS_LOG_LEVEL": "warning",
+            "MAILGENIUS_DATA_DIR": str(ROOT / "var" / "bench" / prefix),
+            "MAILGENIUS_DB_POOL_MAX": str(args.threads + 4),
+        })
+        py = str(ROOT / ".venv/bin/python")
+        mg = str(ROOT / ".venv/bin/mailgenius")
+        procs.append(start([py, "-m", "sender.testing", "--port", str(fake_port)], env, open(logdir / "fake.log", "wb")))
+        procs.append(start([mg, "serve", "sender", "--port", str(api_port)], env, open(logdir / "api.log", "wb")))
+        procs.append(start([mg, "worker", "sender", "--processes", str(args.workers), "--threads", str(args.threads),
+                            "--metrics-port", str(free_port())], env, open(logdir / "worker.log", "wb")))
+        await wait_http(fake_url + "/_stats")
+        await wait_http(api_url + "/api/health")
+        await asyncio.sleep(2)  # workers boot
+
+        async with aiohttp.ClientSession(headers=hdr) as s:
+            async def campaign_body(tags):
+                return {"name": "bench", "subject": "Hello {{ first_name }}, news from {{ company }}",
+                        "from_email": "Bench <bench@example.com>",
+                        "html": "<html><body><h1>Hi {{ first_name }} {{ last_name }}</h1><p>Our {{ campaign.name }} "
+                                "offer for {{ company }}.</p><a href=\"https://shop.example.com/sale\">Shop now</a>"
+                                "<p><a href=\"{{ unsubscribe_url }}\">Unsubscribe</a></p></body></html>",
+                        "text": "Hi {{ first_name }}, our offer for {{ company }}: https://shop.example.com/sale",
+                        "segment": {"tags": tags}}
+
+            async def get(cid):
+                async with s.get(f"{api_url}/api/campaigns/{cid}") as r:
+                    return await r.json()
+
+            async def fake_stats():
+                async with s.get(f"{fake_url}/_stats") as r:
+                    return await r.json()
+
+            # -- run 1: no rate limit ------------------------------------------------------
+            async with s.put(f"{api_url}/api/settings/email", json={"rate_limit": 0}) as r:
+                assert r.status == 200, await r.text()
+            async with s.post(f"{api_url}/api/campaigns", json=await campaign_body(["all"])) as r:
+                cid = (await r.json())["id"]
+            t0 = time.time()
+            async with s.post(f"{api_url}/api/campaigns/{cid}/send") as r:
+                assert r.status == 202, await r.text()
+            while (await get(cid))["recipients"] == 0:
+                await asyncio.sleep(0.05)
+            t_ledger = time.time() - t0
+            print(f"ledger: {args.leads:,} recipients written in {t_ledger:.2f}s (send -> counts visible; target <= 20 s for 2,000,000)", flush=True)
+            while True:
+                c = await get(cid)
+                if c["status"] in ("sent", "failed", "cancelled"):
+                    break
+                await asyncio.sleep(0.25)
+            t_end = time.time() - t0
+            st = await fake_stats()
+            sustained = st["emails"] / max(1e-9, st["last_at"] - st["first_at"])
+            print(f"send (no rate limit): {st['emails']:,} emails, sustained {sustained:,.0f} emails/s "
+                  f"(first->last provider call), end to end {args.leads / t_end:,.0f} emails/s in {t_end:.1f}s; "
+                  f"target >= 20,000/s; {sustained / BASELINE_EMAILS_PER_SECOND:.0%} of the bare-pipeline ceiling "
+                  f"({BASELINE_EMAILS_PER_SECOND:,}/s)", flush=True)
+            print(f"exactly once: unique {st['unique_recipients']:,} of {args.leads:,}, duplicates {st['duplicates']}, "
+                  f"campaign sent={c['sent']:,} failed={c['failed']} status={c['status']}", flush=True)
+            ok = st["unique_recipients"] == args.leads and st["duplicates"] == 0 and c["sent"] == args.leads
+
+            # -- run 2: rate_limit ---------------------------------------------------------
+            if args.rate_limit > 0:
+                async with s.post(f"{fake_url}/_reset") as r:
+                    await r.read()
+                async with s.put(f"{api_url}/api/settings/email", json={"rate_limit": args.rate_limit}) as r:
+                    assert r.status == 200, await r.text()
+                async with s.post(f"{api_url}/api/campaigns", json=await campaign_body(["rl"])) as r:
+                    cid2 = (await r.json())["id"]
+                async with s.post(f"{api_url}/api/campaigns/{cid2}/send") as r:
+                    assert r.status == 202
+                while (await get(cid2))["status"] not in ("sent", "failed", "cancelled"):
+                    await asyncio.sleep(0.25)
+                st = await fake_stats()
+                first_batch = min(100, st["emails"])
+                achieved = (st["emails"] - first_batch) / max(1e-9, st["last_at"] - st["first_at"])
+                dev = (achieved - args.rate_limit) / args.rate_limit
+                print(f"rate limit {args.rate_limit}/s: {st['emails']:,} emails, achieved {achieved:,.1f} emails/s "
+                      f"({dev:+.1%} vs target; must be within 5 %), duplicates {st['duplicates']}", flush=True)
+                ok = ok and abs(dev) <= 0.05 and st["duplicates"] == 0
+        await pool.close()
+        print("result: " + ("OK" if ok else "TARGET MISSED (see figures above)"), flush=True)
+        return 0
+    finally:
+        for p in reversed(procs):
+            stop(p)
+        conn = await asyncpg.connect(admin_url)
+        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", db_name)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{db_name}"')
+        await conn.close()
+        import redis
+
+        r = redis.Redis.from_url(base.redis_url)
+        for k in r.scan_iter(match=f"{prefix}*", count=1000):
+            r.delete(k)
+        r.close()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--leads", type=int, default=200_000, help="campaign size; 2000000 for the full-scale run")
+    p.add_argument("--rate-limit", type=int, default=500, help="emails/s of the rate-limited run (0 skips it)")
+    p.add_argument("--rate-leads", type=int, default=10_000,
+                   help="recipients of the rate-limited run (20 s at 500/s); more gives a steadier figure")
+    p.add_argument("--workers", type=int, default=2, help="worker processes")
+    p.add_argument("--threads", type=int, default=8, help="threads (concurrent batches) per worker process")
+    args = p.parse_args()
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
