@@ -109,6 +109,16 @@ def _get(url: str, key: str) -> int:
         return exc.code
 
 
+def _post_json(url: str, key: str, body: dict) -> int:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def _log_warnings(settings, records) -> None:
     handler = RedisStreamHandler(settings.redis_url, stream_key(settings.redis_prefix), "x")
     try:
@@ -157,10 +167,16 @@ def test_monitoring_page_in_a_browser(stack, browser, settings, tmp_path):
     # Given the exporter, Prometheus (scraping it every second, with a rule that always fires)
     # and Alertmanager (sending to the exporter's incident webhook)
     rules, am_config = _write_configs(stack, tmp_path)
+    # and the sender (API, worker, local SMTP sink) to send real email
+    stack.start_sink()
+    stack.start_service("sender")
+    stack.start_worker("sender", wait=False)
     stack.start_service("exporter")
     stack.start_alertmanager(am_config)
+    stack.wait_http("sender-worker", "/", timeout=60)
     stack.start_prometheus(rule_files=[str(rules)], extra_args=("--rules.alert.resend-delay=1s",))
     key = _api_key(stack, "read")
+    sender_key = _api_key(stack, "send")
 
     # And a scripted workload: API traffic, queued messages (no worker), an import in progress,
     # warnings and errors from several services
@@ -169,9 +185,14 @@ def test_monitoring_page_in_a_browser(stack, browser, settings, tmp_path):
         assert _get(f"{exporter}/api/queue/status", key) == 200
         assert _get(f"{exporter}/api/incidents", key) == 200
     assert _get(f"{exporter}/api/queue/admin", key) == 405
+    stack.wait_targets_up()  # every counter scraped at 0 first, so increase() sees the workload
+    for i in range(6):
+        assert _post_json(f"{stack.url('sender')}/api/emails", sender_key, {
+            "to": f"customer{i}@example.com", "from_email": "Shop <shop@example.com>",
+            "subject": f"Receipt {i}", "text": "Thanks"}) == 202
     broker = build_broker(settings)
     for i in range(5):
-        enqueue(broker, "email-sending", "send_message", i)
+        enqueue(broker, "lead-import", "import_leads_probe", i)
     _insert_running_import(settings.database_url)
     _log_warnings(settings, [
         ("sender", logging.WARNING, "provider latency high: 2.4 s"),
@@ -183,6 +204,8 @@ def test_monitoring_page_in_a_browser(stack, browser, settings, tmp_path):
     wait_until(lambda: stack.alerts(), 30, what="the probe alert in Alertmanager")
     wait_until(lambda: stack.prom_query("sum(mailgenius_queue_messages{state=\"waiting\"}) >= 5"), 30,
                what="queue depth scraped")
+    wait_until(lambda: stack.prom_query("sum(mailgenius_emails_sent_total) >= 6"), 40,
+               what="6 emails sent by the worker\n" + stack.log("sender-worker"))
 
     context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     page = context.new_page()
@@ -209,7 +232,7 @@ def test_monitoring_page_in_a_browser(stack, browser, settings, tmp_path):
         assert "database" in _text(page, "#health-table")
         assert _text(page, "#overall").startswith(("✔", "▲", "✖"))  # icon + word, not colour alone
         wait_js(page,
-            "document.querySelector('#queues-table tr[data-queue=\"email-sending\"] [data-field=waiting]')?.textContent === '5'")
+            "document.querySelector('#queues-table tr[data-queue=\"lead-import\"] [data-field=waiting]')?.textContent === '5'")
         page.wait_for_selector("#imports-table tr[data-import]")
         assert "page-test-leads.csv" in _text(page, "#imports-table")
         page.wait_for_selector("#alerts-list li[data-alert=MonitoringPageProbe]", timeout=20_000)
@@ -221,6 +244,10 @@ def test_monitoring_page_in_a_browser(stack, browser, settings, tmp_path):
         page.wait_for_selector('[data-chart="queue_depth"][data-state="drawn"] .uplot', timeout=20_000)
         wait_js(page, "document.querySelector('[data-stat=request_rate]').textContent !== '—'",
                                timeout=20_000)
+        page.wait_for_selector('[data-chart="email_throughput"][data-state="drawn"] .uplot', timeout=20_000)
+        wait_js(page, "document.querySelector('[data-stat=emails_sent]').textContent !== '—'", timeout=20_000)
+        # increase() extrapolates a little past the last sample: 6 sent reads as 6 or 7
+        assert int(_text(page, "[data-stat=emails_sent]")) in (6, 7)
         for section in ("#sec-email", "#sec-imports", "#sec-api"):
             assert page.locator(f"{section} .chart[data-state]").count() >= 1, section
         assert not page.locator("#banners .banner").count(), _text(page, "#banners")
@@ -229,9 +256,9 @@ def test_monitoring_page_in_a_browser(stack, browser, settings, tmp_path):
         page.evaluate("window.__sameDocument = 'yes'")
         polls_before = int(page.get_attribute("body", "data-polls"))
         for i in range(7):
-            enqueue(broker, "email-sending", "send_message", 100 + i)
+            enqueue(broker, "lead-import", "import_leads_probe", 100 + i)
         wait_js(page,
-            "document.querySelector('#queues-table tr[data-queue=\"email-sending\"] [data-field=waiting]').textContent === '12'",
+            "document.querySelector('#queues-table tr[data-queue=\"lead-import\"] [data-field=waiting]').textContent === '12'",
             timeout=15_000)
         assert page.evaluate("window.__sameDocument") == "yes"
         assert int(page.get_attribute("body", "data-polls")) > polls_before
@@ -286,9 +313,9 @@ def test_monitoring_page_in_a_browser(stack, browser, settings, tmp_path):
         page.wait_for_selector("#banners .banner >> text=Alertmanager unreachable", timeout=20_000)
         page.wait_for_selector('[data-chart="api_latency"][data-state="unreachable"]')
         for i in range(3):
-            enqueue(broker, "email-sending", "send_message", 200 + i)
+            enqueue(broker, "lead-import", "import_leads_probe", 200 + i)
         wait_js(page,
-            "document.querySelector('#queues-table tr[data-queue=\"email-sending\"] [data-field=waiting]').textContent === '15'",
+            "document.querySelector('#queues-table tr[data-queue=\"lead-import\"] [data-field=waiting]').textContent === '15'",
             timeout=15_000)
         assert page.evaluate("window.__sameDocument") == "yes"
         page.screenshot(path=str(ARTIFACTS / "backends-down.png"), full_page=True)

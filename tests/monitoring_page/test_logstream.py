@@ -38,7 +38,7 @@ def test_warning_and_above_reach_the_stream_with_every_field(redis_url, redis_pr
             raise ValueError("boom")
         except ValueError:
             logger.exception("import failed")
-        logger.critical("down")
+        logger.critical("down", extra={"import_id": 7, "error": "disk full"})
         assert handler.flush(5)
         # Then only WARNING and above are in the stream, with the documented fields
         entries = _entries(client, key)
@@ -49,6 +49,7 @@ def test_warning_and_above_reach_the_stream_with_every_field(redis_url, redis_pr
         assert entries[0]["service"] == "sender" and entries[0]["logger"] == "test.logstream.a"
         assert entries[1]["message"] == "import failed (ValueError: boom)"
         assert entries[2]["request_id"] == ""
+        assert entries[2]["message"] == "down · import_id=7 error=disk full"
         assert handler.dropped == 0
     finally:
         logger.removeHandler(handler)

@@ -301,6 +301,7 @@
   async function loadSeries() {
     const range = $("#range").value;
     const data = await getJSON(`${API}/series?range=${encodeURIComponent(range)}`);
+    if ($("#range").value !== range) return; // the operator picked another range meanwhile
     if (!data.ok) {
       setBanner("prometheus", `${data.error} — charts and figures paused; the rest of the page still works.`);
       for (const host of $$("[data-chart]")) {
@@ -399,34 +400,36 @@
     }
   }
 
-  let lastChartLoad = 0;
-  let ticking = false;
-  async function tick(forceCharts) {
-    if (ticking) return;
-    ticking = true;
-    try {
-      const range = $("#range").value;
-      const jobs = [
-        guarded("#sec-health", loadHealth),
-        guarded("#sec-summary", loadSummary),
-        guarded("#sec-queues", loadQueues),
-        guarded("#sec-imports", loadImports),
-        guarded("#sec-alerts", async () => { await loadAlerts(); await loadIncidents(); }),
-        guarded("#sec-logs", () => loadLogs(false)),
-      ];
-      if (forceCharts || Date.now() - lastChartLoad >= (CHART_REFRESH[range] || REFRESH_MS) - 250) {
-        lastChartLoad = Date.now();
-        jobs.push(guarded("#sec-api", loadSeries));
-      }
-      await Promise.all(jobs);
+  // each source polls on its own: a slow one (e.g. Prometheus under load) never holds back the
+  // others; a source still in flight is skipped, not queued
+  const inflight = new Set();
+  function run(name, section, fn) {
+    if (inflight.has(name)) return;
+    inflight.add(name);
+    guarded(section, fn).finally(() => {
+      inflight.delete(name);
       const now = new Date();
       const t = $("#updated");
       t.textContent = now.toISOString().slice(11, 19) + " UTC";
       t.setAttribute("datetime", now.toISOString());
-      body.dataset.polls = String(Number(body.dataset.polls || 0) + 1);
-    } finally {
-      ticking = false;
+    });
+  }
+
+  let lastChartLoad = 0;
+  function tick(forceCharts) {
+    const range = $("#range").value;
+    run("health", "#sec-health", loadHealth);
+    run("summary", "#sec-summary", loadSummary);
+    run("queues", "#sec-queues", loadQueues);
+    run("imports", "#sec-imports", loadImports);
+    run("alerts", "#sec-alerts", async () => { await loadAlerts(); await loadIncidents(); });
+    run("logs", "#sec-logs", () => loadLogs(false));
+    if (forceCharts || Date.now() - lastChartLoad >= (CHART_REFRESH[range] || REFRESH_MS) - 250) {
+      if (forceCharts) inflight.delete("series"); // a new range: its answer supersedes the old one
+      lastChartLoad = Date.now();
+      run("series", "#sec-api", loadSeries);
     }
+    body.dataset.polls = String(Number(body.dataset.polls || 0) + 1);
   }
 
   $("#range").addEventListener("change", () => tick(true));
