@@ -55,7 +55,9 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app[ek.CONFIG] = config
     refresher = Refresher(Context(settings, config, lambda: app[k.DB], lambda: app[k.REDIS]))
     app[ek.REFRESHER] = refresher
-    registry.register(SnapshotCollector(refresher))
+    collector = SnapshotCollector(refresher)
+    registry.register(collector)
+    app[k.METRICS_RENDER] = collector.render  # snapshot families formatted once per refresh
     app.cleanup_ctx.append(http_ctx())
     app.cleanup_ctx.append(refresher_ctx(refresher))
     add_checks(app[k.HEALTH], settings=settings, config=config, get_redis=lambda: app[k.REDIS],

@@ -15,9 +15,11 @@ every ``refresh_seconds`` (5 s), with cheap queries only:
   ``queue.declare`` on RabbitMQ;
 * incidents and imports: small tables, through their status / time indexes.
 
-``collect()`` then turns the latest snapshots into *fresh* metric families each scrape (no stale
-label values survive), so a scrape costs the same with an empty database and with 2,000,000 leads
-and 10,000,000 messages (benchmarks/exporter_scrape.py).
+The latest snapshots become *fresh* metric families (no stale label values survive), formatted
+once per refresh: ``/metrics`` serves those cached bytes plus the few per-scrape series (HTTP
+metrics, snapshot ages), so a scrape costs the same with an empty database and with 2,000,000
+leads and 10,000,000 messages (benchmarks/exporter_scrape.py). ``collect()`` still yields the same
+families for any other reader of the registry.
 
 Failure policy (the choice, documented)
 ----------------------------------------
@@ -30,8 +32,8 @@ Postgres is down. So:
   ``mailgenius_exporter_snapshot_age_seconds{collector}`` keeps growing;
 * a snapshot older than ``max_snapshot_age`` (60 s) is no longer exported at all — stale numbers
   must not look live — and alerts can key on ``collector_up == 0`` or on the age;
-* an exception while building one collector's families during a scrape is logged and counted
-  the same way and only that collector's families are left out; every other collector answers.
+* an exception while building one collector's families is logged and counted the same way and
+  only that collector's families are left out; every other collector answers.
 
 So the page is partial but never *silently* partial: the meta series say which part is missing.
 Each collector times itself: ``mailgenius_exporter_collect_duration_seconds{collector}`` is the
@@ -454,12 +456,32 @@ class Refresher:
             self._task = None
 
 
+class _Families:
+    """A list of families with the ``collect()`` generate_latest expects."""
+
+    def __init__(self, families):
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
 class SnapshotCollector(Collector):
     """The prometheus_client collector registered on the exporter's registry: reads snapshots
-    only (see the module docstring for the failure policy)."""
+    only (see the module docstring for the failure policy).
+
+    Two ways to read it. ``collect()`` is the ordinary collector protocol (tests use
+    ``registry.get_sample_value``). ``render(registry)`` is what the exporter's ``/metrics`` serves
+    (``mailgenius.keys.METRICS_RENDER``): the snapshot families are formatted once per refresh and
+    the cached bytes are appended to the registry's other families (the HTTP metrics) and to the
+    meta families (ages change every scrape), so a scrape costs the same whatever the data."""
 
     def __init__(self, refresher: Refresher):
         self.refresher = refresher
+        self._local = threading.local()
+        self._cache_lock = threading.Lock()
+        self._cache_key: tuple | None = None
+        self._cache: bytes = b""
 
     def describe(self):
         # no describe: the registry must not call collect() at registration (the snapshots are
@@ -467,21 +489,53 @@ class SnapshotCollector(Collector):
         return []
 
     def collect(self):
+        if getattr(self._local, "suppress", False):
+            return
         now = time.time()
+        for source in self._fresh_sources(now):
+            yield from self._families(source)
+        yield from self._meta(now)
+
+    def render(self, registry) -> bytes:
+        from prometheus_client import generate_latest
+
+        now = time.time()
+        self._local.suppress = True
+        try:
+            head = generate_latest(registry)
+        finally:
+            self._local.suppress = False
+        return head + self._data_text(now) + generate_latest(_Families(list(self._meta(now))))
+
+    def _fresh_sources(self, now: float) -> list[Source]:
         max_age = self.refresher.ctx.config.max_snapshot_age
+        out = []
         for source in self.refresher.sources:
             st = self.refresher.states[source.name]
-            if st.taken_at == 0.0 or now - st.taken_at > max_age:
-                continue
-            try:
-                families = list(source.families(st.data))
-            except Exception as exc:
-                self.refresher.count_error(source.name, f"{type(exc).__name__}: {exc}"[:300])
-                log.exception("collector failed while building its families",
-                              extra={"collector": source.name})
-                continue
-            yield from families
-        yield from self._meta(now)
+            if st.taken_at and now - st.taken_at <= max_age:
+                out.append(source)
+        return out
+
+    def _families(self, source: Source) -> list:
+        st = self.refresher.states[source.name]
+        try:
+            return list(source.families(st.data))
+        except Exception as exc:
+            self.refresher.count_error(source.name, f"{type(exc).__name__}: {exc}"[:300])
+            log.exception("collector failed while building its families", extra={"collector": source.name})
+            return []
+
+    def _data_text(self, now: float) -> bytes:
+        from prometheus_client import generate_latest
+
+        fresh = self._fresh_sources(now)
+        key = tuple((s.name, self.refresher.states[s.name].taken_at) for s in fresh)
+        with self._cache_lock:
+            if key != self._cache_key:
+                families = [f for s in fresh for f in self._families(s)]
+                self._cache = generate_latest(_Families(families))
+                self._cache_key = key
+            return self._cache
 
     def _meta(self, now: float):
         duration = GaugeMetricFamily(

@@ -46,11 +46,12 @@ WEBHOOK_SCHEMA = {
                 "properties": {
                     "status": {"type": "string", "enum": ["firing", "resolved"]},
                     "labels": {"type": "object", "required": ["alertname"],
+                               "properties": {"alertname": {"type": "string", "minLength": 1}},
                                "additionalProperties": {"type": "string"}},
                     "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
                     "startsAt": {"type": "string", "format": "date-time"},
                     "endsAt": {"type": "string"},
-                    "fingerprint": {"type": "string"},
+                    "fingerprint": {"type": "string", "maxLength": MAX_LABEL},
                     "generatorURL": {"type": "string"},
                 },
             },

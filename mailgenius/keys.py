@@ -31,3 +31,6 @@ API_SCOPES = web.RequestKey("api_scopes", frozenset)
 SESSION_AUTH = web.AppKey("session_auth", object)
 #: extra (href, label) links listed on the service's index page "/"
 INDEX_LINKS = web.AppKey("index_links", list)
+#: optional callable(registry) -> bytes rendering /metrics instead of generate_latest (the
+#: exporter serves snapshot families rendered once per refresh, not once per scrape)
+METRICS_RENDER = web.AppKey("metrics_render", object)

@@ -248,8 +248,9 @@ async def auth_middleware(request: web.Request, handler: Handler):
 
 async def metrics_handler(request: web.Request) -> web.Response:
     registry = request.app[keys.REGISTRY]
+    render = request.app.get(keys.METRICS_RENDER) or generate_latest
     try:
-        body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, registry)
+        body = await asyncio.get_running_loop().run_in_executor(None, render, registry)
     except Exception:
         log.exception("metrics collection failed")
         return web.Response(status=500, text="metrics collection failed\n")

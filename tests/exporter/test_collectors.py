@@ -323,3 +323,27 @@ async def test_a_snapshot_too_old_is_not_exported_but_its_age_is(aiohttp_client,
     assert registry.get_sample_value(m.LEADS, {"status": "active"}) is None
     assert registry.get_sample_value(SNAPSHOT_AGE, {"collector": "leads"}) >= 0.4
     assert registry.get_sample_value(COLLECTOR_UP, {"collector": "leads"}) == 1
+
+
+async def test_served_metrics_equal_the_registry_and_follow_refreshes(exporter, pool):
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples(text: str) -> dict:
+        # ages change between two renders, and the HTTP series count the scrapes themselves
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text)
+                if f.name != SNAPSHOT_AGE and not f.name.startswith("mailgenius_http_") for s in f.samples}
+
+    await pool.execute("INSERT INTO leads (email) VALUES ('a@example.com')")
+    await exporter.refresh()
+    # Given the cached rendering served on /metrics
+    served = samples(await (await exporter.get("/metrics")).text())
+    # Then it holds exactly what the registry's collectors yield
+    assert served == samples(generate_latest(exporter.registry).decode())
+    assert served[(m.LEADS, (("status", "active"),))] == 1
+    # And a new snapshot replaces the cached text
+    await pool.execute("INSERT INTO leads (email) VALUES ('b@example.com')")
+    await exporter.refresh()
+    served = samples(await (await exporter.get("/metrics")).text())
+    assert served[(m.LEADS, (("status", "active"),))] == 2
