@@ -270,3 +270,16 @@ async def test_empty_segment_finishes_immediately(api, pool):
     c = await campaign(pool, cid)
     assert (c["status"], c["recipients"]) == ("sent", 0)
     assert await campaigns.write_ledger(pool, cid) is None  # a redelivered dispatch writes nothing
+
+
+async def test_lead_deleted_after_the_ledger_is_cancelled_not_sent(api, pool, send_ctx, fake_resend):
+    ids = await add_leads(pool, 3, prefix="gone")
+    cid = await make_campaign(api)
+    await campaigns.request_send(pool, cid)
+    assert await campaigns.write_ledger(pool, cid) == 3
+    await pool.execute("DELETE FROM leads WHERE id = $1", ids[1])
+    await send_campaign_batch(send_ctx, cid, 0)
+    c = await campaign(pool, cid)
+    assert (c["sent"], c["queued"], c["status"]) == (2, 0, "sent")
+    assert len(fake_resend.counts) == 2
+    assert await pool.fetchval("SELECT count(*) FROM messages WHERE campaign_id = $1 AND status = 'cancelled'", cid) == 1
