@@ -7,6 +7,8 @@ the operator summary, queue status and admin, the Alertmanager webhook and incid
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -23,6 +25,8 @@ from .config import load_config
 from .health import add_checks
 from .monitoring_page import setup_monitoring_page
 from .routes import ROUTES
+
+log = logging.getLogger(__name__)
 
 
 def http_ctx():
@@ -48,6 +52,33 @@ def refresher_ctx(refresher: Refresher):
     return ctx
 
 
+def health_loop_ctx(config):
+    """cleanup_ctx: run the aggregated health checks every ``health_seconds`` so that
+    ``mailgenius_health_check_up{service="exporter", check}`` (sender, importer, workers, queue,
+    Postgres, Redis, Prometheus, Alertmanager) is current for Prometheus even when nobody calls
+    /api/health."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        async def loop():
+            while True:
+                # first run one interval after start: short-lived apps (tests) never call out
+                await asyncio.sleep(config.health_seconds)
+                try:
+                    await app[k.HEALTH].run()
+                except Exception:  # pragma: no cover - run() turns failures into results
+                    log.exception("background health run failed")
+
+        task = asyncio.get_running_loop().create_task(loop(), name="exporter-health")
+        yield
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    return ctx
+
+
 def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:
     registry = registry if registry is not None else CollectorRegistry()
     app = base_app(settings, "exporter", registry=registry)
@@ -60,6 +91,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app[k.METRICS_RENDER] = collector.render  # snapshot families formatted once per refresh
     app.cleanup_ctx.append(http_ctx())
     app.cleanup_ctx.append(refresher_ctx(refresher))
+    app.cleanup_ctx.append(health_loop_ctx(config))
     add_checks(app[k.HEALTH], settings=settings, config=config, get_redis=lambda: app[k.REDIS],
                get_session=lambda: app[ek.HTTP])
     add_routes(app, ROUTES)

@@ -10,6 +10,7 @@ kernel's Settings need not grow for them.
 | ``MAILGENIUS_EXPORTER_RATE_WINDOW_HOURS`` | 24 | window of the import success / validation-error ratios and of MTTR / MTBF (x 30) |
 | ``MAILGENIUS_ALERT_WEBHOOK_TOKEN`` | none | when set, ``/api/alerts/webhook`` requires ``Authorization: Bearer <token>`` (Alertmanager's ``http_config.authorization``) |
 | ``MAILGENIUS_ALERT_IGNORED`` | ``Watchdog`` | comma-separated alert names that never become incidents (the always-firing Watchdog) |
+| ``MAILGENIUS_EXPORTER_HEALTH_SECONDS`` | 15 | seconds between background runs of the aggregated health checks, which keep ``mailgenius_health_check_up{service="exporter"}`` current for Prometheus |
 | ``MAILGENIUS_SLOW_QUERY_SECONDS`` | 1 | an active Postgres query running longer counts as slow in the operator summary |
 """
 
@@ -36,6 +37,7 @@ class ExporterConfig:
     slow_query_seconds: float = 1.0
     #: seconds to wait for another service's health, Prometheus or Alertmanager
     http_timeout: float = 2.0
+    health_seconds: float = 15.0
 
 
 def _num(env: Mapping[str, str], name: str, default: float, cast=float, lo: float = 0.0):
@@ -68,4 +70,5 @@ def load_config(settings: Settings, environ: Mapping[str, str] | None = None) ->
         if ignored is not None else ("Watchdog",),
         slow_query_seconds=_num(env, "MAILGENIUS_SLOW_QUERY_SECONDS", 1.0),
         http_timeout=_num(env, "MAILGENIUS_EXPORTER_HTTP_TIMEOUT", 2.0),
+        health_seconds=_num(env, "MAILGENIUS_EXPORTER_HEALTH_SECONDS", 15.0),
     )

@@ -10,13 +10,17 @@ from exporter import keys as ek
 from exporter.app import create_app
 from mailgenius.broker import build_broker
 from mailgenius.metrics import QUEUES
+from tests.conftest import free_port
 
 
 @pytest.fixture
 def exporter_settings(settings):
     # the Redis broker in this session's namespace (these suites read dramatiq's Redis keys);
     # no other service runs: their URLs point at closed ports of this machine
-    return settings.replace(broker_url=settings.redis_url)
+    closed = {name: f"http://127.0.0.1:{free_port()}" for name in ("sender", "importer", "prom", "am")}
+    return settings.replace(broker_url=settings.redis_url, sender_url=closed["sender"],
+                            importer_url=closed["importer"], prometheus_url=closed["prom"],
+                            alertmanager_url=closed["am"])
 
 
 @pytest.fixture

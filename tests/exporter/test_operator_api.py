@@ -3,6 +3,7 @@ the operator summary without Prometheus, aggregated health, auth and the OpenAPI
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 
@@ -377,3 +378,21 @@ async def test_openapi_documents_the_operator_api(exporter):
     assert "security" not in doc["paths"]["/api/alerts/webhook"]["post"]
     assert doc["paths"]["/api/queue/admin"]["post"]["requestBody"]["content"]["application/json"]["schema"]["required"] == [
         "action", "queue", "type"]
+
+
+async def test_health_runs_in_the_background_for_prometheus(aiohttp_client, exporter_settings, pool):
+    from prometheus_client import CollectorRegistry
+
+    # Given an exporter running its health checks every 0.2 s, nobody calling /api/health
+    registry = CollectorRegistry()
+    settings = exporter_settings.replace(extra={"MAILGENIUS_EXPORTER_HEALTH_SECONDS": "0.2"})
+    await aiohttp_client(create_app(settings, registry=registry))
+    deadline = time.monotonic() + 5
+    while registry.get_sample_value(m.HEALTH_CHECK_UP, {"service": "exporter", "check": "database"}) is None:
+        assert time.monotonic() < deadline, "no background health run"
+        await asyncio.sleep(0.05)
+    # Then every check has a gauge: up for its own stores, down for the unreachable services
+    up = {c: registry.get_sample_value(m.HEALTH_CHECK_UP, {"service": "exporter", "check": c})
+          for c in ("database", "redis", "queue", "sender", "importer", "prometheus", "alertmanager")}
+    assert up == {"database": 1, "redis": 1, "queue": 1, "sender": 0, "importer": 0, "prometheus": 0,
+                  "alertmanager": 0}
