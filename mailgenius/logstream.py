@@ -94,6 +94,7 @@ class RedisStreamHandler(logging.Handler):
         self._pid = -1
         self._start_lock = threading.Lock()
         self._closed = False
+        self._closing = threading.Event()  # cuts a retry back-off short at close()
 
     # -- producer side (any thread) --------------------------------------------------------------
 
@@ -165,7 +166,7 @@ class RedisStreamHandler(logging.Handler):
         except Exception:
             self.dropped += len(batch)
             # back off without spinning; records arriving meanwhile wait in the bounded queue
-            threading.Event().wait(RETRY_AFTER)
+            self._closing.wait(RETRY_AFTER)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -185,6 +186,7 @@ class RedisStreamHandler(logging.Handler):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._closing.set()
             if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
                 try:
                     self._queue.put(None, timeout=1)

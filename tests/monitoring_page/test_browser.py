@@ -47,6 +47,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 def stack(settings, tmp_path):
     s = Stack(settings, tmp_path)
     yield s
+    s.stop("sender-worker", kill=True)  # its graceful stop is not under test here: save the wait
     s.stop_all()
 
 

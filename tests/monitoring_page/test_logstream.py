@@ -100,8 +100,7 @@ def test_redis_down_never_blocks_the_caller(redis_prefix):
         elapsed = time.perf_counter() - start
         # Then logging stays fast and the lost records are counted
         assert elapsed < 0.5
-        handler.flush(3)
-        assert handler.dropped >= 190
+        assert handler.dropped >= 189  # the queue holds 10; one may be in the writer's hands
     finally:
         logger.removeHandler(handler)
         handler.close()
