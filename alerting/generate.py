@@ -339,6 +339,8 @@ def render(variant: Variant | None = None, *, source: Path = SOURCE) -> dict[str
     secrets = variant.secrets_dir.rstrip("/")
     if not variant.pagerduty_url and src["channels"]["pagerduty"].get("url"):
         variant = replace(variant, pagerduty_url=src["channels"]["pagerduty"]["url"])
+    if src["channels"].get("watchdog", {}).get("url") and variant.watchdog_url == variant.incident_webhook_url:
+        variant = replace(variant, watchdog_url=src["channels"]["watchdog"]["url"])
     out[f"alertmanager/alertmanager{suffix}.yml"] = env.get_template("alertmanager.yml.j2").render(
         header=header, v=variant, routing=routing, go=GO_TEMPLATES,
         group_wait=_duration(variant.group_wait or routing["group_wait"], "group_wait"),

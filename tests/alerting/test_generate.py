@@ -216,3 +216,20 @@ def test_cli_render_moves_ports_and_refuses_an_unknown_job(tmp_path, capsys):
     assert am["receivers"][0]["webhook_configs"][0]["url"] == "http://127.0.0.1:19300/api/alerts/webhook"
     assert main(["alerting", "render", "--out", str(tmp_path), "--port", "grafana=3000"]) == 2
     assert "--port expects JOB=PORT" in capsys.readouterr().err
+
+
+def test_channel_urls_in_rules_yml_override_the_defaults(tmp_path):
+    src = yaml.safe_load(generate.SOURCE.read_text())
+    src["channels"]["watchdog"]["url"] = "http://deadman.invalid/ping/abc"
+    src["channels"]["pagerduty"]["url"] = "http://pd-proxy.invalid/v2/enqueue"
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump(src))
+    am = yaml.safe_load(generate.render(source=path)["alertmanager/alertmanager.yml"])
+    (watchdog,) = [r for r in am["receivers"] if r["name"] == "watchdog"]
+    assert watchdog["webhook_configs"][0]["url"] == "http://deadman.invalid/ping/abc"
+    assert am["global"]["pagerduty_url"] == "http://pd-proxy.invalid/v2/enqueue"
+    # the committed defaults: the exporter's webhook (it ignores the Watchdog) and PagerDuty itself
+    committed = yaml.safe_load((ROOT / "alertmanager/alertmanager.yml").read_text())
+    (watchdog,) = [r for r in committed["receivers"] if r["name"] == "watchdog"]
+    assert watchdog["webhook_configs"][0]["url"] == "http://127.0.0.1:9300/api/alerts/webhook"
+    assert "pagerduty_url" not in committed["global"]
