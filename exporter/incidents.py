@@ -73,13 +73,13 @@ INCIDENT_SCHEMA = {
         "fingerprint": {"type": "string"},
         "alertname": {"type": "string"},
         "severity": {"type": "string"},
-        "service": {"type": ["string", "null"]},
-        "summary": {"type": ["string", "null"]},
-        "description": {"type": ["string", "null"]},
+        "service": {"type": "string", "nullable": True},
+        "summary": {"type": "string", "nullable": True},
+        "description": {"type": "string", "nullable": True},
         "labels": {"type": "object"},
         "status": {"type": "string", "enum": ["open", "resolved"]},
         "started_at": {"type": "string", "format": "date-time"},
-        "resolved_at": {"type": ["string", "null"], "format": "date-time"},
+        "resolved_at": {"type": "string", "nullable": True, "format": "date-time"},
         "duration_seconds": {"type": "number", "description": "until resolution, or until now when open"},
     },
 }
@@ -91,8 +91,8 @@ INCIDENTS_RESPONSE_SCHEMA = {
         "incidents": {"type": "array", "items": INCIDENT_SCHEMA},
         "open": {"type": "object", "description": "open incidents by severity",
                  "additionalProperties": {"type": "integer"}},
-        "mttr_seconds": {"type": ["number", "null"], "description": "mean time to resolve, 30-day window"},
-        "mtbf_seconds": {"type": ["number", "null"], "description": "mean time between incident starts, 30-day window"},
+        "mttr_seconds": {"type": "number", "nullable": True, "description": "mean time to resolve, 30-day window"},
+        "mtbf_seconds": {"type": "number", "nullable": True, "description": "mean time between incident starts, 30-day window"},
     },
 }
 

@@ -53,7 +53,7 @@ QUEUE_ROW = {
     "properties": {
         "waiting": {"type": "integer"}, "delayed": {"type": "integer"},
         "dead": {"type": "integer", "description": "dead-lettered (failed) messages"},
-        "oldest_age_seconds": {"type": ["number", "null"], "description": "null on RabbitMQ"},
+        "oldest_age_seconds": {"type": "number", "nullable": True, "description": "null on RabbitMQ"},
         "workers": {"type": "integer", "description": "live worker processes (heartbeats)"},
     },
 }

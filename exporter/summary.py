@@ -75,7 +75,7 @@ VECTOR_QUERIES: dict[str, tuple[str, str]] = {
                          f" / sum by (provider) (rate({m.EMAIL_DELIVERY_LATENCY}_count[1h]))", "provider"),
 }
 
-_NUM = {"type": ["number", "null"]}
+_NUM = {"type": "number", "nullable": True}
 RESPONSE_SCHEMA = {
     "type": "object",
     "required": ["generated_at", "prometheus", "api_latency", "request_rate", "error_rate",
@@ -85,13 +85,13 @@ RESPONSE_SCHEMA = {
         "generated_at": {"type": "string", "format": "date-time"},
         "prometheus": {"type": "object", "required": ["reachable"],
                        "properties": {"reachable": {"type": "boolean"}, "url": {"type": "string"},
-                                      "error": {"type": ["string", "null"]}}},
+                                      "error": {"type": "string", "nullable": True}}},
         "api_latency": {"type": "object", "properties": {"p50": _NUM, "p95": _NUM, "p99": _NUM,
-                                                         "unit": {"const": "ms"}}},
+                                                         "unit": {"type": "string", "enum": ["ms"]}}},
         "request_rate": {"type": "object", "properties": {"current": _NUM, "average": _NUM,
-                                                          "unit": {"const": "req/min"}}},
+                                                          "unit": {"type": "string", "enum": ["req/min"]}}},
         "error_rate": {"type": "object", "properties": {"current": _NUM, "threshold": _NUM,
-                                                        "unit": {"const": "percent"}}},
+                                                        "unit": {"type": "string", "enum": ["percent"]}}},
         "database": {"type": "object", "properties": {
             "query_performance": {"type": "object", "properties": {
                 "avg_query_time": _NUM, "slow_queries": _NUM, "active_connections": _NUM,
@@ -103,7 +103,9 @@ RESPONSE_SCHEMA = {
             "click_rate": _NUM, "provider_performance": {"type": "object"},
             "source": {"type": "string", "enum": ["prometheus", "postgres"]}}},
         "queue_health": {"type": "object", "description": "per queue: waiting, delayed, dead, "
-                         "oldest_age_seconds, workers, active, completed, failed, processing_rate",
+                         "oldest_age_seconds, workers, active, completed, failed, processing_rate; "
+                         "or an 'error' string when the broker is unreachable",
+                         "properties": {"error": {"type": "string"}},
                          "additionalProperties": {"type": "object"}},
         "lead_metrics": {"type": "object", "properties": {
             "total_leads": _NUM, "active_leads": _NUM, "by_status": {"type": "object"},
