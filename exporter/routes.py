@@ -45,6 +45,21 @@ async def monitoring_metrics(request: web.Request) -> web.Response:
     return json_response(await operator_summary(ctx, request.app[ek.HTTP]))
 
 
+EMAIL_SCHEMA = {
+    "type": "object",
+    "required": ["generated_at", "prometheus", "email_stats", "campaign_metrics"],
+    "properties": {k: SUMMARY_SCHEMA["properties"][k]
+                   for k in ("generated_at", "prometheus", "email_stats", "campaign_metrics")},
+}
+
+
+async def email_metrics(request: web.Request) -> web.Response:
+    """Email delivery and campaign figures only (the guide's 'check email metrics' step)."""
+    ctx = request.app[ek.REFRESHER].ctx
+    full = await operator_summary(ctx, request.app[ek.HTTP])
+    return json_response({k: full[k] for k in EMAIL_SCHEMA["required"]})
+
+
 # -- /api/queue/status ---------------------------------------------------------------------------
 
 QUEUE_ROW = {
@@ -165,6 +180,8 @@ async def incidents_handler(request: web.Request) -> web.Response:
 ROUTES = [
     Route("GET", "/api/monitoring/metrics", monitoring_metrics, summary=monitoring_metrics.__doc__,
           responses={200: _json(SUMMARY_SCHEMA)}, tags=("monitoring",)),
+    Route("GET", "/api/monitoring/emails/metrics", email_metrics, summary=email_metrics.__doc__,
+          responses={200: _json(EMAIL_SCHEMA)}, tags=("monitoring",)),
     Route("GET", "/api/queue/status", queue_status, summary=queue_status.__doc__,
           responses={200: _json(QUEUE_STATUS_SCHEMA)}, tags=("queues",)),
     Route("POST", "/api/queue/admin", queue_admin_handler, scope="admin", summary=queue_admin_handler.__doc__,

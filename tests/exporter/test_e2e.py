@@ -68,6 +68,7 @@ async def test_prometheus_scrapes_the_kpis_and_the_summary_uses_it(stack, pool, 
         """INSERT INTO leads (email, status) SELECT 'p' || g || '@example.com',
            CASE WHEN g <= 34 THEN 'bounced' ELSE 'active' END FROM generate_series(1, 1234) g""")
     start(stack)
+    stack.start_service("sender")  # a real service whose own health the exporter relays
     key = await make_key("read")
     exporter = stack.url("exporter")
 
@@ -98,6 +99,10 @@ async def test_prometheus_scrapes_the_kpis_and_the_summary_uses_it(stack, pool, 
     assert health["checks"]["prometheus"]["status"] == "healthy", health
     assert health["checks"]["alertmanager"]["status"] == "healthy", health
     assert health["checks"]["database"]["status"] == "healthy"
+    # and relays the sender's own verdict (whatever it is, it answered: not "unreachable")
+    _, sender_health = get_json(stack.url("sender") + "/api/health")
+    assert health["checks"]["sender"]["detail"].startswith(sender_health["status"]), (health, sender_health)
+    assert health["checks"]["importer"]["status"] == "degraded"  # not started: unreachable
 
 
 async def test_alertmanager_webhook_opens_and_resolves_an_incident(stack, pool):

@@ -334,6 +334,9 @@ async def test_summary_without_prometheus_answers_with_a_marker(aiohttp_client, 
     assert body["email_stats"]["delivery_rate"] == 95.0 and body["email_stats"]["bounce_rate"] == 5.0
     assert body["email_stats"]["open_rate"] == 20.0 and body["email_stats"]["click_rate"] == 4.0
     assert body["queue_health"][m.QUEUE_EMAIL]["waiting"] == 3
+    # And the email-only view says the same
+    emails = await (await client.get("/api/monitoring/emails/metrics", headers=bearer(await make_key()))).json()
+    assert emails["email_stats"] == body["email_stats"] and emails["prometheus"]["reachable"] is False
     db = body["database"]["query_performance"]
     assert db["active_connections"] >= 1 and db["max_connections"] >= db["active_connections"]
     assert 0 <= body["database"]["cache_hit_ratio"]["current"] <= 100
