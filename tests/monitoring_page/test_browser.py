@@ -297,6 +297,11 @@ def test_monitoring_page_in_a_browser(stack, browser, settings, tmp_path):
         records = [json.loads(line) for line in nd_path.read_text().splitlines()]
         assert {r["service"] for r in records} == {"sender", "importer", "sender-worker", "importer-worker", "exporter"}
 
+        with page.expect_download() as dl:
+            page.click("#export-series")
+        series = json.loads(Path(dl.value.path()).read_text())
+        assert series["ok"] and {c["id"] for c in series["charts"]} >= {"api_latency", "queue_depth", "email_throughput"}
+
         # And the page reads well at 1280 px and at phone width (screenshots are test artefacts)
         page.screenshot(path=str(ARTIFACTS / "desktop-1280.png"), full_page=True)
         page.set_viewport_size({"width": 390, "height": 844})
@@ -319,6 +324,13 @@ def test_monitoring_page_in_a_browser(stack, browser, settings, tmp_path):
             "document.querySelector('#queues-table tr[data-queue=\"lead-import\"] [data-field=waiting]').textContent === '15'",
             timeout=15_000)
         assert page.evaluate("window.__sameDocument") == "yes"
+        # And a real worker's warning arrives through the log stream: the SMTP sink goes away,
+        # the sender worker's next send fails and it logs that it will retry
+        stack.stop("sink")
+        assert _post_json(f"{stack.url('sender')}/api/emails", sender_key, {
+            "to": "late@example.com", "from_email": "shop@example.com", "subject": "Late", "text": "x"}) == 202
+        page.wait_for_selector('#logs-table tr[data-service="sender-worker"][data-level="warning"]'
+                               ' >> text=provider call to retry', timeout=20_000)
         page.screenshot(path=str(ARTIFACTS / "backends-down.png"), full_page=True)
 
         # And signing out ends the session

@@ -94,7 +94,9 @@
   function setBanner(id, message) {
     if (message) banners.set(id, message); else banners.delete(id);
     const host = $("#banners");
-    host.replaceChildren(...Array.from(banners.entries()).map(([key, msg]) =>
+    // one Prometheus banner is enough: the charts' own says it when both see it down
+    const shown = Array.from(banners.entries()).filter(([key]) => !(key === "summary-prometheus" && banners.has("prometheus")));
+    host.replaceChildren(...shown.map(([key, msg]) =>
       el("p", { class: "banner", role: "alert", "data-banner": key },
         el("span", { "aria-hidden": "true", text: "⚠ " }), msg)));
   }
@@ -432,7 +434,11 @@
     body.dataset.polls = String(Number(body.dataset.polls || 0) + 1);
   }
 
-  $("#range").addEventListener("change", () => tick(true));
+  function updateDataExport() {
+    $("#export-series").href = `${API}/series?range=${encodeURIComponent($("#range").value)}`;
+  }
+  $("#range").addEventListener("change", () => { updateDataExport(); tick(true); });
+  updateDataExport();
   updateExportLinks();
   tick(true);
   setInterval(() => { if (!document.hidden) tick(false); }, REFRESH_MS);
