@@ -52,7 +52,7 @@ class HealthRegistry:
     async def run_one(self, check: HealthCheck) -> CheckResult:
         start = time.perf_counter()
         try:
-            out = await asyncio.wait_for(check.fn(), check.timeout or self.timeout)
+            out = await _bounded(check.fn(), check.timeout or self.timeout)
         except TimeoutError:
             res = CheckResult(UNHEALTHY if check.critical else DEGRADED,
                               f"timed out after {check.timeout or self.timeout:g}s")
@@ -79,6 +79,26 @@ class HealthRegistry:
             if _RANK[res.status] > _RANK[overall]:
                 overall = res.status
         return overall, {c.name: r.as_dict() for c, r in zip(selected, results, strict=True)}
+
+
+async def _bounded(coro, timeout: float):
+    """``coro``'s result within ``timeout`` seconds, else TimeoutError *at* the deadline.
+
+    Unlike ``asyncio.wait_for`` this does not wait for the cancelled check to unwind: asyncpg
+    cancelling a query on a silent (blackholed) connection takes up to its command timeout
+    (30 s), and health must answer in about a second. The cancelled task finishes alone."""
+    task = asyncio.ensure_future(coro)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        task.add_done_callback(_consume)
+        raise TimeoutError
+    return task.result()
+
+
+def _consume(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" noise
 
 
 # -- reusable checks ---------------------------------------------------------------------------
