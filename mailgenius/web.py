@@ -33,6 +33,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PUBLIC_API_PREFIXES = ("/api/health", "/api/openapi.json")
 #: the largest request id we accept from a client; longer ones are replaced
 MAX_REQUEST_ID = 128
+#: the largest JSON body any API takes, even in a service whose client_max_size is raised for
+#: streamed uploads (the importer): a JSON body is read into memory whole
+MAX_JSON_BYTES = 1 << 20
 
 
 # -- route table -------------------------------------------------------------------------------
@@ -105,6 +108,8 @@ async def read_json(request: web.Request) -> Any:
     """The JSON body, or a 400 JSON error naming the problem."""
     if not request.can_read_body:
         raise errors.AppError("a JSON body is required", code="invalid_json")
+    if request.content_length is not None and request.content_length > MAX_JSON_BYTES:
+        raise errors.PayloadTooLarge(f"a JSON body may be at most {MAX_JSON_BYTES} bytes")
     try:
         return await request.json(loads=_loads)
     except ValueError as exc:
