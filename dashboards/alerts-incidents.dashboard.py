@@ -2,6 +2,7 @@
 notification path through Alertmanager."""
 
 from dashboards.helpers import (
+    AlertGroupsPanel,
     AlertListPanel,
     Section,
     build_dashboard,
@@ -47,6 +48,11 @@ am_alerts = stat(
     text_mode="value_and_name", description="Alerts Alertmanager holds (active, suppressed).",
 )
 
+am_groups = AlertGroupsPanel(
+    title="Alertmanager alert groups",
+    description="What Alertmanager holds now, grouped as it routes them (from the Alertmanager "
+                "datasource); silence or inspect them in Grafana's Alerting view.",
+)
 rules = AlertListPanel(
     title="Alert rules (all states)",
     description="Every rule Prometheus evaluates (rendered from alerting/rules.yml), read through "
@@ -112,7 +118,8 @@ dashboard = build_dashboard(
     "Alerting: what fires now, every rule, the incident timeline, MTTR / MTBF and notifications.",
     [
         Section("Active Alerts", [(firing, 4, 5), (pending, 4, 5), (by_severity, 6, 5), (watchdog, 5, 5),
-                                  (am_alerts, 5, 5), (active_table, 24, 7)], guide=("Active Alerts",)),
+                                  (am_alerts, 5, 5), (active_table, 14, 8), (am_groups, 10, 8)],
+                guide=("Active Alerts",)),
         Section("Alert Rules", [(rules, 12, 10), (rule_groups, 12, 5), (rule_failures, 12, 5)],
                 guide=("Alert Rules",)),
         Section("Incident Timeline", [(incidents_now, 4, 8), (timeline, 12, 8), (incidents_open, 8, 8)],

@@ -91,16 +91,17 @@ def render_dashboards(root: Path) -> dict[Path, str]:
 
 def datasources() -> dict:
     prom, loki, am = (helpers.DATASOURCES[k] for k in ("prometheus", "loki", "alertmanager"))
+    names = helpers.DATASOURCE_NAMES
     return {
         "apiVersion": 1,
         "datasources": [
-            {"name": "Prometheus", "uid": prom["uid"], "type": prom["type"], "access": "proxy", "orgId": 1,
+            {"name": names["prometheus"], "uid": prom["uid"], "type": prom["type"], "access": "proxy", "orgId": 1,
              "url": COMPOSE_URLS["prometheus"], "isDefault": True, "editable": False,
              "jsonData": {"timeInterval": SCRAPE_INTERVAL, "httpMethod": "POST", "manageAlerts": True,
                           "alertmanagerUid": am["uid"], "prometheusType": "Prometheus"}},
-            {"name": "Loki", "uid": loki["uid"], "type": loki["type"], "access": "proxy", "orgId": 1,
+            {"name": names["loki"], "uid": loki["uid"], "type": loki["type"], "access": "proxy", "orgId": 1,
              "url": COMPOSE_URLS["loki"], "editable": False, "jsonData": {"maxLines": 1000}},
-            {"name": "Alertmanager", "uid": am["uid"], "type": am["type"], "access": "proxy", "orgId": 1,
+            {"name": names["alertmanager"], "uid": am["uid"], "type": am["type"], "access": "proxy", "orgId": 1,
              "url": COMPOSE_URLS["alertmanager"], "editable": False,
              "jsonData": {"implementation": "prometheus", "handleGrafanaManagedAlerts": False}},
         ],

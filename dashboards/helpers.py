@@ -33,6 +33,8 @@ PROMETHEUS = {"type": "prometheus", "uid": "prometheus"}
 LOKI = {"type": "loki", "uid": "loki"}
 ALERTMANAGER = {"type": "alertmanager", "uid": "alertmanager"}
 DATASOURCES = {"prometheus": PROMETHEUS, "loki": LOKI, "alertmanager": ALERTMANAGER}
+#: Their names in Grafana (the alerting panels select a rules / Alertmanager source by name).
+DATASOURCE_NAMES = {"prometheus": "Prometheus", "loki": "Loki", "alertmanager": "Alertmanager"}
 
 #: The six dashboards: stable uid -> title. Alerts' ``dashboard_url`` annotations use /d/<uid>.
 DASHBOARDS = {
@@ -238,7 +240,7 @@ class AlertListPanel(g.Panel):
 
     It reads Prometheus' ``/api/v1/rules`` through Grafana, so it carries no query target."""
 
-    datasource_uid = attr.ib(default="prometheus")
+    source = attr.ib(default=DATASOURCE_NAMES["prometheus"])
 
     def to_json_data(self):
         return self.panel_json({
@@ -248,10 +250,25 @@ class AlertListPanel(g.Panel):
             "options": {
                 "viewMode": "list", "groupMode": "default", "groupBy": [], "maxItems": 100,
                 "sortOrder": 1, "dashboardAlerts": False, "alertName": "", "alertInstanceLabelFilter": "",
-                "datasource": self.datasource_uid, "folder": None, "showInstances": True,
+                "datasource": self.source, "folder": None, "showInstances": True,
                 "stateFilter": {"firing": True, "pending": True, "noData": True, "normal": True,
                                 "error": True},
             },
+        })
+
+
+@attr.s
+class AlertGroupsPanel(g.Panel):
+    """Grafana's Alertmanager alert groups, read from the provisioned Alertmanager datasource
+    (by name): what Alertmanager holds, grouped as it routes them. No query target."""
+
+    source = attr.ib(default=DATASOURCE_NAMES["alertmanager"])
+    labels = attr.ib(default="")
+
+    def to_json_data(self):
+        return self.panel_json({
+            "type": "alertGroups", "datasource": None, "targets": [],
+            "options": {"alertmanager": self.source, "expandAll": False, "labels": self.labels},
         })
 
 

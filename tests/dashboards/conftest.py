@@ -27,6 +27,14 @@ def provisioned_uids() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def provisioned_names() -> dict[str, str]:
+    """Datasource name -> type, as Grafana's provisioning defines them."""
+    path = ROOT / "dashboards" / "provisioning" / "datasources" / "mailgenius.yml"
+    data = yaml.safe_load(path.read_text())
+    return {ds["name"]: ds["type"] for ds in data["datasources"]}
+
+
+@pytest.fixture(scope="session")
 def promtail() -> dict:
     return yaml.safe_load((ROOT / "dashboards" / "logging" / "promtail.yml").read_text())
 

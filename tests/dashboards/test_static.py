@@ -31,7 +31,7 @@ from tests.conftest import IN_CI, ROOT
 UIDS = sorted(helpers.DASHBOARDS)
 #: Panel types Grafana 10 ships (no plugin needed).
 BUILTIN_PANEL_TYPES = {"row", "timeseries", "stat", "gauge", "bargauge", "table", "logs", "text",
-                       "alertlist", "state-timeline", "barchart", "heatmap", "piechart", "histogram"}
+                       "alertlist", "alertGroups", "state-timeline", "barchart", "heatmap", "piechart", "histogram"}
 PROMTOOL = "/usr/bin/promtool"
 GUIDE = ROOT.parent / "shared" / "operations-guide.md"
 #: The operations guide's dashboard sections (a copy, for when the guide is not beside the repo).
@@ -148,11 +148,16 @@ def test_panel_ids_unique_and_grid_positions_do_not_overlap(dashboards, uid):
 
 
 @pytest.mark.parametrize("uid", UIDS)
-def test_panels_are_builtin_types_with_defined_datasources(dashboards, provisioned_uids, uid):
+def test_panels_are_builtin_types_with_defined_datasources(dashboards, provisioned_uids, provisioned_names, uid):
     d = dashboards[uid]
     for p in iter_panels(d):
         assert p["type"] in BUILTIN_PANEL_TYPES, p["type"]
-        if p["type"] in ("row", "text", "alertlist"):
+        if p["type"] in ("alertlist", "alertGroups"):
+            # these select their source by datasource name, not uid
+            source = p["options"]["datasource" if p["type"] == "alertlist" else "alertmanager"]
+            assert source in provisioned_names, f"{p['title']}: {source!r} is not a provisioned datasource"
+            assert provisioned_names[source] == ("prometheus" if p["type"] == "alertlist" else "alertmanager")
+        if p["type"] in ("row", "text", "alertlist", "alertGroups"):
             continue
         assert p["targets"], f"{p['title']} has no query"
         refs = [t["refId"] for t in p["targets"]]
