@@ -77,7 +77,9 @@ export = text(
 
 level_var = g.Template(
     name="level", label="Level", type="custom", query="debug,info,warning,error,critical",
-    includeAll=True, multi=True, allValue=".+",
+    # "All" also keeps lines without a level (plain-text lines of third-party processes);
+    # the service matcher (".+") keeps the selector valid for Loki
+    includeAll=True, multi=True, allValue=".*",
 )
 level_var._current = {"selected": True, "text": ["All"], "value": ["$__all"]}
 service_var = g.Template(
