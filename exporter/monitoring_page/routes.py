@@ -13,6 +13,7 @@ from aiohttp import web
 
 from mailgenius import auth, errors
 from mailgenius import keys as kernel_keys
+from mailgenius.cache import rkey
 from mailgenius.web import Route, add_routes, json_response
 
 from . import keys, sessions, sources
@@ -31,6 +32,11 @@ API = f"{BASE}/api"
 EXPORT_COLUMNS = ("ts", "level", "service", "logger", "message", "request_id", "id")
 #: the longest API key accepted by the login form (real ones are ~55 characters)
 MAX_KEY_CHARS = 200
+#: failed logins allowed per client address per window before it must wait (guessing guard);
+#: raise it if many operators share one NAT address
+LOGIN_FAILURES_ALLOWED = 10
+#: seconds of that window
+LOGIN_FAILURE_WINDOW = 60
 
 #: Content-Security-Policy of every page response: our own files only, no inline script/style
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -72,11 +78,23 @@ def _check_origin(request: web.Request) -> None:
 
 
 async def _login_with_key(request: web.Request, key: str) -> web.StreamResponse:
+    redis = request.app[kernel_keys.REDIS]
+    failures_key = rkey(request.app[kernel_keys.SETTINGS], "page-login-failures", request.remote or "unknown")
+    failures = int(await redis.get(failures_key) or 0)
+    if failures >= LOGIN_FAILURES_ALLOWED:
+        resp = _render(request, "login.html.j2", status=429,
+                       error=f"Too many failed sign-ins from this address; wait {LOGIN_FAILURE_WINDOW} s.")
+        resp.headers["Retry-After"] = str(LOGIN_FAILURE_WINDOW)
+        return resp
     key = key.strip()
     scopes = None
     if key and len(key) <= MAX_KEY_CHARS and key.isprintable():
         scopes = await auth.lookup(request.app[kernel_keys.DB], key, request.app[kernel_keys.AUTH_CACHE])
     if scopes is None:
+        pipe = redis.pipeline(transaction=False)
+        pipe.incr(failures_key)
+        pipe.expire(failures_key, LOGIN_FAILURE_WINDOW, nx=True)
+        await pipe.execute()
         return _render(request, "login.html.j2", status=401,
                        error="That API key is not valid (unknown or revoked).")
     token = await sessions.create_session(request.app, auth.hash_key(key), scopes)

@@ -7,6 +7,7 @@ import pytest
 
 from exporter.monitoring_page import setup_monitoring_page
 from exporter.monitoring_page.routes import BASE
+from mailgenius.keys import REDIS
 from mailgenius.web import base_app
 from tests.conftest import free_port
 
@@ -23,7 +24,12 @@ async def page_client(aiohttp_client, page_settings, pool):
     """The page on a bare kernel app (Postgres + Redis), as the exporter mounts it."""
     app = base_app(page_settings, "exporter")
     setup_monitoring_page(app)
-    return await aiohttp_client(app)
+    client = await aiohttp_client(app)
+    # failed sign-ins are counted per address across the session's tests: start each from zero
+    redis = app[REDIS]
+    async for key in redis.scan_iter(match=f"{page_settings.redis_prefix}:page-login-failures:*"):
+        await redis.delete(key)
+    return client
 
 
 async def login(client, key: str) -> None:
@@ -31,24 +37,3 @@ async def login(client, key: str) -> None:
     resp = await client.get(BASE, params={"key": key}, allow_redirects=False)
     assert resp.status == 303, await resp.text()
 
-
-def load_stack_harness():
-    """The lead's harness ``tests/stack.py``. While a ``tests/stack/`` package (the stack suite)
-    shadows that module name, load the file by path instead."""
-    try:
-        from tests import stack as harness
-
-        if hasattr(harness, "Stack"):
-            return harness
-    except ImportError:
-        pass
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "stack.py"
-    spec = importlib.util.spec_from_file_location("tests._stack_harness", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module

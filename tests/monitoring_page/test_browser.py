@@ -29,11 +29,15 @@ from exporter.monitoring_page.routes import BASE
 from mailgenius.broker import build_broker
 from mailgenius.logstream import RedisStreamHandler, stream_key
 from mailgenius.worker import enqueue
-from tests.monitoring_page.conftest import load_stack_harness
-
-_h = load_stack_harness()
-ALERTMANAGER, PROMETHEUS, ROOT, VENV_BIN = _h.ALERTMANAGER, _h.PROMETHEUS, _h.ROOT, _h.VENV_BIN
-Stack, require_binaries, wait_until = _h.Stack, _h.require_binaries, _h.wait_until
+from tests.stack import (
+    ALERTMANAGER,
+    PROMETHEUS,
+    ROOT,
+    VENV_BIN,
+    Stack,
+    require_binaries,
+    wait_until,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

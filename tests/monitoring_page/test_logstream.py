@@ -99,11 +99,12 @@ def test_redis_down_never_blocks_the_caller(redis_prefix):
             logger.warning("w %d", i)
         elapsed = time.perf_counter() - start
         # Then logging stays fast and the lost records are counted
-        assert elapsed < 0.5
-        assert handler.dropped >= 189  # the queue holds 10; one may be in the writer's hands
+        assert elapsed < 1.0
     finally:
         logger.removeHandler(handler)
         handler.close()
+    # every record is accounted for as lost (the queue overflowed or the write failed)
+    assert handler.dropped == 200
 
 
 def test_attach_replaces_and_can_be_disabled(settings, monkeypatch):

@@ -78,6 +78,20 @@ async def test_login_form_post_and_logout(page_client, make_key):
     assert resp.status == 401
 
 
+async def test_repeated_failed_logins_are_slowed_down(page_client, make_key, monkeypatch):
+    from exporter.monitoring_page import routes
+
+    monkeypatch.setattr(routes, "LOGIN_FAILURES_ALLOWED", 3)
+    key = await make_key("read")
+    for _ in range(3):
+        assert (await page_client.post(f"{BASE}/login", data={"key": "mg_bad_guess"})).status == 401
+    # the 4th attempt is refused before the key is even looked at, the right key included
+    resp = await page_client.post(f"{BASE}/login", data={"key": key}, allow_redirects=False)
+    assert resp.status == 429 and resp.headers["Retry-After"] == str(routes.LOGIN_FAILURE_WINDOW)
+    assert "Too many failed sign-ins" in await resp.text()
+    assert "Set-Cookie" not in resp.headers
+
+
 async def test_cross_origin_login_post_is_refused(page_client, make_key):
     key = await make_key("read")
     resp = await page_client.post(f"{BASE}/login", data={"key": key}, headers={"Origin": "http://evil.example"},
@@ -263,6 +277,8 @@ async def test_session_reads_the_operator_api_but_never_writes(aiohttp_client, p
     from exporter.app import create_app
 
     client = await aiohttp_client(create_app(page_settings))
+    # (the exporter's own index links to the page)
+    assert f"href='{BASE}'" in await (await client.get("/")).text()
     # Given a browser session (no Authorization header)
     await login(client, await make_key("admin"))
     # Then it may read the operator API
