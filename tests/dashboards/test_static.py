@@ -237,6 +237,19 @@ def test_every_bullet_of_the_guide_has_a_row(dashboards):
             assert name in rows, f"{uid}: no row implements the guide's {name!r}"
 
 
+@pytest.mark.parametrize("uid", UIDS)
+def test_every_row_holds_panels(dashboards, uid):
+    current, counts = None, {}
+    for p in dashboards[uid]["panels"]:
+        if p["type"] == "row":
+            current = p["title"]
+            counts[current] = 0
+        else:
+            assert current is not None, f"{p['title']} sits above the first row"
+            counts[current] += 1
+    assert counts and all(counts.values()), counts
+
+
 def test_capacity_planning_uses_predict_linear(dashboards):
     exprs = [q.expr for q in iter_queries(dashboards["system-health"]) if "predict_linear" in q.expr]
     for what in ("node_filesystem_avail_bytes", M.LEADS, M.QUEUE_MESSAGES):
