@@ -5,6 +5,7 @@ parsed YAML)."""
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -213,3 +214,14 @@ def test_procfile_runs_every_component_with_variables_run_sh_provides():
         if comp.name in ("sender", "importer", "exporter", "smtp-sink", "sender-worker", "importer-worker"):
             continue  # `mailgenius serve|worker|sink` read MAILGENIUS_*_PORT themselves
         assert f"${comp.env}" in cmd, f"{name} does not listen on ${comp.env}"
+
+
+def test_procfile_lines_and_run_sh_are_valid_shell():
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, cmd = line.partition(":")
+            res = subprocess.run(["sh", "-n", "-c", cmd], capture_output=True, text=True)
+            assert res.returncode == 0, f"{name}: {res.stderr}"
+    for script in ("scripts/run.sh", "scripts/setup.sh"):
+        res = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
+        assert res.returncode == 0, f"{script}: {res.stderr}"
