@@ -19,6 +19,8 @@ LEVELS = ("warning", "error", "critical")
 KNOWN_SERVICES = ("sender", "importer", "exporter", "sender-worker", "importer-worker")
 #: most entries one read scans (the stream's default cap)
 SCAN_LIMIT = 10_000
+#: entries fetched per round trip: small replies keep each one well inside the Redis timeout
+CHUNK = 500
 #: most entries one page read returns
 MAX_LIMIT = 1_000
 _ID = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -82,12 +84,14 @@ def parse_limit(raw: str | None, default: int = 200) -> int:
     return value
 
 
+_FIELD_KEYS = tuple((f, f.encode()) for f in FIELDS)
+
+
 def _entry(entry_id, fields) -> dict:
     out = {"id": entry_id.decode() if isinstance(entry_id, bytes) else entry_id}
-    decoded = {(k.decode() if isinstance(k, bytes) else k): (v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
-               for k, v in fields.items()}
-    for f in FIELDS:
-        out[f] = decoded.get(f, "")
+    for name, raw_name in _FIELD_KEYS:
+        v = fields.get(raw_name, fields.get(name, b""))
+        out[name] = v.decode("utf-8", "replace") if isinstance(v, bytes) else v
     return out
 
 
@@ -95,30 +99,47 @@ async def read_logs(redis, prefix: str, flt: LogFilter, *, after: str | None = N
                     limit: int = 200) -> tuple[list[dict], str | None]:
     """Matching entries, oldest first, and the newest stream id seen (to poll from).
 
-    Without ``after``: the ``limit`` newest matches in the whole (capped) stream. With ``after``:
-    the matches written since that id (at most ``limit``, the oldest first, so nothing is skipped).
+    Without ``after``: the ``limit`` newest matches, reading the stream backwards in chunks of
+    :data:`CHUNK` and stopping as soon as there are enough (or :data:`SCAN_LIMIT` were read).
+    With ``after``: the matches written since that id (at most ``limit``, the oldest first, so
+    nothing is skipped when more arrived).
     """
     key = stream_key(prefix)
+    picked: list[dict] = []
+    scanned = 0
     if after is None:
-        raw = await redis.xrevrange(key, "+", "-", count=SCAN_LIMIT)
-        newest = _entry(*raw[0])["id"] if raw else None
-        picked = []
+        newest = None
+        end = "+"
+        while scanned < SCAN_LIMIT and len(picked) < limit:
+            raw = await redis.xrevrange(key, end, "-", count=CHUNK)
+            if not raw:
+                break
+            for entry_id, fields in raw:
+                e = _entry(entry_id, fields)
+                newest = newest or e["id"]
+                if flt.matches(e):
+                    picked.append(e)
+                    if len(picked) >= limit:
+                        break
+            scanned += len(raw)
+            if len(raw) < CHUNK:
+                break
+            end = "(" + _entry(*raw[-1])["id"]
+        picked.reverse()
+        return picked, newest
+    last = after
+    while scanned < SCAN_LIMIT:
+        raw = await redis.xrange(key, f"({last}", "+", count=CHUNK)
+        if not raw:
+            break
         for entry_id, fields in raw:
             e = _entry(entry_id, fields)
             if flt.matches(e):
-                picked.append(e)
                 if len(picked) >= limit:
-                    break
-        picked.reverse()
-        return picked, newest
-    raw = await redis.xrange(key, f"({after}", "+", count=SCAN_LIMIT)
-    last = after
-    picked = []
-    for entry_id, fields in raw:
-        e = _entry(entry_id, fields)
-        if flt.matches(e):
-            if len(picked) >= limit:
-                break
-            picked.append(e)
-        last = e["id"]
+                    return picked, last
+                picked.append(e)
+            last = e["id"]
+        scanned += len(raw)
+        if len(raw) < CHUNK:
+            break
     return picked, last
