@@ -1,0 +1,279 @@
+"""Importer benchmark: 2,000,000 leads through the HTTP API and a real worker, vs. psql \\copy.
+
+Generates a CSV (about 170 MB; 1 % invalid rows, 2 % repeated emails), fills ``leads`` with
+1,000,000 existing rows, then in the same run:
+
+* baseline: ``psql \\copy`` into an UNLOGGED staging table plus one
+  ``INSERT ... SELECT DISTINCT ON ... ON CONFLICT DO NOTHING`` (no validation report, no
+  progress, no resume: the floor a real importer is measured against);
+* importer: ``POST /api/upload`` to ``mailgenius serve importer`` and the import run by
+  ``mailgenius worker importer`` until ``GET /api/imports/{id}`` says completed.
+
+Both start from the same freshly filled 1,000,000-row table. Prints both times, the ratio,
+rows per second, and the worker's peak RSS (VmHWM of its processes). Targets: >= 100,000 rows/s
+end to end, <= 1.5x the baseline, worker peak RSS <= 300 MB.
+
+    .venv/bin/python benchmarks/import_leads.py [--rows 2000000] [--existing 1000000]
+
+Uses its own database (``mailgenius_bench_import``, dropped at the end unless --keep) and
+free ports, so it never touches a running stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mailgenius import auth  # noqa: E402
+from mailgenius.db import migrate, with_database  # noqa: E402
+from mailgenius.settings import load_settings  # noqa: E402
+
+FIRST = ["Ann", "Bob", "Carla", "Dmitri", "Eve", "Fatima", "Gus", "Hana", "Ivan", "June", "Kofi", "Lea"]
+LAST = ["Smith", "Jones", "Garcia", "Silva", "Müller", "Rossi", "Dubois", "Kowalski", "Tanaka", "Okafor"]
+COMPANIES = ["Acme Corp", "Globex", "Initech", "Umbrella", "Hooli", "Stark Ind", "Wayne Ent", "Tyrell"]
+INVALID = ["no-at-sign.example.com", "two@@example.com", "@missing-local.com", "trailing@dot.", "",
+           "spaces in@example.com"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def generate(path: Path, rows: int, seed: int = 42) -> dict[str, int]:
+    """Write the CSV; return the exact expected counts."""
+    rnd = random.Random(seed)
+    expected = {"inserted": 0, "duplicates": 0, "invalid": 0}
+    valid: list[int] = []
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write("email,first_name,last_name,company,phone\n")
+        chunk = []
+        for i in range(rows):
+            r = rnd.random()
+            fn, ln = FIRST[i % len(FIRST)], LAST[(i // 7) % len(LAST)]
+            if r < 0.01:
+                email = INVALID[i % len(INVALID)]
+                expected["invalid"] += 1
+            elif r < 0.03 and valid:
+                j = valid[rnd.randrange(len(valid))]
+                email = f"Lead.{j:07d}@Mail-{j % 997}.Example.com"  # same address, other case
+                expected["duplicates"] += 1
+            else:
+                email = f"lead.{i:07d}@mail-{i % 997}.example.com"
+                valid.append(i)
+                expected["inserted"] += 1
+            chunk.append(f"{email},{fn},{ln},{COMPANIES[i % len(COMPANIES)]},+1 555 {i % 10_000_000:07d}\n")
+            if len(chunk) >= 100_000:
+                f.write("".join(chunk))
+                chunk.clear()
+        f.write("".join(chunk))
+    return expected
+
+
+async def prefill(dsn: str, existing: int) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("TRUNCATE leads, imports, import_errors RESTART IDENTITY CASCADE")
+        await conn.execute(
+            """INSERT INTO leads (email, first_name, last_name, company, tags, source)
+               SELECT 'existing.' || g || '@old-' || (g % 101) || '.example.org', 'Old', 'Lead', 'Legacy',
+                      ARRAY['legacy'], 'prefill'
+               FROM generate_series(1, $1) g""", existing)
+        await conn.execute("VACUUM ANALYZE leads")
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+
+
+def baseline(dsn: str, csv_path: Path) -> float:
+    """psql \\copy into staging + one set-based merge; returns seconds."""
+    setup = ("DROP TABLE IF EXISTS bench_stage; CREATE UNLOGGED TABLE bench_stage "
+             "(email text, first_name text, last_name text, company text, phone text);")
+    subprocess.run(["psql", dsn, "-q", "-v", "ON_ERROR_STOP=1", "-c", setup], check=True)
+    merge = r"""INSERT INTO leads (email, first_name, last_name, company, phone, source)
+        SELECT DISTINCT ON (lower(btrim(email))) btrim(email), first_name, last_name, company, phone, 'baseline'
+        FROM bench_stage WHERE btrim(email) ~ '^[^@\s]+@[^@\s]+\.[^@\s]+$'
+        ORDER BY lower(btrim(email))
+        ON CONFLICT ((lower(email))) DO NOTHING"""
+    t0 = time.perf_counter()
+    subprocess.run(["psql", dsn, "-q", "-v", "ON_ERROR_STOP=1",
+                    "-c", f"\\copy bench_stage FROM '{csv_path}' WITH (FORMAT csv, HEADER true)",
+                    "-c", merge], check=True)
+    elapsed = time.perf_counter() - t0
+    subprocess.run(["psql", dsn, "-q", "-c", "DROP TABLE bench_stage"], check=True)
+    return elapsed
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    out.append(int(d))
+            except OSError:
+                continue
+    return out
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Largest VmHWM (peak resident set) among the process and its descendants, MB."""
+    best = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        todo += _children(p)
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        best = max(best, int(line.split()[1]) / 1024)
+        except OSError:
+            pass
+    return best
+
+
+async def run_importer(dsn: str, csv_path: Path, env: dict, workdir: Path) -> dict:
+    api_port, metrics_port = free_port(), free_port()
+    mg = str(Path(sys.executable).with_name("mailgenius"))
+    logs = open(workdir / "services.log", "wb")
+    api = subprocess.Popen([mg, "serve", "importer", "--port", str(api_port)], env=env, cwd=ROOT,
+                           stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = subprocess.Popen([mg, "worker", "importer", "--processes", "1", "--threads", "1",
+                               "--metrics-port", str(metrics_port)], env=env, cwd=ROOT,
+                              stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        conn = await asyncpg.connect(dsn)
+        _, key = await auth.create_key(conn, ["import"], "bench")
+        await conn.close()
+        base = f"http://127.0.0.1:{api_port}"
+        headers = {"Authorization": f"Bearer {key}"}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
+            for _ in range(100):
+                try:
+                    async with http.get(base + "/api/health") as r:
+                        if r.status in (200, 503):
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.5)  # let the worker boot too
+            t0 = time.perf_counter()
+            with open(csv_path, "rb") as f:
+                form = aiohttp.FormData()
+                form.add_field("file", f, filename=csv_path.name, content_type="text/csv")
+                async with http.post(base + "/api/upload", data=form, headers=headers) as r:
+                    body = await r.json()
+                    assert r.status == 202, body
+            t_upload = time.perf_counter() - t0
+            import_id = body["id"]
+            samples = []
+            while True:
+                async with http.get(f"{base}/api/imports/{import_id}", headers=headers) as r:
+                    view = await r.json()
+                samples.append((time.perf_counter() - t0, view["processed_rows"]))
+                if view["status"] in ("completed", "failed", "cancelled"):
+                    break
+                await asyncio.sleep(0.2)
+            t_total = time.perf_counter() - t0
+        rss = peak_rss_mb(worker.pid)
+        return {"total": t_total, "upload": t_upload, "view": view, "rss_mb": rss,
+                "progress_updates": len({p for _, p in samples})}
+    finally:
+        for p in (api, worker):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(timeout=15)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(p.pid, signal.SIGKILL)
+        logs.close()
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=2_000_000, help="rows in the generated CSV")
+    ap.add_argument("--existing", type=int, default=1_000_000, help="leads already in the table")
+    ap.add_argument("--keep", action="store_true", help="keep the benchmark database and files")
+    args = ap.parse_args()
+    settings = load_settings()
+    dsn = with_database(settings.database_url, "mailgenius_bench_import")
+    admin = await asyncpg.connect(with_database(settings.database_url, "postgres"))
+    await admin.execute("DROP DATABASE IF EXISTS mailgenius_bench_import WITH (FORCE)")
+    await admin.execute("CREATE DATABASE mailgenius_bench_import")
+    await admin.close()
+    await migrate(dsn)
+    workdir = Path(tempfile.mkdtemp(prefix="mg-bench-import-"))
+    prefix = f"mgbench-{os.getpid()}"
+    try:
+        csv_path = workdir / "leads.csv"
+        t = time.perf_counter()
+        expected = generate(csv_path, args.rows)
+        size = csv_path.stat().st_size
+        print(f"generated {args.rows:,} rows, {size / 1e6:.0f} MB in {time.perf_counter() - t:.1f}s; "
+              f"expected {expected}")
+        await prefill(dsn, args.existing)
+        t_base = baseline(dsn, csv_path)
+        base_conn = await asyncpg.connect(dsn)
+        base_inserted = await base_conn.fetchval("SELECT count(*) FROM leads") - args.existing
+        await base_conn.close()
+        print(f"baseline psql \\copy + INSERT ... ON CONFLICT: {t_base:.2f}s "
+              f"({args.rows / t_base:,.0f} rows/s, {base_inserted:,} inserted)")
+        await prefill(dsn, args.existing)
+        env = dict(os.environ)
+        env.update({
+            "DATABASE_URL": dsn, "MAILGENIUS_REDIS_PREFIX": prefix,
+            "MAILGENIUS_DATA_DIR": str(workdir / "var"), "MAILGENIUS_UPLOAD_DIR": str(workdir / "uploads"),
+            "MAILGENIUS_LOG_LEVEL": "warning",
+        })
+        res = await run_importer(dsn, csv_path, env, workdir)
+        v = res["view"]
+        print(f"importer (HTTP upload + worker): {res['total']:.2f}s end to end "
+              f"({args.rows / res['total']:,.0f} rows/s); upload {res['upload']:.2f}s; "
+              f"status {v['status']}")
+        print(f"  counts: inserted {v['inserted']:,} updated {v['updated']:,} duplicates {v['duplicates']:,} "
+              f"invalid {v['invalid']:,} (expected {expected['inserted']:,} / 0 / "
+              f"{expected['duplicates']:,} / {expected['invalid']:,})")
+        ok = (v["inserted"], v["duplicates"], v["invalid"]) == (
+            expected["inserted"], expected["duplicates"], expected["invalid"])
+        print(f"  counts exact: {ok}; distinct progress values seen while polling: {res['progress_updates']}")
+        print(f"  worker peak RSS: {res['rss_mb']:.0f} MB (target <= 300)")
+        ratio = res["total"] / t_base
+        print(f"RESULT rows={args.rows} baseline_s={t_base:.2f} importer_s={res['total']:.2f} "
+              f"ratio={ratio:.2f} (target <= 1.5) rows_per_s={args.rows / res['total']:,.0f} "
+              f"(target >= 100,000) worker_peak_rss_mb={res['rss_mb']:.0f}")
+        return 0 if ok else 1
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+            admin = await asyncpg.connect(with_database(settings.database_url, "postgres"))
+            await admin.execute("DROP DATABASE IF EXISTS mailgenius_bench_import WITH (FORCE)")
+            await admin.close()
+        import redis
+
+        r = redis.Redis.from_url(settings.redis_url)
+        for k in r.scan_iter(match=f"{prefix}*", count=1000):
+            r.delete(k)
+        r.close()
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,68 @@
+"""dramatiq actors of the importer: ``import_leads`` on queue ``lead-import``.
+
+Run with ``mailgenius worker importer``. Delivery is at-least-once: a redelivered message
+(worker killed, retry) resumes the import from its last committed batch (see loader.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import dramatiq
+from dramatiq.middleware import CurrentMessage
+
+from mailgenius.metrics import QUEUE_IMPORT
+from mailgenius.worker import resources, worker_setup
+
+from .loader import ImportMetrics, ImportOptions, run_import
+
+settings, broker = worker_setup("importer")
+if not any(isinstance(m, CurrentMessage) for m in broker.middleware):
+    broker.add_middleware(CurrentMessage())
+
+#: Redis broker: how many commands in a million also requeue messages of dead workers, and
+#: after how many ms without a heartbeat a worker is dead. Lower in tests to redeliver fast.
+_maintenance = os.environ.get("MAILGENIUS_BROKER_MAINTENANCE_CHANCE")
+if _maintenance and hasattr(broker, "maintenance_chance"):
+    broker.maintenance_chance = int(_maintenance)
+_heartbeat = os.environ.get("MAILGENIUS_BROKER_HEARTBEAT_TIMEOUT_MS")
+if _heartbeat and hasattr(broker, "heartbeat_timeout"):
+    broker.heartbeat_timeout = int(_heartbeat)
+
+log = logging.getLogger(__name__)
+METRICS = ImportMetrics()
+#: retries of a job that raised (each resumes from the checkpoint)
+MAX_RETRIES = 5
+#: 6 hours: far beyond a 2M-row import (~20 s); dramatiq's default 10 minutes could cut a
+#: legitimately huge import in half
+TIME_LIMIT_MS = 6 * 3600 * 1000
+
+
+@dramatiq.actor(queue_name=QUEUE_IMPORT, max_retries=MAX_RETRIES, time_limit=TIME_LIMIT_MS,
+                min_backoff=1000, max_backoff=60_000)
+async def import_leads(import_id: int) -> None:
+    res = await resources(settings)
+    try:
+        await run_import(res.pool, res.redis, settings, int(import_id), metrics=METRICS,
+                         options=ImportOptions.from_env())
+    except Exception as exc:
+        message = CurrentMessage.get_current_message()
+        retries = message.options.get("retries", 0) if message is not None else MAX_RETRIES
+        final = retries >= MAX_RETRIES
+        text = f"{type(exc).__name__}: {exc}"[:500]
+        log.exception("import attempt failed", extra={"import_id": import_id, "final": final})
+        try:
+            if final:
+                await res.pool.execute(
+                    """UPDATE imports SET status = 'failed', error = $2, finished_at = now(), updated_at = now()
+                       WHERE id = $1 AND status IN ('queued', 'running')""",
+                    int(import_id), f"failed after {retries + 1} attempts: {text}")
+                METRICS.jobs.labels("failed").inc()
+            else:
+                await res.pool.execute(
+                    "UPDATE imports SET error = $2, updated_at = now() WHERE id = $1 AND status = 'running'",
+                    int(import_id), f"attempt {retries + 1} failed, retrying: {text}")
+        except Exception:
+            log.warning("could not record the failure", exc_info=True)
+        raise

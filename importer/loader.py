@@ -1,0 +1,444 @@
+"""The import job: read batches, COPY them into a staging table, merge into ``leads``, commit
+each batch together with its checkpoint.
+
+Exactly-once by construction: a batch's leads, its error rows, the import's counters and the
+checkpoint (byte offset + line) are committed in one transaction. A worker killed with -9 loses
+only the uncommitted batch; the redelivered message re-reads from the checkpoint, so the leads
+table and the counts end identical to an uninterrupted run. A per-import advisory lock keeps two
+deliveries of one message from running at once.
+
+Duplicates within the file: the reader drops repeats inside one batch; across batches the
+merge itself tells them apart, because a lead already carrying this ``import_id`` was written
+by an earlier batch of this file (``import_skipped`` does the same for existing leads that a
+skip-mode import left alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import asyncpg
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+
+from mailgenius import logs
+from mailgenius.cache import rkey
+from mailgenius.metrics import (
+    IMPORT_DURATION,
+    IMPORT_JOBS,
+    IMPORT_ROWS,
+    IMPORT_VALIDATION_ERRORS,
+)
+
+from .reader import DUPLICATE, REASONS, Batch, BatchReader, FileInfo, FileProblem, sniff
+
+log = logging.getLogger(__name__)
+
+#: advisory-lock namespace of import jobs (first key of pg_try_advisory_lock(int, int))
+LOCK_NAMESPACE = 0x494D50  # "IMP"
+FINISHED = ("completed", "failed", "cancelled")
+#: outcomes of mailgenius_import_rows_total
+OUTCOMES = ("inserted", "updated", "duplicate", "invalid")
+#: seconds between two progress publications / cancel-flag polls
+POLL_INTERVAL = 0.25
+#: seconds a live-progress record stays in Redis after its last update
+PROGRESS_TTL = 3600
+
+
+def _env_int(name: str, default: int, lo: int = 1) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        return max(lo, int(raw)) if raw.strip() else default
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    #: rows per committed batch: larger is a little faster, smaller gives finer progress,
+    #: cancel and resume granularity (MAILGENIUS_IMPORT_BATCH_ROWS)
+    batch_rows: int = 50_000
+    #: longest accepted field, characters (MAILGENIUS_IMPORT_MAX_FIELD)
+    max_field: int = 4096
+    #: test-only: seconds to sleep after each committed batch, to kill a worker mid-import
+    #: (MAILGENIUS_IMPORT_BATCH_PAUSE_MS)
+    batch_pause: float = 0.0
+
+    @classmethod
+    def from_env(cls) -> ImportOptions:
+        return cls(
+            batch_rows=_env_int("MAILGENIUS_IMPORT_BATCH_ROWS", cls.batch_rows),
+            max_field=_env_int("MAILGENIUS_IMPORT_MAX_FIELD", cls.max_field),
+            batch_pause=_env_int("MAILGENIUS_IMPORT_BATCH_PAUSE_MS", 0, lo=0) / 1000.0,
+        )
+
+
+def _bare(name: str) -> str:
+    return name[: -len("_total")] if name.endswith("_total") else name
+
+
+class ImportMetrics:
+    """The worker-side import metrics, on the registry passed in (the default one in workers,
+    where ``mailgenius worker`` sets up multiprocess mode)."""
+
+    #: import durations run from a second (small files) to an hour (huge ones)
+    DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        registry = REGISTRY if registry is None else registry
+        self.rows = Counter(_bare(IMPORT_ROWS), "Import rows by outcome.", ["outcome"], registry=registry)
+        self.validation_errors = Counter(
+            _bare(IMPORT_VALIDATION_ERRORS), "Rows rejected or skipped by the importer, by reason.",
+            ["reason"], registry=registry)
+        self.jobs = Counter(_bare(IMPORT_JOBS), "Finished import jobs by status.", ["status"],
+                            registry=registry)
+        self.duration = Histogram(IMPORT_DURATION, "Wall time of finished import jobs.",
+                                  buckets=self.DURATION_BUCKETS, registry=registry)
+        for o in OUTCOMES:
+            self.rows.labels(o)
+        for r in REASONS:
+            self.validation_errors.labels(r)
+        for s in FINISHED:
+            self.jobs.labels(s)
+
+
+class Cancelled(Exception):
+    """The import's cancel flag was seen: the current batch is rolled back."""
+
+
+_STAGE_DDL = """
+CREATE TEMP TABLE IF NOT EXISTS import_stage (
+    line bigint, email text, first_name text, last_name text, company text, phone text,
+    tags text, attributes jsonb
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS import_missed (line bigint, k text) ON COMMIT DELETE ROWS;
+"""
+
+_TAGS_FROM_FILE = """CASE WHEN s.tags IS NULL OR btrim(s.tags) = '' THEN $3::text[] ELSE ARRAY(
+    SELECT DISTINCT btrim(t) FROM unnest($3::text[] || regexp_split_to_array(s.tags, '[,;|]')) t
+    WHERE btrim(t) <> '' ORDER BY 1) END"""
+
+_INSERT = """
+INSERT INTO leads AS l (email, first_name, last_name, company, phone, tags, attributes, source, import_id)
+SELECT s.email, NULLIF(btrim(s.first_name), ''), NULLIF(btrim(s.last_name), ''),
+       NULLIF(btrim(s.company), ''), NULLIF(btrim(s.phone), ''), {tags},
+       COALESCE(s.attributes, '{{}}'::jsonb), $2, $1
+FROM import_stage s
+"""
+
+MERGE_SKIP = """
+WITH ins AS (
+    {insert}
+    ON CONFLICT ((lower(email))) DO NOTHING
+    RETURNING lower(l.email) AS k
+), miss AS (
+    INSERT INTO import_missed (line, k)
+    SELECT s.line, lower(s.email) FROM import_stage s
+    WHERE NOT EXISTS (SELECT 1 FROM ins WHERE ins.k = lower(s.email))
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM ins) AS inserted, 0::bigint AS updated, (SELECT count(*) FROM miss) AS missed
+"""
+
+MERGE_UPDATE = """
+WITH up AS (
+    {insert}
+    ON CONFLICT ((lower(email))) DO UPDATE SET
+        first_name = COALESCE(EXCLUDED.first_name, l.first_name),
+        last_name = COALESCE(EXCLUDED.last_name, l.last_name),
+        company = COALESCE(EXCLUDED.company, l.company),
+        phone = COALESCE(EXCLUDED.phone, l.phone),
+        tags = CASE WHEN EXCLUDED.tags <@ l.tags THEN l.tags
+                    ELSE ARRAY(SELECT DISTINCT t FROM unnest(l.tags || EXCLUDED.tags) t ORDER BY 1) END,
+        attributes = l.attributes || EXCLUDED.attributes,
+        source = COALESCE(EXCLUDED.source, l.source),
+        import_id = EXCLUDED.import_id,
+        updated_at = now()
+    -- a lead this import already wrote comes from an earlier row of the same file
+    WHERE l.import_id IS DISTINCT FROM EXCLUDED.import_id
+    RETURNING lower(l.email) AS k, (l.xmax = 0) AS fresh
+), miss AS (
+    INSERT INTO import_missed (line, k)
+    SELECT s.line, lower(s.email) FROM import_stage s
+    WHERE NOT EXISTS (SELECT 1 FROM up WHERE up.k = lower(s.email))
+    RETURNING 1
+)
+SELECT count(*) FILTER (WHERE fresh) AS inserted, count(*) FILTER (WHERE NOT fresh) AS updated,
+       (SELECT count(*) FROM miss) AS missed
+FROM up
+"""
+
+#: skip mode: which missed rows repeat an earlier row of the file, which met an existing lead
+CLASSIFY_SKIP = """
+WITH cls AS (
+    SELECT m.line, m.k,
+           (COALESCE(l.import_id = $1, false) OR sk.email_key IS NOT NULL) AS dup
+    FROM import_missed m
+    LEFT JOIN leads l ON lower(l.email) = m.k
+    LEFT JOIN import_skipped sk ON sk.import_id = $1 AND sk.email_key = m.k
+), remember AS (
+    INSERT INTO import_skipped (import_id, email_key)
+    SELECT $1, k FROM cls WHERE NOT dup
+    ON CONFLICT DO NOTHING
+)
+SELECT line FROM cls WHERE dup ORDER BY line
+"""
+
+CHECKPOINT = """
+UPDATE imports SET
+    processed_rows = processed_rows + $2, inserted = inserted + $3, updated = updated + $4,
+    duplicates = duplicates + $5, invalid = invalid + $6, skipped_existing = skipped_existing + $7,
+    checkpoint_offset = $8, checkpoint_row = $9, updated_at = now()
+WHERE id = $1
+RETURNING cancel_requested
+"""
+
+
+@dataclass
+class BatchResult:
+    rows: int = 0
+    inserted: int = 0
+    updated: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    skipped: int = 0
+    reasons: dict | None = None
+
+
+def progress_key(settings, import_id: int) -> str:
+    return rkey(settings, "import", str(import_id), "progress")
+
+
+class ImportJob:
+    """One run (first or resumed) of one import."""
+
+    def __init__(self, pool: asyncpg.Pool, redis, settings, import_id: int, *,
+                 metrics: ImportMetrics, options: ImportOptions | None = None):
+        self.pool = pool
+        self.redis = redis
+        self.settings = settings
+        self.import_id = import_id
+        self.metrics = metrics
+        self.options = options or ImportOptions.from_env()
+        self.cancel = asyncio.Event()
+        self.committed_rows = 0
+        self.inflight_rows = 0
+
+    # -- entry point -------------------------------------------------------------------------
+
+    async def run(self) -> str:
+        """Run (or resume) the import; return its status afterwards. File problems end the job
+        as ``failed``; unexpected errors propagate (the actor retries, resuming)."""
+        with logs.bound(import_id=self.import_id):
+            async with self.pool.acquire() as conn:
+                locked = await conn.fetchval("SELECT pg_try_advisory_lock($1, $2::int)",
+                                             LOCK_NAMESPACE, self.import_id)
+                if not locked:
+                    log.warning("import already running elsewhere; this delivery does nothing")
+                    return "running"
+                try:
+                    return await self._run_locked(conn)
+                finally:
+                    try:
+                        await conn.execute("SELECT pg_advisory_unlock($1, $2::int)",
+                                           LOCK_NAMESPACE, self.import_id)
+                    except Exception:  # a broken connection drops its locks anyway
+                        pass
+
+    async def _run_locked(self, conn: asyncpg.Connection) -> str:
+        row = await conn.fetchrow("SELECT * FROM imports WHERE id = $1", self.import_id)
+        if row is None:
+            log.warning("import not found; message dropped")
+            return "missing"
+        if row["status"] in FINISHED:
+            return row["status"]
+        if row["cancel_requested"]:
+            await self._finish(conn, "cancelled", None)
+            return "cancelled"
+        row = await conn.fetchrow(
+            """UPDATE imports SET status = 'running', started_at = COALESCE(started_at, now()),
+                   attempts = attempts + 1, updated_at = now()
+               WHERE id = $1 RETURNING *""", self.import_id)
+        resumed = row["checkpoint_offset"] > 0
+        log.info("import resumed from checkpoint" if resumed else "import started",
+                 extra={"checkpoint_row": row["checkpoint_row"], "attempt": row["attempts"]})
+        loop = asyncio.get_running_loop()
+        try:
+            if not row["path"] or not os.path.exists(row["path"]):
+                raise FileProblem("the uploaded file is no longer on disk; upload it again")
+            info: FileInfo = await loop.run_in_executor(None, sniff, row["path"])
+        except FileProblem as exc:
+            await self._finish(conn, "failed", str(exc))
+            return "failed"
+        if not resumed:
+            await conn.execute(
+                "UPDATE imports SET encoding = $2, delimiter = $3, total_rows = $4, updated_at = now() WHERE id = $1",
+                self.import_id, info.encoding, info.delimiter, info.est_rows)
+        reader = BatchReader(
+            info,
+            offset=row["checkpoint_offset"] if resumed else None,
+            line=row["checkpoint_row"] if resumed else None,
+            batch_rows=self.options.batch_rows,
+            max_field=self.options.max_field,
+        )
+        self.committed_rows = row["processed_rows"]
+        watcher = asyncio.create_task(self._watch())
+        try:
+            await self._load(conn, row, info, reader)
+        except Cancelled:
+            await self._finish(conn, "cancelled", None)
+            return "cancelled"
+        finally:
+            reader.stop.set()
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        processed = await conn.fetchval("SELECT processed_rows FROM imports WHERE id = $1", self.import_id)
+        if processed == 0:
+            await self._finish(conn, "failed", "the file has a header row but no data rows")
+            return "failed"
+        await self._finish(conn, "completed", None)
+        for p in {row["path"], info.data_path}:
+            try:
+                os.remove(p)
+            except OSError:
+                pass
+        return "completed"
+
+    # -- batches -----------------------------------------------------------------------------
+
+    async def _load(self, conn, row, info: FileInfo, reader: BatchReader) -> None:
+        await conn.execute(_STAGE_DDL)
+        self.stage_columns = reader.stage_columns
+        tags_expr = _TAGS_FROM_FILE if "tags" in info.columns else "$3::text[]"
+        insert = _INSERT.format(tags=tags_expr)
+        merge_sql = (MERGE_UPDATE if row["mode"] == "update" else MERGE_SKIP).format(insert=insert)
+        mode, tags, source = row["mode"], list(row["tags"]), row["source"]
+        loop = asyncio.get_running_loop()
+        gen = reader.batches()
+        fd = os.open(info.data_path, os.O_RDONLY)
+        enc = reader.text_encoding
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"import-{self.import_id}") as ex:
+            try:
+                # parse batch n+1 in the thread while Postgres merges batch n
+                fut = loop.run_in_executor(ex, next, gen, None)
+                while True:
+                    batch: Batch | None = await fut
+                    if batch is None:
+                        break
+                    fut = loop.run_in_executor(ex, next, gen, None)
+                    self.inflight_rows = batch.rows
+                    result = await self._commit_batch(conn, batch, merge_sql, mode, tags, source, fd, enc)
+                    self.inflight_rows = 0
+                    self.committed_rows += result.rows
+                    self._count(result)
+                    if self.options.batch_pause:
+                        await asyncio.sleep(self.options.batch_pause)
+                    if self.cancel.is_set():
+                        raise Cancelled()
+            finally:
+                reader.stop.set()
+                os.close(fd)
+
+    def _check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise Cancelled()
+
+    async def _commit_batch(self, conn, batch: Batch, merge_sql, mode, tags, source, fd, enc) -> BatchResult:
+        iid = self.import_id
+        reasons: dict[str, int] = {}
+        errors = [(iid, ln, reason, raw) for ln, reason, raw in batch.errors]
+        for _, _, reason, _ in errors:
+            reasons[reason] = reasons.get(reason, 0) + 1
+        py_dups = reasons.get(DUPLICATE, 0)
+        res = BatchResult(rows=batch.rows, invalid=len(errors) - py_dups)
+        self._check_cancel()
+        async with conn.transaction():
+            inserted = updated = missed = 0
+            dup_lines: list[int] = []
+            if batch.staged:
+                await conn.copy_to_table("import_stage", source=memoryview(batch.copy_data),
+                                         columns=self.stage_columns, format="csv")
+                self._check_cancel()
+                inserted, updated, missed = await conn.fetchrow(merge_sql, iid, source, tags)
+                self._check_cancel()
+                if missed:
+                    if mode == "update":
+                        dup_lines = [r[0] for r in await conn.fetch("SELECT line FROM import_missed ORDER BY line")]
+                    else:
+                        dup_lines = [r[0] for r in await conn.fetch(CLASSIFY_SKIP, iid)]
+            for ln in dup_lines:
+                errors.append((iid, ln, DUPLICATE, batch.raw_of(fd, ln, enc)))
+            if dup_lines:
+                reasons[DUPLICATE] = reasons.get(DUPLICATE, 0) + len(dup_lines)
+            if errors:
+                await conn.copy_records_to_table("import_errors", records=errors,
+                                                 columns=["import_id", "line", "reason", "raw"])
+            res.inserted, res.updated = inserted, updated
+            res.skipped = missed - len(dup_lines)
+            res.duplicates = py_dups + len(dup_lines) + res.skipped
+            res.reasons = reasons
+            self._check_cancel()
+            cancel = await conn.fetchval(
+                CHECKPOINT, iid, res.rows, res.inserted, res.updated, res.duplicates, res.invalid,
+                res.skipped, batch.end_offset, batch.end_line)
+            if cancel:
+                self.cancel.set()
+                raise Cancelled()
+        return res
+
+    def _count(self, r: BatchResult) -> None:
+        m = self.metrics
+        m.rows.labels("inserted").inc(r.inserted)
+        m.rows.labels("updated").inc(r.updated)
+        m.rows.labels("duplicate").inc(r.duplicates)
+        m.rows.labels("invalid").inc(r.invalid)
+        for reason, n in (r.reasons or {}).items():
+            m.validation_errors.labels(reason).inc(n)
+
+    # -- progress, cancel --------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        """Poll the cancel flag and publish live progress, every POLL_INTERVAL seconds."""
+        key = progress_key(self.settings, self.import_id)
+        while True:
+            try:
+                flag = await self.pool.fetchval("SELECT cancel_requested FROM imports WHERE id = $1",
+                                                self.import_id)
+                if flag:
+                    self.cancel.set()
+                processed = self.committed_rows + self.inflight_rows
+                await self.redis.set(key, json.dumps({"processed": processed, "at": time.time()}),
+                                     ex=PROGRESS_TTL)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # progress is best effort; the job goes on
+                log.warning("progress update failed", exc_info=True)
+            await asyncio.sleep(POLL_INTERVAL)
+
+    async def _finish(self, conn, status: str, error: str | None) -> None:
+        row = await conn.fetchrow(
+            """UPDATE imports SET status = $2, error = $3, finished_at = now(), updated_at = now(),
+                   total_rows = CASE WHEN $2 = 'completed' THEN processed_rows ELSE total_rows END
+               WHERE id = $1 AND status NOT IN ('completed', 'failed', 'cancelled')
+               RETURNING started_at, finished_at""", self.import_id, status, error)
+        await conn.execute("DELETE FROM import_skipped WHERE import_id = $1", self.import_id)
+        try:
+            await self.redis.delete(progress_key(self.settings, self.import_id))
+        except Exception:
+            log.warning("could not clear live progress", exc_info=True)
+        if row is None:
+            return
+        self.metrics.jobs.labels(status).inc()
+        if row["started_at"] is not None:
+            self.metrics.duration.observe((row["finished_at"] - row["started_at"]).total_seconds())
+        log.info("import finished", extra={"status": status, "error": error})
+
+
+async def run_import(pool, redis, settings, import_id: int, *, metrics: ImportMetrics,
+                     options: ImportOptions | None = None) -> str:
+    return await ImportJob(pool, redis, settings, import_id, metrics=metrics, options=options).run()

@@ -1,0 +1,496 @@
+"""HTTP handlers and the route table of the importer API (DESIGN.md "Importer")."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+
+from aiohttp import web
+
+from mailgenius import errors
+from mailgenius import keys as mkeys
+from mailgenius.broker import dramatiq_namespace
+from mailgenius.metrics import QUEUE_IMPORT
+from mailgenius.queues import redis_queue_stats, worker_count
+from mailgenius.web import Route, json_response, read_json
+
+from . import keys
+from .loader import FINISHED, progress_key
+
+log = logging.getLogger(__name__)
+
+#: bytes of multipart framing (boundaries, part headers, small fields) allowed beyond the cap
+FORM_OVERHEAD = 64 * 1024
+#: largest accepted text field (mode, tags, source)
+MAX_FIELD_BYTES = 4096
+#: bytes read from the request per write to disk
+CHUNK = 1 << 20
+#: tags per import and characters per tag
+MAX_TAGS, MAX_TAG_LEN = 50, 64
+#: first characters that make a spreadsheet evaluate a cell (CSV/formula injection)
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+TEMP_SUFFIX = ".upload.tmp"
+
+IMPORT_FIELDS = ("id", "status", "filename", "bytes", "sha256", "mode", "tags", "source", "encoding",
+                 "delimiter", "total_rows", "processed_rows", "inserted", "updated", "duplicates",
+                 "skipped_existing", "invalid", "error", "cancel_requested", "attempts", "created_at",
+                 "started_at", "finished_at")
+_SELECT = f"SELECT {', '.join(IMPORT_FIELDS)}, updated_at FROM imports"
+
+
+def _parse_id(request: web.Request) -> int:
+    raw = request.match_info["id"]
+    if not raw.isdigit() or len(raw) > 18:
+        raise errors.NotFound(f"no import with id {raw!r}")
+    return int(raw)
+
+
+async def _live_processed(request: web.Request, import_id: int) -> int | None:
+    try:
+        raw = await request.app[mkeys.REDIS].get(progress_key(request.app[mkeys.SETTINGS], import_id))
+    except Exception:  # live progress is a nicety; the committed counts still answer
+        return None
+    if not raw:
+        return None
+    try:
+        return int(json.loads(raw)["processed"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def import_view(row, live: int | None = None, now: float | None = None) -> dict:
+    """The JSON of one import, with rows_per_second and eta_seconds computed."""
+    d = {k: row[k] for k in IMPORT_FIELDS}
+    d["tags"] = list(d["tags"] or [])
+    processed = d["processed_rows"]
+    if d["status"] == "running" and live is not None and live > processed:
+        processed = live
+    d["processed_rows"] = processed
+    rps = None
+    eta = None
+    started, finished = row["started_at"], row["finished_at"]
+    if started is not None:
+        end = finished.timestamp() if finished is not None else (now or time.time())
+        elapsed = max(end - started.timestamp(), 1e-3)
+        rps = round(processed / elapsed, 1)
+    total = d["total_rows"]
+    if d["status"] == "running":
+        if rps and total is not None:
+            eta = round(max(total - processed, 0) / rps, 1) if rps > 0 else None
+    elif d["status"] in FINISHED:
+        eta = 0.0
+    d["rows_per_second"] = rps
+    d["eta_seconds"] = eta
+    d["progress_percent"] = (round(min(100.0, 100.0 * processed / total), 1)
+                             if total else (100.0 if d["status"] == "completed" else 0.0))
+    return d
+
+
+# -- upload ------------------------------------------------------------------------------------
+
+async def _read_small(part) -> str:
+    data = bytearray()
+    while chunk := await part.read_chunk(MAX_FIELD_BYTES):
+        data += chunk
+        if len(data) > MAX_FIELD_BYTES:
+            raise errors.ValidationError(f"form field {part.name!r} is longer than {MAX_FIELD_BYTES} bytes")
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise errors.ValidationError(f"form field {part.name!r} is not UTF-8 text") from None
+
+
+def _parse_options(fields: dict[str, str]) -> tuple[str, list[str], str | None]:
+    mode = (fields.get("mode") or "skip").lower()
+    if mode not in ("skip", "update"):
+        raise errors.ValidationError(f"mode must be 'skip' or 'update', got {mode!r}", code="invalid_mode")
+    tags: list[str] = []
+    for t in (fields.get("tags") or "").replace(";", ",").split(","):
+        t = t.strip()
+        if t and t not in tags:
+            if len(t) > MAX_TAG_LEN:
+                raise errors.ValidationError(f"tag {t[:20]!r}… is longer than {MAX_TAG_LEN} characters")
+            tags.append(t)
+    if len(tags) > MAX_TAGS:
+        raise errors.ValidationError(f"at most {MAX_TAGS} tags per import")
+    source = fields.get("source") or None
+    if source is not None and len(source) > 200:
+        raise errors.ValidationError("source is longer than 200 characters")
+    return mode, sorted(tags), source
+
+
+async def upload(request: web.Request) -> web.Response:
+    """Stream a CSV to disk (never whole in memory), record it and queue its import."""
+    app = request.app
+    settings = app[mkeys.SETTINGS]
+    cap = settings.upload_max_bytes
+    if request.content_type != "multipart/form-data":
+        raise errors.AppError("send the CSV as multipart/form-data with a 'file' part",
+                              code="unsupported_media_type", status=415)
+    too_large = f"the upload exceeds the {cap} byte limit (MAILGENIUS_UPLOAD_MAX_BYTES)"
+    if request.content_length is not None and request.content_length > cap + FORM_OVERHEAD:
+        raise errors.PayloadTooLarge(too_large)
+    os.makedirs(settings.upload_dir, exist_ok=True)
+    token = uuid.uuid4().hex
+    tmp_path = os.path.join(settings.upload_dir, token + TEMP_SUFFIX)
+    fields: dict[str, str] = {}
+    filename = None
+    size = 0
+    digest = hashlib.sha256()
+    stored = False
+    try:
+        try:
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                if part.name == "file":
+                    if stored:
+                        raise errors.ValidationError("send exactly one 'file' part")
+                    filename = (part.filename or "upload.csv")[:255]
+                    with open(tmp_path, "wb") as f:
+                        while chunk := await part.read_chunk(CHUNK):
+                            size += len(chunk)
+                            if size > cap:
+                                raise errors.PayloadTooLarge(too_large)
+                            digest.update(chunk)
+                            f.write(chunk)
+                    stored = True
+                elif part.name in ("mode", "tags", "source"):
+                    fields[part.name] = await _read_small(part)
+                else:
+                    while await part.read_chunk(CHUNK):  # unknown part: drained, ignored
+                        pass
+        except (ValueError, AssertionError, RuntimeError) as exc:  # malformed multipart body
+            raise errors.AppError(f"malformed multipart body: {exc}", code="invalid_multipart") from None
+        if not stored:
+            raise errors.ValidationError("no 'file' part in the form", code="missing_file")
+        mode, tags, source = _parse_options(fields)
+        final_path = os.path.abspath(os.path.join(settings.upload_dir, token + ".csv"))
+        os.replace(tmp_path, final_path)
+    except BaseException:
+        try:
+            os.remove(tmp_path)
+        except OSError:
+            pass
+        raise
+    pool = app[mkeys.DB]
+    try:
+        import_id = await pool.fetchval(
+            """INSERT INTO imports (filename, path, bytes, sha256, mode, tags, source)
+               VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id""",
+            filename, final_path, size, digest.hexdigest(), mode, tags, source)
+    except BaseException:
+        os.remove(final_path)
+        raise
+    app[keys.UPLOAD_BYTES].inc(size)
+    from mailgenius.worker import enqueue
+
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(None, enqueue, app[keys.BROKER], QUEUE_IMPORT, "import_leads", import_id)
+    except Exception as exc:
+        log.error("could not enqueue import", extra={"import_id": import_id, "error": str(exc)})
+        await pool.execute(
+            "UPDATE imports SET status = 'failed', error = $2, finished_at = now() WHERE id = $1",
+            import_id, "the job queue is unavailable; upload the file again later")
+        raise errors.Unavailable("the job queue is unavailable; try again shortly") from None
+    log.info("upload stored and queued", extra={"import_id": import_id, "bytes": size})
+    return json_response({"id": import_id, "status": "queued", "bytes": size,
+                          "sha256": digest.hexdigest(), "mode": mode, "tags": tags, "source": source},
+                         status=202)
+
+
+# -- reads -------------------------------------------------------------------------------------
+
+async def get_import(request: web.Request) -> web.Response:
+    """One import: status, counts, rows per second and ETA."""
+    import_id = _parse_id(request)
+    row = await request.app[mkeys.DB].fetchrow(_SELECT + " WHERE id = $1", import_id)
+    if row is None:
+        raise errors.NotFound(f"no import with id {import_id}")
+    live = await _live_processed(request, import_id) if row["status"] == "running" else None
+    return json_response(import_view(row, live))
+
+
+async def list_imports(request: web.Request) -> web.Response:
+    """Imports, newest first; ?status= filters, ?limit= (1-500, default 50) and ?offset= page."""
+    q = request.query
+    status = q.get("status")
+    if status is not None and status not in ("queued", "running", *FINISHED):
+        raise errors.ValidationError(f"unknown status {status!r}")
+    try:
+        limit = int(q.get("limit", "50"))
+        offset = int(q.get("offset", "0"))
+    except ValueError:
+        raise errors.ValidationError("limit and offset must be integers") from None
+    if not 1 <= limit <= 500 or not 0 <= offset <= 1_000_000:
+        raise errors.ValidationError("limit must be 1-500 and offset 0-1000000")
+    rows = await request.app[mkeys.DB].fetch(
+        _SELECT + " WHERE ($1::text IS NULL OR status = $1) ORDER BY id DESC LIMIT $2 OFFSET $3",
+        status, limit, offset)
+    return json_response({"imports": [import_view(r) for r in rows], "limit": limit, "offset": offset})
+
+
+def escape_cell(value: str) -> str:
+    """Neutralise spreadsheet formulas: a cell starting with = + - @ tab or CR gets a leading '."""
+    if value and value[0] in FORMULA_PREFIXES:
+        return "'" + value
+    return value
+
+
+async def import_errors(request: web.Request) -> web.StreamResponse:
+    """The error report as CSV ``line,reason,raw``, streamed from Postgres."""
+    import_id = _parse_id(request)
+    pool = request.app[mkeys.DB]
+    if await pool.fetchval("SELECT 1 FROM imports WHERE id = $1", import_id) is None:
+        raise errors.NotFound(f"no import with id {import_id}")
+    resp = web.StreamResponse(headers={
+        "Content-Type": "text/csv; charset=utf-8",
+        "Content-Disposition": f'attachment; filename="import-{import_id}-errors.csv"',
+    })
+    await resp.prepare(request)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\r\n")
+    writer.writerow(("line", "reason", "raw"))
+    async with pool.acquire() as conn, conn.transaction():
+        n = 0
+        async for r in conn.cursor(
+                "SELECT line, reason, raw FROM import_errors WHERE import_id = $1 ORDER BY line",
+                import_id, prefetch=5000):
+            writer.writerow((r[0], escape_cell(r[1]), escape_cell(r[2])))
+            n += 1
+            if n % 5000 == 0:
+                await resp.write(buf.getvalue().encode("utf-8"))
+                buf.seek(0)
+                buf.truncate()
+    await resp.write(buf.getvalue().encode("utf-8"))
+    await resp.write_eof()
+    return resp
+
+
+# -- cancel ------------------------------------------------------------------------------------
+
+#: seconds the cancel request waits for the worker to stop (the worker polls every 0.25 s)
+CANCEL_WAIT = 2.5
+
+
+async def cancel_import(request: web.Request) -> web.Response:
+    """Stop an import: batches committed before the cancel are kept; the response says how many."""
+    import_id = _parse_id(request)
+    pool = request.app[mkeys.DB]
+    row = await pool.fetchrow(
+        """UPDATE imports SET cancel_requested = true,
+               status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
+               finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
+               updated_at = now()
+           WHERE id = $1 AND status IN ('queued', 'running')
+           RETURNING status""", import_id)
+    if row is None:
+        current = await pool.fetchval("SELECT status FROM imports WHERE id = $1", import_id)
+        if current is None:
+            raise errors.NotFound(f"no import with id {import_id}")
+        raise errors.Conflict(f"import {import_id} is already {current}; nothing to cancel")
+    deadline = time.monotonic() + CANCEL_WAIT
+    while True:
+        full = await pool.fetchrow(_SELECT + " WHERE id = $1", import_id)
+        if full["status"] != "running" or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.1)
+    view = import_view(full)
+    kept = {k: full[k] for k in ("processed_rows", "inserted", "updated", "duplicates", "invalid")}
+    if full["status"] == "cancelled":
+        message = (f"import cancelled: {kept['processed_rows']} rows processed before the cancel are kept "
+                   f"({kept['inserted']} inserted, {kept['updated']} updated); the rest of the file was not imported")
+        status = 200
+    elif full["status"] == "running":
+        message = ("cancel requested; the worker stops at its next check and keeps only the batches "
+                   "committed so far: read GET /api/imports/{id} for the final counts")
+        status = 202
+    else:
+        message = f"import {full['status']} before the cancel took effect; everything was kept"
+        status = 200
+    return json_response({**view, "kept": kept, "message": message}, status=status)
+
+
+# -- upload monitoring and cleanup --------------------------------------------------------------
+
+def _scan_dir(path: str) -> list[tuple[str, int, float]]:
+    out = []
+    try:
+        with os.scandir(path) as it:
+            for e in it:
+                if e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    out.append((e.path, st.st_size, st.st_mtime))
+    except FileNotFoundError:
+        pass
+    return out
+
+
+async def upload_monitoring(request: web.Request) -> web.Response:
+    """Disk, stored files, imports by status, active imports, queue depth and workers."""
+    app = request.app
+    settings = app[mkeys.SETTINGS]
+    pool = app[mkeys.DB]
+    loop = asyncio.get_running_loop()
+    files = await loop.run_in_executor(None, _scan_dir, settings.upload_dir)
+    temp = [f for f in files if f[0].endswith((TEMP_SUFFIX, ".part"))]
+    disk = None
+    if os.path.isdir(settings.upload_dir):
+        u = shutil.disk_usage(settings.upload_dir)
+        disk = {"free_bytes": u.free, "total_bytes": u.total,
+                "used_percent": round(100.0 * (u.total - u.free) / u.total, 1)}
+    counts = {r["status"]: r["n"] for r in await pool.fetch(
+        """SELECT status, count(*) AS n FROM imports
+           WHERE status IN ('queued', 'running') OR created_at > now() - interval '24 hours'
+           GROUP BY status""")}
+    active = await pool.fetch(_SELECT + " WHERE status IN ('queued', 'running') ORDER BY id LIMIT 50")
+    redis = app[mkeys.REDIS]
+    queue = None
+    if settings.broker_kind == "redis":
+        st = await redis_queue_stats(redis, dramatiq_namespace(settings), QUEUE_IMPORT)
+        queue = {"waiting": st.waiting, "delayed": st.delayed, "dead": st.dead,
+                 "oldest_age_seconds": round(st.oldest_age_seconds, 1)}
+    active_views = []
+    for r in active:
+        live = await _live_processed(request, r["id"]) if r["status"] == "running" else None
+        active_views.append(import_view(r, live))
+    return json_response({
+        "upload_dir": os.path.abspath(settings.upload_dir),
+        "max_upload_bytes": settings.upload_max_bytes,
+        "disk": disk,
+        "files": {"count": len(files), "bytes": sum(f[1] for f in files),
+                  "temp_count": len(temp), "temp_bytes": sum(f[1] for f in temp)},
+        "imports_24h": {s: counts.get(s, 0) for s in ("queued", "running", *FINISHED)},
+        "active": active_views,
+        "queue": queue,
+        "workers": await worker_count(redis, settings.redis_prefix, QUEUE_IMPORT),
+    })
+
+
+async def upload_cleanup(request: web.Request) -> web.Response:
+    """Remove stale temp files and files no queued/running import needs; requeue stuck imports
+    (safe: a job that is in fact still running ignores the second delivery)."""
+    app = request.app
+    settings = app[mkeys.SETTINGS]
+    body = await read_json(request) if request.can_read_body else {}
+    if not isinstance(body, dict):
+        raise errors.ValidationError("the body must be a JSON object")
+    try:
+        max_age = float(body.get("max_age_seconds", 3600))
+        stuck_after = float(body.get("stuck_after_seconds", 1800))
+    except (TypeError, ValueError):
+        raise errors.ValidationError("max_age_seconds and stuck_after_seconds must be numbers") from None
+    dry_run = bool(body.get("dry_run", False))
+    if max_age < 0 or stuck_after < 0:
+        raise errors.ValidationError("ages must be >= 0")
+    pool = app[mkeys.DB]
+    needed = {r["path"] for r in await pool.fetch(
+        "SELECT path FROM imports WHERE status IN ('queued', 'running') AND path IS NOT NULL")}
+    needed |= {p + ".utf8" for p in needed}
+    loop = asyncio.get_running_loop()
+    now = time.time()
+    removed, freed = [], 0
+    for path, size, mtime in await loop.run_in_executor(None, _scan_dir, settings.upload_dir):
+        if os.path.abspath(path) in needed or now - mtime < max_age:
+            continue
+        if not dry_run:
+            try:
+                os.remove(path)
+            except OSError:
+                continue
+        removed.append(os.path.basename(path))
+        freed += size
+    stuck = await pool.fetch(
+        """SELECT id FROM imports WHERE status IN ('queued', 'running') AND NOT cancel_requested
+           AND updated_at < now() - make_interval(secs => $1) ORDER BY id""", stuck_after)
+    requeued = [r["id"] for r in stuck]
+    if requeued and not dry_run:
+        from mailgenius.worker import enqueue
+
+        for iid in requeued:
+            await loop.run_in_executor(None, enqueue, app[keys.BROKER], QUEUE_IMPORT, "import_leads", iid)
+            await pool.execute("UPDATE imports SET updated_at = now() WHERE id = $1", iid)
+    log.info("upload cleanup", extra={"removed": len(removed), "requeued": requeued, "dry_run": dry_run})
+    return json_response({"removed_files": removed, "freed_bytes": freed, "requeued": requeued,
+                          "dry_run": dry_run})
+
+
+# -- route table -------------------------------------------------------------------------------
+
+IMPORT_SCHEMA = {
+    "type": "object",
+    "required": ["id", "status", "filename", "bytes", "total_rows", "processed_rows", "inserted",
+                 "updated", "duplicates", "invalid", "rows_per_second", "eta_seconds", "error"],
+    "properties": {
+        "id": {"type": "integer"},
+        "status": {"type": "string", "enum": ["queued", "running", "completed", "failed", "cancelled"]},
+        "filename": {"type": "string"},
+        "bytes": {"type": "integer"},
+        "total_rows": {"type": "integer", "nullable": True},
+        "processed_rows": {"type": "integer"},
+        "inserted": {"type": "integer"},
+        "updated": {"type": "integer"},
+        "duplicates": {"type": "integer"},
+        "invalid": {"type": "integer"},
+        "rows_per_second": {"type": "number", "nullable": True},
+        "eta_seconds": {"type": "number", "nullable": True},
+        "error": {"type": "string", "nullable": True},
+    },
+}
+
+
+def _json(schema: dict, description: str = "OK") -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+UPLOAD_REQUEST = {
+    "type": "object",
+    "required": ["file"],
+    "properties": {
+        "file": {"type": "string", "format": "binary"},
+        "mode": {"type": "string", "enum": ["skip", "update"], "default": "skip"},
+        "tags": {"type": "string", "description": "comma-separated tags added to every lead"},
+        "source": {"type": "string", "maxLength": 200},
+    },
+}
+
+ROUTES = [
+    Route("POST", "/api/upload", upload, scope="import", summary="Upload a CSV of leads and queue its import",
+          request_schema=UPLOAD_REQUEST, request_content="multipart/form-data", tags=("importer",),
+          responses={202: _json({"type": "object", "required": ["id", "status"],
+                                 "properties": {"id": {"type": "integer"}, "status": {"type": "string"}}},
+                                "queued"),
+                     413: {"description": "over the upload size cap"},
+                     415: {"description": "not multipart/form-data"},
+                     422: {"description": "bad form field"}}),
+    Route("GET", "/api/imports", list_imports, scope="read", summary="List imports", tags=("importer",),
+          responses={200: _json({"type": "object", "properties": {
+              "imports": {"type": "array", "items": IMPORT_SCHEMA}}})}),
+    Route("GET", r"/api/imports/{id}", get_import, scope="read", summary="One import with progress",
+          tags=("importer",), responses={200: _json(IMPORT_SCHEMA), 404: {"description": "unknown import"}}),
+    Route("GET", r"/api/imports/{id}/errors", import_errors, scope="read",
+          summary="Error report as CSV (line,reason,raw)", tags=("importer",),
+          responses={200: {"description": "CSV", "content": {"text/csv": {}}},
+                     404: {"description": "unknown import"}}),
+    Route("POST", r"/api/imports/{id}/cancel", cancel_import, scope="import", summary="Cancel an import",
+          tags=("importer",),
+          responses={200: _json(IMPORT_SCHEMA, "cancelled (kept counts inside)"),
+                     202: _json(IMPORT_SCHEMA, "cancel requested, worker still stopping"),
+                     404: {"description": "unknown import"}, 409: {"description": "already finished"}}),
+    Route("GET", "/api/upload/monitoring", upload_monitoring, scope="read",
+          summary="Upload disk, files, active imports, queue and workers", tags=("importer",)),
+    Route("POST", "/api/upload/cleanup", upload_cleanup, scope="import",
+          summary="Remove stale upload files and requeue stuck imports", tags=("importer",),
+          request_schema={"type": "object", "properties": {
+              "max_age_seconds": {"type": "number", "minimum": 0, "default": 3600},
+              "stuck_after_seconds": {"type": "number", "minimum": 0, "default": 1800},
+              "dry_run": {"type": "boolean", "default": False}}}),
+]
