@@ -120,7 +120,13 @@ async def page(request: web.Request) -> web.StreamResponse:
 async def login(request: web.Request) -> web.StreamResponse:
     """Log in with an API key (form field ``key``)."""
     _check_origin(request)
-    form = await request.post()
+    if request.content_type not in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        raise errors.AppError("send the login form (application/x-www-form-urlencoded) with a 'key' field",
+                              code="unsupported_media_type", status=415)
+    try:
+        form = await request.post()
+    except ValueError as exc:  # e.g. multipart without a boundary
+        raise errors.AppError(f"the form body is malformed: {exc}", code="invalid_form") from None
     key = form.get("key", "")
     if not isinstance(key, str):
         raise errors.ValidationError("key: expected a text field")
@@ -198,31 +204,41 @@ async def api_logs_export(request: web.Request) -> web.Response:
     return _secure(resp)
 
 
-_UNAUTH = {401: {"description": "not logged in to the monitoring page"}}
-_HTML = {200: {"description": "HTML page", "content": {"text/html": {}}}}
+def _html(description: str) -> dict:
+    return {"description": description, "content": {"text/html": {}}}
+
+
+def _json(description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": {"type": "object"}}}}
+
+
+_UNAUTH = {401: _json("not logged in to the monitoring page (JSON error)")}
+_LOGIN = {303: {"description": "signed in: session cookie set, sent to the page"},
+          401: _html("invalid key: the login form with a message"),
+          429: _html("too many failed sign-ins from this address: wait Retry-After seconds")}
 
 
 def routes() -> list[Route]:
     tags = ("monitoring-page",)
     return [
         Route("GET", BASE, page, scope=None, summary="Monitoring page (login form without a session)",
-              responses={**_HTML, 303: {"description": "?key= exchanged for a session cookie"},
-                         401: {"description": "invalid key"}}, tags=tags),
+              responses={200: _html("the page, or the login form"), **_LOGIN}, tags=tags),
         Route("POST", f"{BASE}/login", login, scope=None, summary="Log in to the page with an API key",
               request_content="application/x-www-form-urlencoded",
               request_schema={"type": "object", "required": ["key"], "properties": {"key": {"type": "string"}}},
-              responses={303: {"description": "logged in; session cookie set"},
-                         401: {"description": "invalid key"}}, tags=tags),
+              responses=_LOGIN, tags=tags),
         Route("POST", f"{BASE}/logout", logout, scope=None, summary="Log out of the page",
-              responses={303: {"description": "logged out"}}, tags=tags),
+              responses={303: {"description": "signed out; sent to the login form"}}, tags=tags),
         Route("GET", f"{API}/series", api_series, scope=None, summary=api_series.__doc__.split("\n")[0],
-              responses={200: {"description": "charts"}, **_UNAUTH}, tags=tags),
+              responses={200: _json("charts and figures, or ok=false when Prometheus is unreachable"),
+                         **_UNAUTH}, tags=tags),
         Route("GET", f"{API}/alerts", api_alerts, scope=None, summary="Active alerts from Alertmanager",
-              responses={200: {"description": "alerts"}, **_UNAUTH}, tags=tags),
+              responses={200: _json("alerts, or ok=false when Alertmanager is unreachable"), **_UNAUTH},
+              tags=tags),
         Route("GET", f"{API}/imports", api_imports, scope=None, summary="Imports in progress",
-              responses={200: {"description": "imports"}, **_UNAUTH}, tags=tags),
+              responses={200: _json("imports"), **_UNAUTH}, tags=tags),
         Route("GET", f"{API}/logs", api_logs, scope=None, summary="Recent WARNING+ log records",
-              responses={200: {"description": "log records"}, **_UNAUTH}, tags=tags),
+              responses={200: _json("log records"), **_UNAUTH}, tags=tags),
         Route("GET", f"{API}/logs/export", api_logs_export, scope=None, summary="Export log records (CSV or NDJSON)",
               responses={200: {"description": "a file", "content": {"text/csv": {}, "application/x-ndjson": {}}},
                          **_UNAUTH}, tags=tags),

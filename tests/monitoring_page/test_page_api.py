@@ -92,6 +92,16 @@ async def test_repeated_failed_logins_are_slowed_down(page_client, make_key, mon
     assert "Set-Cookie" not in resp.headers
 
 
+@pytest.mark.parametrize("headers, data, status", [
+    ({"Content-Type": "multipart/form-data"}, b"key=x", 400),      # no boundary
+    ({"Content-Type": "application/json"}, b'{"key": "x"}', 415),
+])
+async def test_malformed_login_bodies_get_a_clear_error(page_client, headers, data, status):
+    resp = await page_client.post(f"{BASE}/login", data=data, headers=headers)
+    assert resp.status == status
+    assert (await resp.json())["error"]["message"]
+
+
 async def test_cross_origin_login_post_is_refused(page_client, make_key):
     key = await make_key("read")
     resp = await page_client.post(f"{BASE}/login", data={"key": key}, headers={"Origin": "http://evil.example"},
