@@ -124,6 +124,24 @@ def _post_json(url: str, key: str, body: dict) -> int:
         return exc.code
 
 
+def _get_json(url: str, key: str) -> dict:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def _upload(url: str, key: str, text: str) -> int:
+    """POST a CSV as multipart/form-data (field ``file``); returns the import id."""
+    boundary = "pagetest" + os.urandom(8).hex()
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"page-leads.csv\"\r\n"
+            f"Content-Type: text/csv\r\n\r\n{text}\r\n--{boundary}--\r\n").encode()
+    req = urllib.request.Request(url, data=body, method="POST", headers={
+        "Authorization": f"Bearer {key}", "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 202
+        return json.loads(resp.read())["id"]
+
+
 def _log_warnings(settings, records) -> None:
     handler = RedisStreamHandler(settings.redis_url, stream_key(settings.redis_prefix), "x")
     try:
@@ -172,16 +190,20 @@ def test_monitoring_page_in_a_browser(stack, browser, settings, tmp_path):
     # Given the exporter, Prometheus (scraping it every second, with a rule that always fires)
     # and Alertmanager (sending to the exporter's incident webhook)
     rules, am_config = _write_configs(stack, tmp_path)
-    # and the sender (API, worker, local SMTP sink) to send real email
+    # and the sender (API, worker, local SMTP sink) and the importer (API, worker) for real work
     stack.start_sink()
-    stack.start_service("sender")
     stack.start_worker("sender", wait=False)
+    stack.start_worker("importer", wait=False)
+    stack.start_service("sender")
+    stack.start_service("importer")
     stack.start_service("exporter")
     stack.start_alertmanager(am_config)
     stack.wait_http("sender-worker", "/", timeout=60)
+    stack.wait_http("importer-worker", "/", timeout=60)
     stack.start_prometheus(rule_files=[str(rules)], extra_args=("--rules.alert.resend-delay=1s",))
     key = _api_key(stack, "read")
     sender_key = _api_key(stack, "send")
+    import_key = _api_key(stack, "import")
 
     # And a scripted workload: API traffic, queued messages (no worker), an import in progress,
     # warnings and errors from several services
@@ -195,6 +217,16 @@ def test_monitoring_page_in_a_browser(stack, browser, settings, tmp_path):
         assert _post_json(f"{stack.url('sender')}/api/emails", sender_key, {
             "to": f"customer{i}@example.com", "from_email": "Shop <shop@example.com>",
             "subject": f"Receipt {i}", "text": "Thanks"}) == 202
+    # a real import: 300 rows, 3 of them invalid; then its worker stops, so that the probe
+    # messages below stay waiting on lead-import
+    csv_rows = ["email,first_name"] + [f"lead{i}@example.com,Lead {i}" for i in range(297)]
+    csv_rows += ["not-an-email,Bad", ",Missing", "x@,Broken"]
+    import_id = _upload(f"{stack.url('importer')}/api/upload", import_key, "\n".join(csv_rows) + "\n")
+    wait_until(lambda: _get_json(f"{stack.url('importer')}/api/imports/{import_id}", key)["status"] == "completed",
+               40, what="the import to complete\n" + stack.log("importer-worker"))
+    wait_until(lambda: stack.prom_query("sum(mailgenius_import_rows_total) >= 300"), 20,
+               what="the import's rows scraped from its worker")
+    stack.stop("importer-worker", kill=True)
     broker = build_broker(settings)
     for i in range(5):
         enqueue(broker, "lead-import", "import_leads_probe", i)
@@ -240,6 +272,13 @@ def test_monitoring_page_in_a_browser(stack, browser, settings, tmp_path):
             "document.querySelector('#queues-table tr[data-queue=\"lead-import\"] [data-field=waiting]')?.textContent === '5'")
         page.wait_for_selector("#imports-table tr[data-import]")
         assert "page-test-leads.csv" in _text(page, "#imports-table")
+        done = page.locator(f'#imports-table tr[data-import="{import_id}"]')
+        assert "page-leads.csv" in done.inner_text() and "completed" in done.inner_text()
+        assert done.locator("td").last.inner_text().strip() == "3"  # the invalid rows
+        page.wait_for_selector('[data-chart="import_rows"][data-state="drawn"] .uplot', timeout=20_000)
+        wait_js(page, "document.querySelector('[data-stat=import_invalid_ratio]').textContent !== '—'",
+                timeout=20_000)
+        assert _text(page, "[data-stat=import_invalid_ratio]") == "1.00 %"
         page.wait_for_selector("#alerts-list li[data-alert=MonitoringPageProbe]", timeout=20_000)
         page.wait_for_selector("#incidents-table tbody tr:not(:has(.empty))", timeout=20_000)
         assert "MonitoringPageProbe" in _text(page, "#incidents-table")
