@@ -19,7 +19,15 @@ from mailgenius.web import Route, add_routes, json_response
 from . import keys, sessions, sources
 from .csvsafe import to_csv, to_ndjson
 from .imports import import_overview
-from .logview import KNOWN_SERVICES, LEVELS, LogFilter, parse_after, parse_limit, read_logs
+from .logview import (
+    KNOWN_SERVICES,
+    LEVELS,
+    SCAN_LIMIT,
+    LogFilter,
+    parse_after,
+    parse_limit,
+    read_logs,
+)
 
 HERE = Path(__file__).resolve().parent
 #: where the page lives (the operations guide's address)
@@ -190,8 +198,6 @@ async def api_logs_export(request: web.Request) -> web.Response:
         raise errors.ValidationError(f"format: must be csv or ndjson; got {fmt[:20]!r}")
     flt = LogFilter.from_query(request.query)
     settings = request.app[kernel_keys.SETTINGS]
-    from .logview import SCAN_LIMIT
-
     entries, _ = await read_logs(request.app[kernel_keys.REDIS], settings.redis_prefix, flt, limit=SCAN_LIMIT)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     if fmt == "csv":
