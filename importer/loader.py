@@ -129,6 +129,8 @@ SELECT s.email, NULLIF(btrim(s.first_name), ''), NULLIF(btrim(s.last_name), ''),
        NULLIF(btrim(s.company), ''), NULLIF(btrim(s.phone), ''), {tags},
        COALESCE(s.attributes, '{{}}'::jsonb), $2, $1
 FROM import_stage s
+-- one lock order for every import: concurrent imports of overlapping files never deadlock
+ORDER BY lower(s.email)
 """
 
 MERGE_SKIP = """

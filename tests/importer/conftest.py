@@ -113,6 +113,16 @@ class Worker:
 
 @pytest.fixture
 def start_worker(settings):
+    """Start real workers on an empty lead-import queue (messages left by API-only tests would
+    point at truncated imports)."""
+    import redis
+
+    from mailgenius.broker import dramatiq_namespace
+
+    client = redis.Redis.from_url(settings.redis_url)
+    for key in client.scan_iter(match=f"{dramatiq_namespace(settings)}*", count=1000):
+        client.delete(key)
+    client.close()
     workers: list[Worker] = []
 
     def start(**extra: str) -> Worker:
