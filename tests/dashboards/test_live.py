@@ -34,7 +34,7 @@ import yaml
 from dashboards.queries import check_prometheus, iter_queries, metric_names
 from mailgenius import auth
 from mailgenius.settings import load_settings
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TABLES
 from tests.stack import ALERTMANAGER, PROMETHEUS, Stack, http_get, require_binaries, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -111,6 +111,19 @@ def _multipart(fields: dict[str, str], filename: str, content: bytes) -> tuple[b
                  f"Content-Type: text/csv\r\n\r\n".encode() + content + b"\r\n")
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def _empty_tables(database_url: str) -> None:
+    """Start from empty tables: earlier suites of the session share this database (their
+    incidents would shift MTTR, their leads and campaigns the counts)."""
+    async def run():
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
 
 
 def _create_key(database_url: str) -> str:
@@ -283,8 +296,11 @@ def record_incidents(stack: Stack) -> None:
 def live(database_url, redis_url, redis_prefix, tmp_path_factory):
     require_binaries(PROMETHEUS, ALERTMANAGER)
     tmp = tmp_path_factory.mktemp("dashboards-live")
+    _empty_tables(database_url)
     settings = load_settings({}).replace(
-        database_url=database_url, redis_url=redis_url, redis_prefix=redis_prefix,
+        # a prefix of our own under the session's (removed with it): other suites' workers,
+        # heartbeats and queues stay out of these panels, and ours out of theirs
+        database_url=database_url, redis_url=redis_url, redis_prefix=f"{redis_prefix}-dash",
         # MAILGENIUS_TEST_BROKER_URL=amqp://... runs the stack on RabbitMQ (tests/conftest.py)
         broker_url=os.environ.get("MAILGENIUS_TEST_BROKER_URL") or redis_url,
         upload_dir=str(tmp / "uploads"), sink_dir=str(tmp / "sink"), data_dir=str(tmp / "var"),
