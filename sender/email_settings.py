@@ -136,17 +136,27 @@ class SettingsCache:
         self.redis, self.pool, self.settings = redis, pool, settings
         self._value: dict | None = None
         self._at = 0.0
+        # one refresh at a time
+        self._lock = asyncio.Lock()
 
-    async def get(self) -> dict:
-        now = time.monotonic()
-        if self._value is not None and now - self._at < config.SETTINGS_CACHE_SECONDS:
+    async def get(self, conn=None) -> dict:
+        """``conn``: a connection the caller already holds, used for the table fallback (a
+        second connection from a pool that callers have exhausted would never come)."""
+        if self._value is not None and time.monotonic() - self._at < config.SETTINGS_CACHE_SECONDS:
             return self._value
+        async with self._lock:
+            if self._value is not None and time.monotonic() - self._at < config.SETTINGS_CACHE_SECONDS:
+                return self._value
+            return await self._refresh(conn)
+
+    async def _refresh(self, conn) -> dict:
+        now = time.monotonic()
         raw = await self.redis.hgetall(hash_key(self.settings))
         if raw:
             value = {k.decode(): v.decode() for k, v in raw.items()}
             value["rate_limit"] = float(value.get("rate_limit", 0) or 0)
         else:
-            value = await load(self.pool, self.settings)
+            value = await load(conn if conn is not None else self.pool, self.settings)
             await mirror(self.redis, self.settings, value)
         self._value, self._at = value, now
         return value

@@ -40,39 +40,48 @@ log = logging.getLogger(__name__)
 COMPILED_CACHE_SIZE = 64
 
 CLAIM_SQL = """
-UPDATE messages m SET status = 'sending', attempts = m.attempts + 1, updated_at = now()
-FROM campaigns c
-WHERE c.id = $1 AND c.status = 'sending'
-  AND m.campaign_id = $1 AND m.batch = $2 AND m.status IN ('pending', 'sending')
-RETURNING m.id, m.lead_id, m.email
+WITH claimed AS (
+    UPDATE messages m SET status = 'sending', attempts = m.attempts + 1, updated_at = now()
+    FROM campaigns c
+    WHERE c.id = $1 AND c.status = 'sending'
+      AND m.campaign_id = $1 AND m.batch = $2 AND m.status IN ('pending', 'sending')
+    RETURNING m.id, m.lead_id, m.email)
+SELECT cl.id, cl.email, l.id AS lead_id, l.first_name, l.last_name, l.company, l.phone, l.tags,
+       l.attributes, l.status AS lead_status
+FROM claimed cl LEFT JOIN leads l ON l.id = cl.lead_id
 """
 
-SENT_SQL = """
-UPDATE messages m SET status = 'sent', provider = $3, provider_message_id = v.pid,
-       sent_at = now(), updated_at = now(), last_error = NULL
-FROM unnest($1::bigint[], $2::text[]) AS v(id, pid)
-WHERE m.id = v.id AND m.status = 'sending'
+#: one round of outcomes and the campaign counters in one statement (one round trip, atomic)
+RECORD_SQL = """
+WITH s AS (
+    UPDATE messages m SET status = 'sent', provider = $6, provider_message_id = v.pid,
+           sent_at = now(), updated_at = now(), last_error = NULL
+    FROM unnest($1::bigint[], $2::text[]) AS v(id, pid)
+    WHERE m.id = v.id AND m.status = 'sending'
+    RETURNING 1),
+f AS (
+    UPDATE messages m SET status = v.st, provider = $6, last_error = v.err, updated_at = now()
+    FROM unnest($3::bigint[], $4::text[], $5::text[]) AS v(id, err, st)
+    WHERE m.id = v.id AND m.status = 'sending'
+    RETURNING m.status),
+n AS (
+    SELECT (SELECT count(*) FROM s) AS sent,
+           (SELECT count(*) FROM f WHERE status = 'failed') AS failed,
+           (SELECT count(*) FROM f WHERE status = 'cancelled') AS cancelled),
+old AS (SELECT id, status FROM campaigns WHERE id = $7::bigint FOR UPDATE),
+c AS (
+    UPDATE campaigns c
+    SET queued = c.queued - (n.sent + n.failed + n.cancelled), sent = c.sent + n.sent,
+        failed = c.failed + n.failed, updated_at = now(),
+        status = CASE WHEN c.status = 'sending' AND c.queued - (n.sent + n.failed + n.cancelled) <= 0
+                      THEN (CASE WHEN c.sent + n.sent > 0 OR c.failed + n.failed = 0 THEN 'sent' ELSE 'failed' END)
+                      ELSE c.status END,
+        finished_at = CASE WHEN c.status = 'sending' AND c.queued - (n.sent + n.failed + n.cancelled) <= 0
+                           THEN now() ELSE c.finished_at END
+    FROM old, n WHERE c.id = old.id AND n.sent + n.failed + n.cancelled > 0
+    RETURNING old.status AS old_status, c.status AS new_status)
+SELECT n.sent, n.failed, n.cancelled, c.old_status, c.new_status FROM n LEFT JOIN c ON true
 """
-
-NOT_SENT_SQL = """
-UPDATE messages m SET status = v.st, provider = $4, last_error = v.err, updated_at = now()
-FROM unnest($1::bigint[], $2::text[], $3::text[]) AS v(id, err, st)
-WHERE m.id = v.id AND m.status = 'sending'
-RETURNING m.status
-"""
-
-CAMPAIGN_COUNTS_SQL = """
-WITH old AS (SELECT id, status FROM campaigns WHERE id = $1 FOR UPDATE)
-UPDATE campaigns c
-SET queued = c.queued - $2, sent = c.sent + $3, failed = c.failed + $4, updated_at = now(),
-    status = CASE WHEN c.status = 'sending' AND c.queued - $2 <= 0
-                  THEN (CASE WHEN c.sent + $3 > 0 OR c.failed + $4 = 0 THEN 'sent' ELSE 'failed' END)
-                  ELSE c.status END,
-    finished_at = CASE WHEN c.status = 'sending' AND c.queued - $2 <= 0 THEN now() ELSE c.finished_at END
-FROM old WHERE c.id = old.id
-RETURNING old.status AS old_status, c.status AS new_status
-"""
-
 
 def idempotency_key(kind: str, owner: int, part: int, ids: list[int]) -> str:
     digest = hashlib.sha256(",".join(map(str, sorted(ids))).encode()).hexdigest()[:16]
@@ -82,9 +91,6 @@ def idempotency_key(kind: str, owner: int, part: int, ids: list[int]) -> str:
 def backoff(attempt: int) -> float:
     return min(config.BACKOFF_MAX, config.BACKOFF_BASE * (2 ** (attempt - 1)))
 
-
-def _int(v) -> int:
-    return int(str(v).split()[-1])
 
 
 @dataclass
@@ -136,8 +142,8 @@ class SendContext:
 
         return obs
 
-    async def provider(self):
-        name = (await self.settings_cache.get()).get("provider") or self.settings.email_provider
+    async def provider(self, conn=None):
+        name = (await self.settings_cache.get(conn)).get("provider") or self.settings.email_provider
         p = self._providers.get(name)
         if p is None:
             s = self.settings
@@ -185,25 +191,14 @@ def list_headers(unsubscribe_url: str) -> dict[str, str]:
 async def _record(ctx: SendContext, conn, provider: str, campaign_id: int | None,
                   sent: dict[int, str], failed: dict[int, tuple[str, str]], cancelled: list[int],
                   outcome: Outcome) -> None:
-    """Write one round of outcomes and the campaign counters in one transaction."""
+    """Write one round of outcomes and the campaign counters (one atomic statement)."""
     if not sent and not failed and not cancelled:
         return
     ids = list(failed) + cancelled
     errs = [failed[i][1] for i in failed] + ["lead is suppressed"] * len(cancelled)
     sts = ["failed"] * len(failed) + ["cancelled"] * len(cancelled)
-    async with conn.transaction():
-        n_sent = _int(await conn.execute(SENT_SQL, list(sent), list(sent.values()), provider)) if sent else 0
-        n_failed = n_cancelled = 0
-        if ids:
-            for r in await conn.fetch(NOT_SENT_SQL, ids, errs, sts, provider):
-                if r["status"] == "failed":
-                    n_failed += 1
-                else:
-                    n_cancelled += 1
-        row = None
-        if campaign_id is not None:
-            row = await conn.fetchrow(CAMPAIGN_COUNTS_SQL, campaign_id, n_sent + n_failed + n_cancelled,
-                                      n_sent, n_failed)
+    row = await conn.fetchrow(RECORD_SQL, list(sent), list(sent.values()), ids, errs, sts, provider, campaign_id)
+    n_sent, n_failed, n_cancelled = row["sent"], row["failed"], row["cancelled"]
     outcome.sent += n_sent
     outcome.failed += n_failed
     outcome.cancelled += n_cancelled
@@ -225,12 +220,12 @@ async def _record(ctx: SendContext, conn, provider: str, campaign_id: int | None
 async def _deliver(ctx: SendContext, conn, campaign_id: int | None, emails: list[OutEmail],
                    key_kind: str, owner: int, part: int, outcome: Outcome) -> None:
     """Send with retries (5xx, timeouts, 429 + Retry-After), recording after every call."""
-    provider = await ctx.provider()
+    provider = await ctx.provider(conn)
     pending = emails
     attempt = 0
     while pending:
         attempt += 1
-        if float((await ctx.settings_cache.get()).get("rate_limit") or 0) > 0:  # re-read every second
+        if float((await ctx.settings_cache.get(conn)).get("rate_limit") or 0) > 0:  # re-read every second
             await ctx.limiter.acquire(len(pending))
         key = idempotency_key(key_kind, owner, part, [e.message_id for e in pending])
         try:
@@ -261,7 +256,8 @@ async def _deliver(ctx: SendContext, conn, campaign_id: int | None, emails: list
 
 
 def _lead_dict(r) -> dict:
-    d = dict(r)
+    d = {"id": r["lead_id"], "email": r["email"], "first_name": r["first_name"], "last_name": r["last_name"],
+         "company": r["company"], "phone": r["phone"], "tags": r["tags"], "attributes": r["attributes"]}
     attrs = d.get("attributes")
     if isinstance(attrs, str):
         try:
@@ -290,9 +286,6 @@ async def send_campaign_batch(ctx: SendContext, campaign_id: int, batch: int) ->
                 outcome.detail = "nothing to send"
                 return outcome
             compiled = await ctx.compiled(conn, camp)
-            leads = {r["id"]: _lead_dict(r) for r in await conn.fetch(
-                """SELECT id, email, first_name, last_name, company, phone, tags, attributes, status
-                   FROM leads WHERE id = ANY($1::bigint[])""", [r["lead_id"] for r in rows])}
             campaign_view = {"id": camp["id"], "name": camp["name"]}
             tracker = ctx.tracker
             emails: list[OutEmail] = []
@@ -300,13 +293,12 @@ async def send_campaign_batch(ctx: SendContext, campaign_id: int, batch: int) ->
             cancelled: list[int] = []
             for r in rows:
                 mid = r["id"]
-                lead = leads.get(r["lead_id"])
-                if lead is None or lead["status"] != "active":
+                if r["lead_id"] is None or r["lead_status"] != "active":
                     cancelled.append(mid)  # unsubscribed / bounced / deleted since the ledger was written
                     continue
                 unsub = tracker.unsubscribe_url(mid)
                 ctx_vars = templates.lead_context(
-                    lead, campaign=campaign_view, unsubscribe_url=unsub,
+                    _lead_dict(r), campaign=campaign_view, unsubscribe_url=unsub,
                     click_url=lambda link_id, _m=mid: tracker.click_url(_m, int(link_id)))
                 try:
                     subject, html, text = templates.render(compiled, ctx_vars)
@@ -317,7 +309,7 @@ async def send_campaign_batch(ctx: SendContext, campaign_id: int, batch: int) ->
                 emails.append(OutEmail(mid, r["email"], camp["from_email"], subject, html, text,
                                        list_headers(unsub)))
             if failed or cancelled:
-                provider = await ctx.provider()
+                provider = await ctx.provider(conn)
                 await _record(ctx, conn, provider.name, campaign_id, {}, failed, cancelled, outcome)
             if emails:
                 await _deliver(ctx, conn, campaign_id, emails, "c", campaign_id, batch, outcome)
