@@ -1002,6 +1002,7 @@ THRESHOLDS = {"p95_seconds": 0.5, "error_ratio": 0.01, "delivery_ratio": 0.95, "
 
 _HTTP_REQ = "mailgenius_http_requests_total"
 _HTTP_DUR = "mailgenius_http_request_duration_seconds_bucket"
+_HTTP_5XX = 'mailgenius_http_requests_total{status=~"5.."}'
 _FS = 'fstype!~"tmpfs|overlay|squashfs|ramfs|nsfs|fuse.*"'
 
 
@@ -1165,6 +1166,16 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def counted(selector: str, window: str, by: str = "") -> str:
+    """PromQL for what a counter counted over ``window``, summed (``by`` labels). ``increase()``
+    alone drops the first sample of a series born inside the window (a label value seen for the
+    first time, a process started during the period), so that first value is added back."""
+    grp = f" by ({by})" if by else ""
+    inc = f"sum{grp} (increase({selector}[{window}]))"
+    born = f"sum{grp} (min_over_time({selector}[{window}]) unless {selector} offset {window})"
+    return f"({inc} + ({born} or {inc} * 0))"
+
+
 def collect_report(prom: Prom, kind: str, *, now: float | None = None, db_rows: dict | None = None) -> dict:
     """Query Prometheus for every section of the guide's report; return the template context."""
     period, R, npoints = REPORT_PERIODS[kind]
@@ -1184,9 +1195,9 @@ def collect_report(prom: Prom, kind: str, *, now: float | None = None, db_rows: 
 
     s = {}
     # -- system performance
-    total_req = prom.scalar(f"sum(increase({_HTTP_REQ}[{R}]))")
+    total_req = prom.scalar(counted(_HTTP_REQ, R))
     q = {p: prom.scalar(f"histogram_quantile({p}, sum by (le) (increase({_HTTP_DUR}[{R}])))") for p in (0.5, 0.95, 0.99)}
-    per_service = prom.by(f"sum by (service) (increase({_HTTP_REQ}[{R}]))", "service")
+    per_service = prom.by(counted(_HTTP_REQ, R, "service"), "service")
     p95_service = prom.by(f"histogram_quantile(0.95, sum by (service, le) (increase({_HTTP_DUR}[{R}])))", "service")
     s["performance"] = {
         "figures": [("requests", _num(total_req)), ("requests / min", _num(_ratio(total_req, (end - data_since) / 60), 1)),
@@ -1201,7 +1212,7 @@ def collect_report(prom: Prom, kind: str, *, now: float | None = None, db_rows: 
         ],
     }
     # -- errors and incidents
-    err_total = prom.scalar(f'sum(increase({_HTTP_REQ}{{status=~"5.."}}[{R}]))') or 0.0
+    err_total = prom.scalar(counted(_HTTP_5XX, R)) or 0.0
     err_ratio = _ratio(err_total, total_req)
     fired = prom.instant(f'count by (alertname, severity) (max_over_time(ALERTS{{alertstate="firing"}}[{R}]))')
     alerts_fired = sorted((r["metric"].get("alertname", "?"), r["metric"].get("severity", "")) for r in fired)
@@ -1219,9 +1230,9 @@ def collect_report(prom: Prom, kind: str, *, now: float | None = None, db_rows: 
         "incidents": (db_rows or {}).get("incidents"),
     }
     # -- email delivery
-    sent = prom.scalar(f"sum(increase(mailgenius_emails_sent_total[{R}]))")
-    failures = prom.scalar(f"sum(increase(mailgenius_email_send_failures_total[{R}]))")
-    ev = prom.by(f"sum by (event) (increase(mailgenius_email_events_total[{R}]))", "event")
+    sent = prom.scalar(counted("mailgenius_emails_sent_total", R))
+    failures = prom.scalar(counted("mailgenius_email_send_failures_total", R))
+    ev = prom.by(counted("mailgenius_email_events_total", R, "event"), "event")
     delivered = ev.get("delivered")
     s["email"] = {
         "figures": [("sent", _num(sent)), ("send failures", _num(failures)),
@@ -1237,8 +1248,8 @@ def collect_report(prom: Prom, kind: str, *, now: float | None = None, db_rows: 
         "campaigns": (db_rows or {}).get("campaigns"),
     }
     # -- queues
-    processed = prom.scalar(f"sum(increase(dramatiq_messages_total[{R}]))")
-    job_errors = prom.scalar(f"sum(increase(dramatiq_message_errors_total[{R}]))")
+    processed = prom.scalar(counted("dramatiq_messages_total", R))
+    job_errors = prom.scalar(counted("dramatiq_message_errors_total", R))
     max_wait = prom.by(f'max by (queue) (max_over_time(mailgenius_queue_messages{{state="waiting"}}[{R}]))', "queue")
     s["queues"] = {
         "figures": [("jobs processed", _num(processed)), ("job errors", _num(job_errors)),
@@ -1281,11 +1292,11 @@ def collect_report(prom: Prom, kind: str, *, now: float | None = None, db_rows: 
 
     trend_rows = []
     for label, expr, fmt in (
-        ("requests", f"sum(increase({_HTTP_REQ}[{R}]))", _num),
+        ("requests", counted(_HTTP_REQ, R), _num),
         ("latency p95", f"histogram_quantile(0.95, sum by (le) (increase({_HTTP_DUR}[{R}])))", _ms),
-        ("error rate", f'sum(increase({_HTTP_REQ}{{status=~"5.."}}[{R}])) / sum(increase({_HTTP_REQ}[{R}]))', lambda v: _pct(v, 2)),
-        ("emails sent", f"sum(increase(mailgenius_emails_sent_total[{R}]))", _num),
-        ("jobs processed", f"sum(increase(dramatiq_messages_total[{R}]))", _num),
+        ("error rate", f"({counted(_HTTP_5XX, R)} or {counted(_HTTP_REQ, R)} * 0) / {counted(_HTTP_REQ, R)}", lambda v: _pct(v, 2)),
+        ("emails sent", counted("mailgenius_emails_sent_total", R), _num),
+        ("jobs processed", counted("dramatiq_messages_total", R), _num),
         ("leads", "sum(mailgenius_leads)", _num),
     ):
         cur, before = prom.scalar(expr), prev(expr)
