@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 
 import dramatiq
 
@@ -26,6 +27,7 @@ from .metrics import SenderMetrics
 from .sending import SendContext
 from .sending import send_campaign_batch as _send_batch
 from .sending import send_transactional as _send_tx
+from .sweeper import SweeperThread
 
 settings, broker = worker_setup("sender")
 if config.BROKER_MAINTENANCE_CHANCE and hasattr(broker, "maintenance_chance"):
@@ -34,6 +36,29 @@ if config.BROKER_HEARTBEAT_TIMEOUT_MS and hasattr(broker, "heartbeat_timeout"):
     broker.heartbeat_timeout = config.BROKER_HEARTBEAT_TIMEOUT_MS
 
 log = logging.getLogger("sender.actors")
+
+
+class Sweeper(dramatiq.Middleware):
+    """Starts the stalled-campaign sweeper thread (sender/sweeper.py) in each worker process.
+
+    Parameters: none; its timings come from sender/config.py (SWEEP_INTERVAL, STALL_SECONDS).
+    """
+
+    def __init__(self):
+        self.logger = logging.getLogger(type(self).__name__)
+        self.thread = None
+
+    def after_worker_boot(self, broker, worker):
+        self.thread = SweeperThread(settings, lambda cid: enqueue(broker, QUEUE_EMAIL, "dispatch_campaign", cid))
+        self.thread.start()
+
+    def before_worker_shutdown(self, broker, worker):
+        if self.thread is not None:
+            self.thread.stop_event.set()
+
+
+if os.environ.get("MAILGENIUS_WORKER") == "1":
+    broker.add_middleware(Sweeper())
 METRICS = SenderMetrics()  # the global registry: multiprocess files under `mailgenius worker`
 _contexts: dict[int, SendContext] = {}
 _ctx_lock: dict[int, asyncio.Lock] = {}

@@ -40,3 +40,15 @@ HEALTH_FAILURE_RATIO = _num("HEALTH_FAILURE_RATIO", 0.05)
 #: (0 = dramatiq's defaults). Tests set them so redelivery happens within seconds.
 BROKER_MAINTENANCE_CHANCE = int(_num("BROKER_MAINTENANCE_CHANCE", 0))
 BROKER_HEARTBEAT_TIMEOUT_MS = int(_num("BROKER_HEARTBEAT_TIMEOUT_MS", 0))
+#: seconds a batch waits for Redis (rate limit) to come back before giving up (dramatiq retries)
+REDIS_PATIENCE = _num("REDIS_PATIENCE", 300.0)
+#: the stalled-campaign sweeper (sender/sweeper.py): how often it looks, seconds
+SWEEP_INTERVAL = _num("SWEEP_INTERVAL", 10.0)
+#: a sending campaign with unsent recipients, no batch in progress and no progress for this
+#: long is re-dispatched (its dramatiq messages were lost, e.g. in a Redis outage), seconds
+STALL_SECONDS = _num("STALL_SECONDS", 45.0)
+#: a queued campaign whose ledger is not written after this long is re-dispatched, seconds
+QUEUED_STALL_SECONDS = _num("QUEUED_STALL_SECONDS", 120.0)
+#: the sweeper stays quiet while more messages than this wait in the queue (they may simply
+#: be the stalled campaign's turn coming)
+SWEEP_MAX_WAITING = int(_num("SWEEP_MAX_WAITING", 100))

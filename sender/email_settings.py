@@ -13,12 +13,16 @@ import asyncio
 import json
 import time
 
+import redis.exceptions
+
 from mailgenius.cache import rkey
 from mailgenius.errors import ValidationError
 
 from . import config
 
 PROVIDERS = ("resend", "smtp")
+#: errors meaning "Redis is unreachable right now"
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 #: settings-table key
 SETTINGS_KEY = "email"
 #: the highest rate limit accepted (emails per second); 0 means unlimited
@@ -117,10 +121,23 @@ class RateLimiter:
         self.keys = [hash_key(settings), tat_key(settings)]
 
     async def acquire(self, n: int) -> float:
-        """Wait for a slot for ``n`` emails; returns the seconds waited."""
+        """Wait for a slot for ``n`` emails; returns the seconds waited. While Redis is
+        unreachable it keeps waiting (sending unmetered could break the provider's limit), up to
+        ``config.REDIS_PATIENCE`` seconds, then raises."""
         waited = 0.0
+        down_since = None
         while True:
-            wait = float(await self._script(keys=self.keys, args=[n, RATE_TOLERANCE, RATE_CATCH_UP]))
+            try:
+                wait = float(await self._script(keys=self.keys, args=[n, RATE_TOLERANCE, RATE_CATCH_UP]))
+            except REDIS_ERRORS:
+                now = time.monotonic()
+                down_since = down_since or now
+                if now - down_since > config.REDIS_PATIENCE:
+                    raise
+                await asyncio.sleep(1.0)
+                waited += 1.0
+                continue
+            down_since = None
             if wait <= 0:
                 return waited
             step = min(wait, MAX_WAIT_STEP)
@@ -151,12 +168,19 @@ class SettingsCache:
 
     async def _refresh(self, conn) -> dict:
         now = time.monotonic()
-        raw = await self.redis.hgetall(hash_key(self.settings))
+        try:
+            raw = await self.redis.hgetall(hash_key(self.settings))
+        except REDIS_ERRORS:
+            raw = None
+            if self._value is not None:  # Redis is down: keep what we knew, ask again later
+                self._at = now
+                return self._value
         if raw:
             value = {k.decode(): v.decode() for k, v in raw.items()}
             value["rate_limit"] = float(value.get("rate_limit", 0) or 0)
         else:
             value = await load(conn if conn is not None else self.pool, self.settings)
-            await mirror(self.redis, self.settings, value)
+            if raw is not None:
+                await mirror(self.redis, self.settings, value)
         self._value, self._at = value, now
         return value

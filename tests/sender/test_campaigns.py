@@ -283,3 +283,32 @@ async def test_lead_deleted_after_the_ledger_is_cancelled_not_sent(api, pool, se
     assert (c["sent"], c["queued"], c["status"]) == (2, 0, "sent")
     assert len(fake_resend.counts) == 2
     assert await pool.fetchval("SELECT count(*) FROM messages WHERE campaign_id = $1 AND status = 'cancelled'", cid) == 1
+
+
+async def test_sweeper_redispatches_a_stalled_campaign_only(api, pool, send_ctx, fake_resend, ssettings, redis_client):
+    from sender import sweeper
+
+    # Given a campaign whose batch 0 was claimed by a worker that vanished and whose batch 1
+    # message was lost (nothing in any queue), last progress 100 s ago
+    await add_leads(pool, 150)
+    cid = await make_campaign(api)
+    await campaigns.request_send(pool, cid)
+    await campaigns.write_ledger(pool, cid)
+    await pool.execute("UPDATE messages SET status = 'sending' WHERE campaign_id = $1 AND batch = 0", cid)
+    await pool.execute("UPDATE campaigns SET updated_at = now() - interval '100 seconds' WHERE id = $1", cid)
+    # While a live worker holds one of its batches, it is not stalled
+    async with pool.acquire() as holder:
+        await holder.execute("SELECT pg_advisory_lock($1::int, 0)", cid)
+        assert await sweeper.find_stalled(pool, stall_seconds=30) == []
+        await holder.execute("SELECT pg_advisory_unlock($1::int, 0)", cid)
+    # When the sweeper runs, Then it re-dispatches it once (and leaves it alone for a while)
+    enqueued = []
+    assert await sweeper.sweep_once(pool, redis_client, ssettings, enqueued.append) == [cid]
+    assert enqueued == [cid]
+    assert await sweeper.find_stalled(pool, stall_seconds=30) == []
+    # and the re-dispatched batches finish the campaign, nobody twice
+    for b in await campaigns.open_batches(pool, cid):
+        await send_campaign_batch(send_ctx, cid, b)
+    c = await campaign(pool, cid)
+    assert (c["status"], c["sent"], c["queued"]) == ("sent", 150, 0)
+    assert fake_resend.stats()["duplicates"] == 0 and len(fake_resend.counts) == 150

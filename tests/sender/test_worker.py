@@ -126,3 +126,23 @@ async def test_rate_limit_applies_to_running_workers_without_restart(api, pool, 
     await wait_for(finished, 20, 0.1, "campaign to finish")
     assert time.time() - changed < 5.0
     assert fake_resend.stats()["duplicates"] == 0
+
+
+async def test_lost_batch_messages_are_recovered_by_the_sweeper(api, pool, fake_resend, workers):
+    # Given a sending campaign whose batch messages were all lost (e.g. in a Redis outage)
+    from sender import campaigns as domain
+
+    await add_leads(pool, 500)
+    cid = await make_campaign(api)
+    await domain.request_send(pool, cid)
+    await domain.write_ledger(pool, cid)
+    await pool.execute("UPDATE messages SET status = 'sending' WHERE campaign_id = $1 AND batch = 0", cid)
+    # When a worker runs with a short stall threshold, Then the sweeper finishes the campaign
+    workers.start(threads=2, MAILGENIUS_SENDER_STALL_SECONDS="2", MAILGENIUS_SENDER_SWEEP_INTERVAL="1")
+
+    async def finished():
+        return (await campaign(pool, cid))["status"] == "sent"
+
+    await wait_for(finished, 30, 0.2, "the sweeper to re-dispatch\n" + workers.logs())
+    st = fake_resend.stats()
+    assert st["unique_recipients"] == 500 and st["duplicates"] == 0
