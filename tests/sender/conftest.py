@@ -126,11 +126,14 @@ class Workers:
 
     def start(self, *, processes: int = 1, threads: int = 4, **extra) -> subprocess.Popen:
         log = open(self.tmp_path / f"worker-{len(self.procs)}.log", "wb")
+        port = free_port()
+        data_dir = str(self.tmp_path / f"worker-{len(self.procs)}-data")
         proc = subprocess.Popen(
             [str(ROOT / ".venv/bin/mailgenius"), "worker", "sender", "--processes", str(processes),
-             "--threads", str(threads), "--metrics-port", str(free_port())],
-            env=worker_env(self.settings, **extra), stdout=log, stderr=subprocess.STDOUT,
-            cwd=str(ROOT), start_new_session=True)
+             "--threads", str(threads), "--metrics-port", str(port)],
+            env=worker_env(self.settings, MAILGENIUS_DATA_DIR=data_dir, **extra), stdout=log,
+            stderr=subprocess.STDOUT, cwd=str(ROOT), start_new_session=True)
+        proc.metrics_port = port
         self.procs.append(proc)
         return proc
 

@@ -285,8 +285,14 @@ async def test_lead_deleted_after_the_ledger_is_cancelled_not_sent(api, pool, se
     assert await pool.fetchval("SELECT count(*) FROM messages WHERE campaign_id = $1 AND status = 'cancelled'", cid) == 1
 
 
-async def test_sweeper_redispatches_a_stalled_campaign_only(api, pool, send_ctx, fake_resend, ssettings, redis_client):
-    from sender import sweeper
+async def test_sweeper_redispatches_a_stalled_campaign_only(api, pool, send_ctx, fake_resend, ssettings, redis_client,
+                                                            monkeypatch):
+    from mailgenius.cache import rkey
+    from sender import config, sweeper
+
+    # messages other in-process tests enqueued (no worker here) must not silence the sweep
+    monkeypatch.setattr(config, "SWEEP_MAX_WAITING", 10**9)
+    await redis_client.delete(rkey(ssettings, "sender", "sweep"))
 
     # Given a campaign whose batch 0 was claimed by a worker that vanished and whose batch 1
     # message was lost (nothing in any queue), last progress 100 s ago

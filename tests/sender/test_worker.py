@@ -56,7 +56,7 @@ async def test_pause_resume_cancel_through_the_queue(api, pool, fake_resend, wor
     await add_leads(pool, 3000)
     fake_resend.delay = 0.05
     cid = await make_campaign(api)
-    workers.start(threads=2)
+    w = workers.start(threads=2)
     await api.post(f"/api/campaigns/{cid}/send", headers=api.h)
 
     async def sent_some():
@@ -79,6 +79,18 @@ async def test_pause_resume_cancel_through_the_queue(api, pool, fake_resend, wor
     await wait_for(finished, 60, 0.2, "resume to finish\n" + workers.logs())
     st = fake_resend.stats()
     assert st["unique_recipients"] == 3000 and st["duplicates"] == 0
+    # the worker's metrics (multiprocess mode) are served on its dramatiq Prometheus port
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{w.metrics_port}/metrics") as r:
+        text = await r.text()
+    samples = {(x.name, tuple(sorted(x.labels.items()))): x.value
+               for fam in text_string_to_metric_families(text) for x in fam.samples}
+    assert samples[("mailgenius_emails_sent_total", (("provider", "resend"),))] == 3000
+    assert samples[("mailgenius_campaigns_finished_total", (("outcome", "sent"),))] == 1
+    assert samples[("mailgenius_provider_request_duration_seconds_count",
+                    (("operation", "send_batch"), ("provider", "resend")))] >= 30
     # Cancel: a second campaign to the same leads stops within seconds, counts exact
     fake_resend.reset()
     cid2 = await make_campaign(api)
