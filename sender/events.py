@@ -9,6 +9,8 @@ import json
 import logging
 from dataclasses import dataclass
 
+import asyncpg
+
 from mailgenius.errors import AppError
 
 from .metrics import EVENTS, SenderMetrics
@@ -139,10 +141,15 @@ async def record_resend(pool, metrics: SenderMetrics, svix_id: str, body: bytes)
     hard = str(bounce.get("type", "Permanent")).lower() not in ("transient", "undetermined", "soft")
     applied = Applied(event)
     async with pool.acquire() as conn, conn.transaction():
-        eid = await conn.fetchval(
-            """INSERT INTO email_events (provider, event_id, type, provider_message_id, payload, occurred_at)
-               VALUES ('resend', $1, $2, $3, $4::jsonb, $5) ON CONFLICT (provider, event_id) DO NOTHING RETURNING id""",
-            svix_id, etype[:100], pid, body.decode("utf-8", "replace"), at)
+        try:
+            async with conn.transaction():  # a savepoint: a payload Postgres refuses is a 400
+                eid = await conn.fetchval(
+                    """INSERT INTO email_events (provider, event_id, type, provider_message_id, payload, occurred_at)
+                       VALUES ('resend', $1, $2, $3, $4::jsonb, $5)
+                       ON CONFLICT (provider, event_id) DO NOTHING RETURNING id""",
+                    svix_id[:200], etype[:100], pid[:200] if pid else None, body.decode("utf-8", "replace"), at)
+        except asyncpg.DataError as exc:
+            raise WebhookError(f"the payload cannot be stored: {exc}") from None
         if eid is None:
             applied.duplicate = True
             return applied

@@ -175,3 +175,17 @@ async def test_one_click_unsubscribe(api, pool, send_ctx):
     assert await pool.fetchval("SELECT status FROM leads WHERE id = $1", rows[0]["lead_id"]) == "unsubscribed"
     assert (await api.post(f"/u/{token}x", data={})).status == 404
     assert (await api.post(f"/u/{t.token('o', rows[1]['id'])}", data={})).status == 404
+
+
+async def test_webhook_payload_postgres_refuses_is_a_400(api, pool):
+    raw, headers = signed(b'{"type": "email.opened", "data": {"email_id": "x\\u0000y"}}')
+    resp = await api.post("/webhooks/resend", data=raw, headers=headers)
+    assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_webhook"
+    assert await pool.fetchval("SELECT count(*) FROM email_events") == 0
+
+
+async def test_webhook_for_an_unknown_email_is_recorded_unlinked(api, pool):
+    raw, headers = signed(event("email.delivered", "not-ours"))
+    resp = await api.post("/webhooks/resend", data=raw, headers=headers)
+    assert resp.status == 200 and (await resp.json())["message_id"] is None
+    assert await pool.fetchval("SELECT count(*) FROM email_events WHERE message_id IS NULL") == 1
