@@ -52,8 +52,9 @@ TAG = "mailgenius"
 HTTP_SERVICES = ("sender", "importer", "exporter")
 #: Job names of the dramatiq worker groups.
 WORKER_JOBS = ("sender-worker", "importer-worker")
-#: Filesystems worth watching (not tmpfs, overlays or pseudo filesystems).
-FS_SELECTOR = 'fstype!~"tmpfs|ramfs|overlay|squashfs|nsfs|autofs|fuse.*",mountpoint!~"/(run|proc|sys|dev)($|/.*)"'
+#: Filesystems worth watching (not tmpfs, overlays or pseudo filesystems): the same selector as
+#: the DiskSpaceLow alert (alerting/rules.yml), so the gauge and the alert agree.
+FS_SELECTOR = 'fstype!~"tmpfs|ramfs|overlay|squashfs|nsfs|fuse.*|devtmpfs",mountpoint!~"/(run|proc|sys)(/.*)?"'
 
 
 # -- queries ---------------------------------------------------------------------------------
@@ -134,10 +135,10 @@ def _ref(targets: Sequence) -> list:
 
 
 def _datasource_of(targets: Sequence) -> dict:
-    kinds = {id(LOKI) if isinstance(t, LokiTarget) else id(PROMETHEUS) for t in targets}
-    if len(kinds) > 1:
+    loki = {isinstance(t, LokiTarget) for t in targets}
+    if len(loki) > 1:
         raise ValueError("a panel mixes Prometheus and Loki targets")
-    return LOKI if targets and isinstance(targets[0], LokiTarget) else PROMETHEUS
+    return LOKI if True in loki else PROMETHEUS
 
 
 def _thresholds(steps: Sequence[tuple[float | None, str]] | None) -> list[dict]:
