@@ -228,6 +228,7 @@ class ImportJob:
         self.metrics = metrics
         self.options = options or ImportOptions.from_env()
         self.cancel = asyncio.Event()
+        self.stop_watch = asyncio.Event()
         self.committed_rows = 0
         self.inflight_rows = 0
 
@@ -297,8 +298,11 @@ class ImportJob:
             return "cancelled"
         finally:
             reader.stop.set()
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+            self.stop_watch.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(watcher), 10)
+            except Exception:
+                log.warning("progress watcher did not stop", exc_info=True)
         processed = await conn.fetchval("SELECT processed_rows FROM imports WHERE id = $1", self.import_id)
         if processed == 0:
             await self._finish(conn, "failed", "the file has a header row but no data rows")
@@ -405,9 +409,11 @@ class ImportJob:
     # -- progress, cancel --------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        """Poll the cancel flag and publish live progress, every POLL_INTERVAL seconds."""
+        """Poll the cancel flag and publish live progress, every POLL_INTERVAL seconds, until
+        ``self.stop_watch`` is set. It is stopped by that event, never cancelled: a cancel
+        landing inside a client library call can be swallowed there and leave the loop running."""
         key = progress_key(self.settings, self.import_id)
-        while True:
+        while not self.stop_watch.is_set():
             try:
                 flag = await self.pool.fetchval("SELECT cancel_requested FROM imports WHERE id = $1",
                                                 self.import_id)
@@ -416,11 +422,12 @@ class ImportJob:
                 processed = self.committed_rows + self.inflight_rows
                 await self.redis.set(key, json.dumps({"processed": processed, "at": time.time()}),
                                      ex=PROGRESS_TTL)
-            except asyncio.CancelledError:
-                raise
             except Exception:  # progress is best effort; the job goes on
                 log.warning("progress update failed", exc_info=True)
-            await asyncio.sleep(POLL_INTERVAL)
+            try:
+                await asyncio.wait_for(self.stop_watch.wait(), POLL_INTERVAL)
+            except TimeoutError:
+                pass
 
     async def _finish(self, conn, status: str, error: str | None) -> None:
         row = await conn.fetchrow(
