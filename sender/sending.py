@@ -114,6 +114,8 @@ class SendContext:
     http: aiohttp.ClientSession | None = None
     settings_cache: SettingsCache | None = None
     limiter: RateLimiter | None = None
+    #: monotonic time before which no batch of this process calls the provider (after a 429)
+    provider_pause_until: float = 0.0
     _providers: dict = field(default_factory=dict)
     _compiled: dict = field(default_factory=dict)
 
@@ -227,6 +229,9 @@ async def _deliver(ctx: SendContext, conn, campaign_id: int | None, emails: list
         attempt += 1
         if float((await ctx.settings_cache.get(conn)).get("rate_limit") or 0) > 0:  # re-read every second
             await ctx.limiter.acquire(len(pending))
+        pause = ctx.provider_pause_until - time.monotonic()
+        if pause > 0:  # another batch of this process was told to back off (429 Retry-After)
+            await asyncio.sleep(pause)
         key = idempotency_key(key_kind, owner, part, [e.message_id for e in pending])
         try:
             result = await provider.send_batch(pending, key)
@@ -248,6 +253,8 @@ async def _deliver(ctx: SendContext, conn, campaign_id: int | None, emails: list
         delay = backoff(attempt)
         if err is not None and err.retry_after is not None:
             delay = min(err.retry_after, config.RETRY_AFTER_MAX)
+            if err.reason == "rate_limited":
+                ctx.provider_pause_until = max(ctx.provider_pause_until, time.monotonic() + delay)
         log.warning("provider call to retry", extra={"campaign_id": campaign_id, "attempt": attempt,
                                                      "reason": err.reason if err else "", "delay": delay,
                                                      "error": err.message if err else ""})

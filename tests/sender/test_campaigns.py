@@ -318,3 +318,25 @@ async def test_sweeper_redispatches_a_stalled_campaign_only(api, pool, send_ctx,
     c = await campaign(pool, cid)
     assert (c["status"], c["sent"], c["queued"]) == ("sent", 150, 0)
     assert fake_resend.stats()["duplicates"] == 0 and len(fake_resend.counts) == 150
+
+
+async def test_429_pauses_every_batch_of_the_process(api, pool, send_ctx, fake_resend):
+    # Given two batches, the provider answering the first call 429 Retry-After: 1
+    import asyncio
+
+    await add_leads(pool, 200)
+    cid = await make_campaign(api)
+    await campaigns.request_send(pool, cid)
+    await campaigns.write_ledger(pool, cid)
+    fake_resend.script.append({"status": 429, "retry_after": "1"})
+    # When both run, the second starting after the 429
+    first = asyncio.create_task(send_campaign_batch(send_ctx, cid, 0))
+    while not fake_resend.call_log:
+        await asyncio.sleep(0.01)
+    await send_campaign_batch(send_ctx, cid, 1)
+    await first
+    # Then no call reached the provider during the Retry-After window
+    t429 = fake_resend.call_log[0][0]
+    assert [s for _t, _n, s in fake_resend.call_log] == [429, 200, 200]
+    assert all(t - t429 >= 0.95 for t, _n, _s in fake_resend.call_log[1:])
+    assert (await campaign(pool, cid))["sent"] == 200
