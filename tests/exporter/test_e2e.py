@@ -156,3 +156,55 @@ async def until(predicate, timeout: float, what: str):
 
 async def _eq(coro, expected) -> bool:
     return (await coro) == expected
+
+
+async def test_lead_and_import_kpis_follow_a_real_import(stack, pool, make_key, exporter_settings):
+    """The importer's own statements (staging, merge, ON CONFLICT) keep the trigger-kept lead
+    counts exact: the KPIs equal ground truth after a real upload through the real worker."""
+    import aiohttp
+    from aiohttp.test_utils import TestClient, TestServer
+    from prometheus_client import CollectorRegistry
+
+    from exporter import keys as ek
+    from exporter.app import create_app
+
+    stack.start_service("importer")
+    stack.start_worker("importer")
+    key = await make_key("import")
+    # Given leads already there: one of them is in the file again, one is unsubscribed
+    await pool.execute("INSERT INTO leads (email, status) VALUES ('lead3@example.com', 'active'),"
+                       " ('gone@example.com', 'unsubscribed')")
+    rows = ["email,first_name"] + [f"lead{i}@example.com,Name{i}" for i in range(1, 41)]
+    rows += ["lead7@example.com,Dup", "not-an-email,Bad", "also bad@,Bad"]
+    # When a CSV is uploaded and imported by the real importer worker
+    async with aiohttp.ClientSession() as http:
+        form = aiohttp.FormData()
+        form.add_field("file", ("\n".join(rows) + "\n").encode(), filename="leads.csv", content_type="text/csv")
+        async with http.post(stack.url("importer") + "/api/upload", data=form, headers=bearer(key)) as resp:
+            assert resp.status == 202, await resp.text()
+            import_id = (await resp.json())["id"]
+
+        async def finished():
+            async with http.get(f"{stack.url('importer')}/api/imports/{import_id}", headers=bearer(key)) as r:
+                body = await r.json()
+            return body if body["status"] in ("completed", "failed") else None
+
+        result = await until(finished, 60, "the import to finish")
+    assert result["status"] == "completed", result
+    # Then the exporter's KPIs equal ground truth
+    registry = CollectorRegistry()
+    app = create_app(exporter_settings, registry=registry)
+
+    async with TestClient(TestServer(app)) as client:
+        await app[ek.REFRESHER].refresh_once()
+        truth = {r["status"]: r["n"] for r in await pool.fetch("SELECT status, count(*) AS n FROM leads GROUP BY status")}
+        assert truth["active"] == 40 and truth["unsubscribed"] == 1
+        for status in ("active", "unsubscribed", "bounced", "complained"):
+            assert registry.get_sample_value(m.LEADS, {"status": status}) == truth.get(status, 0)
+        imp = await pool.fetchrow("SELECT processed_rows, invalid FROM imports WHERE id = $1", import_id)
+        assert imp["invalid"] == 2
+        assert registry.get_sample_value(m.IMPORT_SUCCESS_RATIO) == 1.0
+        assert registry.get_sample_value(m.IMPORT_VALIDATION_ERROR_RATIO) == pytest.approx(
+            imp["invalid"] / imp["processed_rows"])
+        assert registry.get_sample_value(m.IMPORTS, {"status": "completed"}) == 1
+        assert (await client.get("/metrics")).status == 200
