@@ -319,6 +319,9 @@ class ImportJob:
 
     async def _load(self, conn, row, info: FileInfo, reader: BatchReader) -> None:
         await conn.execute(_STAGE_DDL)
+        # a batch lost to a Postgres crash is lost together with its checkpoint (same
+        # transaction), so the resumed job redoes it: no need to wait for each commit's fsync
+        await conn.execute("SET synchronous_commit = off")
         self.stage_columns = reader.stage_columns
         tags_expr = _TAGS_FROM_FILE if "tags" in info.columns else "$3::text[]"
         insert = _INSERT.format(tags=tags_expr)

@@ -102,7 +102,7 @@ class Worker:
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=4)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 self.kill9()
         self.log.close()
