@@ -12,6 +12,8 @@ SECRETS = {
     "slack_api_url": "MAILGENIUS_SLACK_WEBHOOK_URL",
     "pagerduty_routing_key": "MAILGENIUS_PAGERDUTY_ROUTING_KEY",
     "smtp_password": "MAILGENIUS_ALERT_SMTP_PASSWORD",
+    # the exporter checks the same variable when it is set
+    "alert_webhook_token": "MAILGENIUS_ALERT_WEBHOOK_TOKEN",
 }
 
 
@@ -45,6 +47,8 @@ def cmd_secrets(args) -> int:
                 "missing": "MISSING: set $" + SECRETS[name] + " or that channel's notifications fail"}[state]
         if name == "smtp_password" and state == "missing":
             note = "not set (needed only with channels.email.auth_username in alerting/rules.yml)"
+        if name == "alert_webhook_token" and state == "missing":
+            note = "not set (needed only with routing.incident_webhook_token in alerting/rules.yml)"
         print(f"{Path(args.dir) / name}: {note}")
     return 0
 

@@ -39,6 +39,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 DELIVERY_BOUND = 25.0
 #: messages enqueued with no worker: more than the documented 1000
 QUEUED = 1200
+#: the incident webhook's bearer token (exporter and Alertmanager secret file)
+WEBHOOK_TOKEN = "e2e-webhook-token-0123456789abcdef"
 #: the PagerDuty routing key the test writes into the secret file
 ROUTING_KEY = "e2e0routing0key0000000000000000a"
 
@@ -105,13 +107,14 @@ def test_alerts_reach_email_slack_pagerduty_and_incidents_and_resolve(e2e):
 
     # Given the real services, exporters and monitoring stack, with the generated configs
     stack.start_sink()
-    stack.start_service("exporter", MAILGENIUS_EXPORTER_REFRESH_SECONDS="0.5")
+    stack.start_service("exporter", MAILGENIUS_EXPORTER_REFRESH_SECONDS="0.5", MAILGENIUS_ALERT_WEBHOOK_TOKEN=WEBHOOK_TOKEN)
     stack.start_service("sender")
     stack.start_exporters()
     secrets = stack.tmp / "secrets"
     secrets.mkdir()
     (secrets / "slack_api_url").write_text(f"{slack.url}/services/T000/B000/e2e")
     (secrets / "pagerduty_routing_key").write_text(ROUTING_KEY)
+    (secrets / "alert_webhook_token").write_text(WEBHOOK_TOKEN)
     jobs = {job: [target] for job, target in stack.scrape_jobs().items()}
     jobs["alertmanager"] = [stack.target("alertmanager")]
     jobs["prometheus"] = [stack.target("prometheus")]
@@ -121,6 +124,7 @@ def test_alerts_reach_email_slack_pagerduty_and_incidents_and_resolve(e2e):
         targets=jobs, scrape_interval="1s", evaluation_interval="1s", group_wait="1s",
         group_interval="1s", for_override="2s", secrets_dir=str(secrets),
         pagerduty_url=f"{pagerduty.url}/v2/enqueue", watchdog_url=f"{deadman.url}/ping",
+        incident_webhook_token=True,  # the exporter refuses the webhook without it
     )
     paths = generate.render_to(stack.tmp / "configs", variant)
     stack.start_alertmanager(paths["alertmanager"])

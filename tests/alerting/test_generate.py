@@ -178,7 +178,8 @@ def test_no_secret_is_committed_and_secrets_are_read_from_files():
 def test_secrets_command_writes_private_files_from_the_environment(tmp_path):
     env = {"MAILGENIUS_SLACK_WEBHOOK_URL": "http://127.0.0.1:1/hook", "MAILGENIUS_PAGERDUTY_ROUTING_KEY": "k" * 32}
     status = alerting_cli.write_secrets(tmp_path / "secrets", env)
-    assert status == {"slack_api_url": "written", "pagerduty_routing_key": "written", "smtp_password": "missing"}
+    assert status == {"slack_api_url": "written", "pagerduty_routing_key": "written", "smtp_password": "missing",
+                      "alert_webhook_token": "missing"}
     path = tmp_path / "secrets" / "pagerduty_routing_key"
     assert path.read_text() == "k" * 32
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
