@@ -10,3 +10,6 @@ HTTP = web.AppKey("monitoring_page_http", ClientSession)
 JINJA = web.AppKey("monitoring_page_jinja", object)
 #: key_hash -> (expires monotonic, scopes | None): revocation is noticed within KEY_RECHECK seconds
 KEY_CACHE = web.AppKey("monitoring_page_key_cache", dict)
+#: range name -> (expires monotonic, body): one Prometheus round per range and period, however
+#: many operators have the page open
+SERIES_CACHE = web.AppKey("monitoring_page_series_cache", dict)

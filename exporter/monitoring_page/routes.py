@@ -4,6 +4,7 @@ script polls besides the operator API (charts, alerts, logs, imports, log export
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -158,8 +159,13 @@ async def api_series(request: web.Request) -> web.Response:
     """Chart data over ``range`` (1h, 6h, 24h) from Prometheus range queries (fixed allow-list)."""
     await _require_session(request)
     name, rng = sources.parse_range(request.query.get("range"))
+    cache = request.app[keys.SERIES_CACHE]
+    hit = cache.get(name)
+    if hit is not None and hit[0] > time.monotonic():
+        return _secure(json_response(hit[1]))
     settings = request.app[kernel_keys.SETTINGS]
     body = await sources.range_series(request.app[keys.HTTP], settings.prometheus_url, name, rng)
+    cache[name] = (time.monotonic() + rng.cache_seconds, body)
     return _secure(json_response(body))
 
 
@@ -268,6 +274,7 @@ def setup_monitoring_page(app: web.Application) -> None:
         undefined=jinja2.StrictUndefined,
     )
     app[keys.KEY_CACHE] = {}
+    app[keys.SERIES_CACHE] = {}
     app.cleanup_ctx.append(_http_ctx())
     add_routes(app, routes())
     app.router.add_static(f"{BASE}/static/", HERE / "static", name="monitoring_page_static",

@@ -27,13 +27,15 @@ class Range:
     step: int
     #: rate() window: at least a few scrapes, and no finer than a step
     window: str
+    #: seconds one answer is reused for every viewer (the page polls the 1 h range every 5 s)
+    cache_seconds: float = 4.0
 
 
 #: the ranges the page offers: the last hour (15 s points) and the guide's 24 h history (5 min)
 RANGES = {
     "1h": Range(3600, 15, "1m"),
-    "6h": Range(6 * 3600, 60, "2m"),
-    "24h": Range(24 * 3600, 300, "5m"),
+    "6h": Range(6 * 3600, 60, "2m", cache_seconds=25.0),
+    "24h": Range(24 * 3600, 300, "5m", cache_seconds=55.0),
 }
 
 
