@@ -32,7 +32,8 @@ STALLED_SQL = """
 UPDATE campaigns c SET updated_at = now()
 WHERE (c.status = 'sending' AND c.queued > 0 AND c.updated_at < now() - make_interval(secs => $1)
        AND NOT EXISTS (SELECT 1 FROM pg_locks l
-                       WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.classid = c.id::integer::oid))
+                       WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.classid = c.id::integer::oid
+                         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())))
    OR (c.status = 'queued' AND c.updated_at < now() - make_interval(secs => $2))
 RETURNING c.id, c.status
 """

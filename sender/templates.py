@@ -69,19 +69,37 @@ FORBIDDEN_NODES: dict[type, str] = {
     nodes.Block: "blocks",
 }
 
-_budget: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("mg_render_budget", default=None)
+#: the longest one email may take to render (checked in the sandbox's hooks), seconds
+RENDER_MAX_SECONDS = 0.5
+
+#: per render: [characters produced by guarded operations, hook calls, deadline]
+_budget: contextvars.ContextVar[list | None] = contextvars.ContextVar("mg_render_budget", default=None)
 
 LINK_RE = re.compile(r"""(href\s*=\s*)(["'])(https?://[^"'\s<>{}]+)\2""", re.IGNORECASE)
+
+
+def _new_budget() -> list:
+    return [0, 0, time.perf_counter() + RENDER_MAX_SECONDS]
 
 
 def _charge(n: int) -> None:
     b = _budget.get()
     if b is None:
-        b = [0]
+        b = _new_budget()
         _budget.set(b)
     b[0] += n
     if n > MAX_OUTPUT_CHARS or b[0] > RENDER_BUDGET_CHARS:
         raise SecurityError("the template exceeds its render budget")
+
+
+def _tick() -> None:
+    """Called from the sandbox's hooks: every 256 calls, check the render's deadline."""
+    b = _budget.get()
+    if b is None:
+        return
+    b[1] += 1
+    if not b[1] & 0xFF and time.perf_counter() > b[2]:
+        raise SecurityError(f"the template took longer than {RENDER_MAX_SECONDS}s to render")
 
 
 def _guarded_replace(eval_ctx, s, old, new, count=None):
@@ -107,7 +125,16 @@ class MailSandbox(ImmutableSandboxedEnvironment):
         self.filters = {k: v for k, v in self.filters.items() if k in ALLOWED_FILTERS}
         self.filters["replace"] = _guarded_replace
 
+    def getattr(self, obj, attribute):
+        _tick()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        _tick()
+        return super().getitem(obj, argument)
+
     def call_binop(self, context, operator, left, right):
+        _tick()
         if operator == "**":
             if isinstance(right, int | float) and abs(right) > MAX_EXPONENT:
                 raise SecurityError("exponent too large")
@@ -123,6 +150,7 @@ class MailSandbox(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature
+        _tick()
         name = getattr(__obj, "__name__", "")
         if name in FORBIDDEN_METHODS:
             raise SecurityError(f"calling {name}() is not allowed in templates")
@@ -278,7 +306,7 @@ def lead_context(lead: dict, *, campaign: dict, unsubscribe_url: str,
 
 def render(compiled: CompiledCampaign, ctx: dict) -> tuple[str, str, str]:
     """(subject, html, text) for one recipient; RenderError when the template misbehaves."""
-    token = _budget.set([0])
+    token = _budget.set(_new_budget())
     try:
         subject = compiled.subject.render(ctx)
         html = compiled.html.render(ctx)
