@@ -424,7 +424,8 @@
     run("summary", "#sec-summary", loadSummary);
     run("queues", "#sec-queues", loadQueues);
     run("imports", "#sec-imports", loadImports);
-    run("alerts", "#sec-alerts", async () => { await loadAlerts(); await loadIncidents(); });
+    run("alerts", "#sec-alerts", loadAlerts);
+    run("incidents", "#sec-alerts", loadIncidents);
     run("logs", "#sec-logs", () => loadLogs(false));
     if (forceCharts || Date.now() - lastChartLoad >= (CHART_REFRESH[range] || REFRESH_MS) - 250) {
       if (forceCharts) inflight.delete("series"); // a new range: its answer supersedes the old one
