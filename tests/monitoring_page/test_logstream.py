@@ -149,3 +149,13 @@ def test_served_process_sends_its_warnings(settings, tmp_path):
         assert any(e["message"] == "provider rejected: quota" and e["level"] == "error" for e in entries)
     finally:
         client.close()
+
+
+def test_bad_stream_cap_is_a_clear_configuration_error(settings):
+    env = {**os.environ, "REDIS_URL": settings.redis_url, "MAILGENIUS_REDIS_PREFIX": settings.redis_prefix,
+           "DATABASE_URL": settings.database_url, "MAILGENIUS_LOG_STREAM_MAXLEN": "lots"}
+    mailgenius = os.path.join(os.path.dirname(sys.executable), "mailgenius")
+    out = subprocess.run([mailgenius, "serve", "exporter", "--port", str(free_port())], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "MAILGENIUS_LOG_STREAM_MAXLEN" in out.stderr and "Traceback" not in out.stderr
