@@ -54,8 +54,8 @@ def start(argv, env, log):
 def stop(proc):
     if proc.poll() is None:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=5)
+            proc.send_signal(signal.SIGTERM)  # the main process relays it (dramatiq: exactly once)
+            proc.wait(timeout=10)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -80,6 +80,11 @@ async def wait_http(url, timeout=30.0):
 
 
 async def run(args) -> int:
+    # SIGTERM / SIGINT (even when started in the background, where SIGINT is ignored) cancel
+    # the run, so the finally block below stops the processes and drops the database
+    task = asyncio.current_task()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
     base = load_settings()
     db_name = f"mailgenius_bench_{uuid.uuid4().hex[:8]}"
     admin_url = with_database(base.database_url, "postgres")

@@ -148,8 +148,10 @@ class Workers:
         for p in self.procs:
             if p.poll() is None:
                 try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                    p.wait(timeout=3)  # in-flight work does not matter at teardown
+                    # one SIGTERM to dramatiq's main process, which relays it to its workers (a
+                    # second one from a group-wide signal makes them hang on their threads)
+                    p.send_signal(signal.SIGTERM)
+                    p.wait(timeout=5)
                 except (ProcessLookupError, subprocess.TimeoutExpired):
                     try:
                         os.killpg(p.pid, signal.SIGKILL)
