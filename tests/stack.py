@@ -112,15 +112,21 @@ class Proc:
 
     def stop(self, *, kill: bool = False, timeout: float = 15.0) -> None:
         if not self.alive:
+            self.signal_group(signal.SIGKILL)  # reap any child the leader left behind
             return
-        self.signal_group(signal.SIGKILL if kill else signal.SIGTERM)
+        if kill:
+            self.signal_group(signal.SIGKILL)
+        else:
+            # SIGTERM to the leader only: dramatiq's main process forwards it to its workers
+            # once; a second SIGTERM (from a group-wide signal) makes them die without their
+            # shutdown hooks
+            self.popen.send_signal(signal.SIGTERM)
         try:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             self.signal_group(signal.SIGKILL)
             self.popen.wait(5)
-        if kill:  # SIGKILL to the leader only leaves children: reap the whole group
-            self.signal_group(signal.SIGKILL)
+        self.signal_group(signal.SIGKILL)  # nothing of the group outlives stop()
 
 
 @dataclass

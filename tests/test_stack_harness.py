@@ -40,10 +40,6 @@ def test_stopped_service_is_down(stack, pool):
 
 async def test_worker_heartbeat_counts_and_expires(stack, settings, pool):
     # Given a real worker group, Then it is counted on its queue; When it stops, Then it is not
-    import importlib.util
-
-    if importlib.util.find_spec("importer.actors") is None:
-        pytest.skip("importer.actors not written yet")
     stack.start_worker("importer")
     client = aioredis.from_url(settings.redis_url)
     try:
