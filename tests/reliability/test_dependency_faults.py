@@ -61,10 +61,12 @@ async def assert_unhealthy(client, check: str):
     assert resp.status == 503 and elapsed < HEALTH_DEADLINE, (resp.status, elapsed)
 
 
-async def assert_api_never_500(client, app, key: str, *, expect_503: bool, deadline: float):
-    """Every read route: a JSON answer within ``deadline``; 503 ``unavailable`` when
-    ``expect_503``, otherwise anything but a 5xx (routes that do not need the dependency)."""
-    for route in api_reads(app):
+async def assert_api_never_500(client, app, key: str, *, expect_503: bool, deadline: float,
+                               limit: int | None = None):
+    """Every read route (the first ``limit``): a JSON answer within ``deadline``; 503
+    ``unavailable`` when ``expect_503``, otherwise anything but a 5xx (routes that do not need
+    the dependency)."""
+    for route in api_reads(app)[:limit]:
         path = concrete_path(route.path)
         resp, body, elapsed = await timed(client.get(path, headers=bearer(key)))
         where = f"GET {path} -> {resp.status} in {elapsed:.2f}s: {body[:200]!r}"
@@ -128,7 +130,9 @@ async def test_kernel_survives_network_faults(dep, mode, service_client, pg_prox
     else:
         # a blackholed Postgres: auth's connect timeout (5 s) bounds a request on a new connection
         deadline = 6.0 if dep == "postgres" and mode == "blackhole" else 2.5
-        await assert_api_never_500(client, app, key, expect_503=(dep == "postgres"), deadline=deadline)
+        # (the down test above sweeps every route; here a few prove the bound, in budget)
+        await assert_api_never_500(client, app, key, expect_503=(dep == "postgres"), deadline=deadline,
+                                   limit=3)
     proxy.set_mode("pass")
     await wait_healthy(client)
 

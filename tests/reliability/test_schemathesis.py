@@ -26,7 +26,7 @@ CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conform
 MAX_EXAMPLES = int(os.environ.get("MAILGENIUS_SCHEMATHESIS_EXAMPLES", "12"))
 SEED = os.environ.get("MAILGENIUS_SCHEMATHESIS_SEED", "20261129")
 #: wall-clock budget of one service's run, seconds
-MAX_TIME = 15
+MAX_TIME = 10
 
 
 @pytest.mark.slow
