@@ -10,7 +10,6 @@ import logging
 import os
 
 import dramatiq
-from dramatiq.middleware import CurrentMessage
 
 from mailgenius.metrics import QUEUE_IMPORT
 from mailgenius.worker import resources, worker_setup
@@ -18,8 +17,6 @@ from mailgenius.worker import resources, worker_setup
 from .loader import ImportMetrics, ImportOptions, run_import
 
 settings, broker = worker_setup("importer")
-if not any(isinstance(m, CurrentMessage) for m in broker.middleware):
-    broker.add_middleware(CurrentMessage())
 
 #: Redis broker: how many commands in a million also requeue messages of dead workers, and
 #: after how many ms without a heartbeat a worker is dead. Lower in tests to redeliver fast.
@@ -47,22 +44,26 @@ async def import_leads(import_id: int) -> None:
         await run_import(res.pool, res.redis, settings, int(import_id), metrics=METRICS,
                          options=ImportOptions.from_env())
     except Exception as exc:
-        message = CurrentMessage.get_current_message()
-        retries = message.options.get("retries", 0) if message is not None else MAX_RETRIES
-        final = retries >= MAX_RETRIES
+        # attempts are counted in Postgres (imports.attempts), not from the message: a
+        # redelivery after a crash is an attempt too, and dramatiq's CurrentMessage is not
+        # visible from the event-loop thread async actors run on
         text = f"{type(exc).__name__}: {exc}"[:500]
-        log.exception("import attempt failed", extra={"import_id": import_id, "final": final})
         try:
+            attempts = await res.pool.fetchval("SELECT attempts FROM imports WHERE id = $1", int(import_id)) or 0
+            final = attempts > MAX_RETRIES
+            log.exception("import attempt failed", extra={"import_id": import_id, "attempt": attempts,
+                                                           "final": final})
             if final:
-                await res.pool.execute(
+                done = await res.pool.fetchval(
                     """UPDATE imports SET status = 'failed', error = $2, finished_at = now(), updated_at = now()
-                       WHERE id = $1 AND status IN ('queued', 'running')""",
-                    int(import_id), f"failed after {retries + 1} attempts: {text}")
-                METRICS.jobs.labels("failed").inc()
+                       WHERE id = $1 AND status IN ('queued', 'running') RETURNING id""",
+                    int(import_id), f"failed after {attempts} attempts: {text}")
+                if done:
+                    METRICS.jobs.labels("failed").inc()
             else:
                 await res.pool.execute(
                     "UPDATE imports SET error = $2, updated_at = now() WHERE id = $1 AND status = 'running'",
-                    int(import_id), f"attempt {retries + 1} failed, retrying: {text}")
+                    int(import_id), f"attempt {attempts} failed, retrying: {text}")
         except Exception:
             log.warning("could not record the failure", exc_info=True)
         raise

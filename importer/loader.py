@@ -62,7 +62,7 @@ def _env_int(name: str, default: int, lo: int = 1) -> int:
 class ImportOptions:
     #: rows per committed batch: larger is a little faster, smaller gives finer progress,
     #: cancel and resume granularity (MAILGENIUS_IMPORT_BATCH_ROWS)
-    batch_rows: int = 50_000
+    batch_rows: int = 25_000
     #: longest accepted field, characters (MAILGENIUS_IMPORT_MAX_FIELD)
     max_field: int = 4096
     #: test-only: seconds to sleep after each committed batch, to kill a worker mid-import
@@ -266,7 +266,10 @@ class ImportJob:
         row = await conn.fetchrow(
             """UPDATE imports SET status = 'running', started_at = COALESCE(started_at, now()),
                    attempts = attempts + 1, updated_at = now()
-               WHERE id = $1 RETURNING *""", self.import_id)
+               WHERE id = $1 AND status IN ('queued', 'running') AND NOT cancel_requested
+               RETURNING *""", self.import_id)
+        if row is None:  # cancelled (or finished) between the read above and now
+            return await conn.fetchval("SELECT status FROM imports WHERE id = $1", self.import_id)
         resumed = row["checkpoint_offset"] > 0
         log.info("import resumed from checkpoint" if resumed else "import started",
                  extra={"checkpoint_row": row["checkpoint_row"], "attempt": row["attempts"]})

@@ -276,7 +276,7 @@ class BatchReader:
     """
 
     def __init__(self, info: FileInfo, *, offset: int | None = None, line: int | None = None,
-                 batch_rows: int = 50_000, max_field: int = DEFAULT_MAX_FIELD,
+                 batch_rows: int = 25_000, max_field: int = DEFAULT_MAX_FIELD,
                  extra_tags: bool = True):
         self.info = info
         self.offset = info.body_start if offset is None else offset
