@@ -172,3 +172,20 @@ async def test_smtp_provider_against_the_sink_reuses_connections():
     # the relay is gone: every email is to retry, none lost
     res = await SmtpProvider("127.0.0.1", port).send_batch(emails[:2], "k")
     assert sorted(res.retry) == [1, 2] and res.error.reason in ("connection", "timeout")
+
+
+async def test_openapi_lists_the_sender_contract(api):
+    doc = await (await api.get("/api/openapi.json")).json()
+    paths = doc["paths"]
+    for path, method in [("/api/campaigns", "post"), ("/api/campaigns/{id}", "get"),
+                         ("/api/campaigns/{id}/send", "post"), ("/api/campaigns/{id}/pause", "post"),
+                         ("/api/campaigns/{id}/resume", "post"), ("/api/campaigns/{id}/cancel", "post"),
+                         ("/api/campaigns/retry-failed", "post"), ("/api/emails", "post"),
+                         ("/api/settings/email", "get"), ("/api/settings/email", "put"),
+                         ("/api/email/test-authentication", "post"), ("/webhooks/resend", "post"),
+                         ("/t/o/{token}", "get"), ("/t/c/{token}", "get"), ("/u/{token}", "get"), ("/u/{token}", "post")]:
+        assert method in paths.get(path, {}), (path, method)
+    assert "security" in paths["/api/campaigns"]["post"]
+    assert "security" not in paths["/webhooks/resend"]["post"]
+    assert paths["/api/campaigns"]["post"]["requestBody"]["content"]["application/json"]["schema"]["required"] == [
+        "name", "subject", "from_email"]
