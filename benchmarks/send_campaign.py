@@ -64,6 +64,43 @@ def stop(proc):
             proc.wait(timeout=5)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """user + system CPU of one process (Linux /proc), 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+async def cpu_snapshot(pool, db_name: str, procs: dict) -> dict[str, float]:
+    """CPU seconds used so far by each component (workers, fake provider, API, Postgres backends)."""
+    snap = {name: sum(_cpu_seconds(p) for p in _tree(proc.pid)) for name, proc in procs.items()}
+    pids = [r["pid"] for r in await pool.fetch("SELECT pid FROM pg_stat_activity WHERE datname = $1", db_name)]
+    snap["postgres"] = sum(_cpu_seconds(p) for p in pids)
+    return snap
+
+
 async def wait_http(url, timeout=30.0):
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as s:
@@ -124,10 +161,13 @@ async def run(args) -> int:
         })
         py = str(ROOT / ".venv/bin/python")
         mg = str(ROOT / ".venv/bin/mailgenius")
-        procs.append(start([py, "-m", "sender.testing", "--port", str(fake_port)], env, open(logdir / "fake.log", "wb")))
-        procs.append(start([mg, "serve", "sender", "--port", str(api_port)], env, open(logdir / "api.log", "wb")))
-        procs.append(start([mg, "worker", "sender", "--processes", str(args.workers), "--threads", str(args.threads),
-                            "--metrics-port", str(free_port())], env, open(logdir / "worker.log", "wb")))
+        named = {
+            "fake provider": start([py, "-m", "sender.testing", "--port", str(fake_port)], env, open(logdir / "fake.log", "wb")),
+            "sender API": start([mg, "serve", "sender", "--port", str(api_port)], env, open(logdir / "api.log", "wb")),
+            "workers": start([mg, "worker", "sender", "--processes", str(args.workers), "--threads", str(args.threads),
+                              "--metrics-port", str(free_port())], env, open(logdir / "worker.log", "wb")),
+        }
+        procs.extend(named.values())
         await wait_http(fake_url + "/_stats")
         await wait_http(api_url + "/api/health")
         await asyncio.sleep(2)  # workers boot
@@ -155,6 +195,7 @@ async def run(args) -> int:
                 assert r.status == 200, await r.text()
             async with s.post(f"{api_url}/api/campaigns", json=await campaign_body(["all"])) as r:
                 cid = (await r.json())["id"]
+            cpu0 = await cpu_snapshot(pool, db_name, named)
             t0 = time.time()
             async with s.post(f"{api_url}/api/campaigns/{cid}/send") as r:
                 assert r.status == 202, await r.text()
@@ -174,6 +215,12 @@ async def run(args) -> int:
                   f"(first->last provider call), end to end {args.leads / t_end:,.0f} emails/s in {t_end:.1f}s; "
                   f"target >= 20,000/s; {sustained / BASELINE_EMAILS_PER_SECOND:.0%} of the bare-pipeline ceiling "
                   f"({BASELINE_EMAILS_PER_SECOND:,}/s)", flush=True)
+            cpu1 = await cpu_snapshot(pool, db_name, named)
+            used = {k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1}
+            print("CPU per email (ledger + send): " + ", ".join(
+                f"{k} {v / max(1, st['emails']) * 1e6:.0f} us" for k, v in used.items())
+                + f"; total {sum(used.values()):.1f} CPU-s over {t_end:.1f} s wall on {os.cpu_count()} cores"
+                + f" (load average now {os.getloadavg()[0]:.1f}: other work shares them)", flush=True)
             print(f"exactly once: unique {st['unique_recipients']:,} of {args.leads:,}, duplicates {st['duplicates']}, "
                   f"campaign sent={c['sent']:,} failed={c['failed']} status={c['status']}", flush=True)
             ok = st["unique_recipients"] == args.leads and st["duplicates"] == 0 and c["sent"] == args.leads
