@@ -43,6 +43,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app[skeys.METRICS] = SenderMetrics(app[keys.REGISTRY])
     app[skeys.WEBHOOK] = _webhook(settings)
     app[skeys.TRACKING] = {"tracker": None}  # filled at start-up, or on first use
+    app[skeys.TASKS] = set()
 
     async def broker_ctx(app):
         broker = build_broker(settings)
@@ -55,6 +56,11 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
             app[skeys.HTTP] = session
             yield
 
+    async def tasks_ctx(app):
+        yield
+        for task in list(app[skeys.TASKS]):
+            task.cancel()
+
     async def startup_ctx(app):
         # best effort: with Postgres or Redis down the service still starts (and reports it)
         try:
@@ -66,7 +72,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
             log.warning("sender start-up deferred", extra={"error": f"{type(exc).__name__}: {exc}"})
         yield
 
-    app.cleanup_ctx.extend([broker_ctx, http_ctx, startup_ctx])
+    app.cleanup_ctx.extend([broker_ctx, http_ctx, startup_ctx, tasks_ctx])
     health = app[keys.HEALTH]
     health.add("queue", queue_check(lambda: app[keys.REDIS], settings, QUEUE_EMAIL))
     health.add("workers", workers_check(lambda: app[keys.REDIS], settings, QUEUE_EMAIL))

@@ -218,13 +218,22 @@ async def resume(pool, cid: int) -> tuple[list[int], str | None]:
     return await open_batches(pool, cid), None
 
 
-async def cancel(pool, cid: int) -> tuple[str, int]:
-    """Cancel now (workers stop at their next batch), then mark unsent rows cancelled in chunks,
-    each chunk with its counter update. Returns (previous status, rows cancelled)."""
+async def cancel(pool, cid: int, *, max_chunks: int | None = 1) -> tuple[str, int, bool]:
+    """Cancel now (workers stop at their next batch), then mark unsent rows cancelled, at most
+    ``max_chunks`` chunks here. Returns (previous status, rows cancelled, rows still to cancel?)."""
     prev = await _transition(pool, cid, ("draft", "queued", "sending", "paused"), "cancelled",
                              ", finished_at = now()")
-    total = 0
-    while True:
+    n, more = await cancel_pending(pool, cid, max_chunks=max_chunks)
+    return prev, n, more
+
+
+async def cancel_pending(pool, cid: int, *, max_chunks: int | None = None) -> tuple[int, bool]:
+    """Pending rows of a cancelled campaign -> cancelled, in chunks of CANCEL_CHUNK rows, each
+    chunk with its counter update (a 2,000,000-recipient campaign is never one long lock).
+    Returns (rows cancelled, more left?)."""
+    total = chunks = 0
+    while max_chunks is None or chunks < max_chunks:
+        chunks += 1
         async with pool.acquire() as conn, conn.transaction():
             n = _count(await conn.execute(
                 f"""UPDATE messages SET status = 'cancelled', updated_at = now()
@@ -234,8 +243,8 @@ async def cancel(pool, cid: int) -> tuple[str, int]:
                 await conn.execute("UPDATE campaigns SET queued = queued - $2, updated_at = now() WHERE id = $1", cid, n)
         total += n
         if n < CANCEL_CHUNK:
-            break
-    return prev, total
+            return total, False
+    return total, True
 
 
 def _count(status: str) -> int:

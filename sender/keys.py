@@ -9,3 +9,5 @@ METRICS = web.AppKey("sender_metrics", object)
 TRACKING = web.AppKey("sender_tracking", object)
 HTTP = web.AppKey("sender_http", object)
 WEBHOOK = web.AppKey("sender_webhook", object)
+#: background tasks of the API (big cancellations), cancelled at shutdown
+TASKS = web.AppKey("sender_tasks", set)

@@ -96,10 +96,16 @@ async def resume_campaign(request: web.Request) -> web.Response:
 
 async def cancel_campaign(request: web.Request) -> web.Response:
     cid = _id(request)
-    prev, n = await campaigns.cancel(request.app[keys.DB], cid)
+    prev, n, more = await campaigns.cancel(request.app[keys.DB], cid)
     if prev != "draft":
         request.app[skeys.METRICS].campaigns_finished.labels("cancelled").inc()
-    return json_response({"id": cid, "status": "cancelled", "cancelled_recipients": n})
+    if more:  # a big campaign: the rest in the background (the sweeper finishes it if we die)
+        tasks: set = request.app[skeys.TASKS]
+        task = asyncio.create_task(campaigns.cancel_pending(request.app[keys.DB], cid))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    return json_response({"id": cid, "status": "cancelled", "cancelled_recipients": n,
+                          "cleanup": "in_progress" if more else "done"})
 
 
 async def retry_failed(request: web.Request) -> web.Response:

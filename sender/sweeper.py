@@ -24,7 +24,7 @@ from mailgenius.cache import create_redis, rkey
 from mailgenius.metrics import QUEUE_EMAIL
 from mailgenius.queues import redis_queue_stats
 
-from . import config
+from . import campaigns, config
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,17 @@ async def find_stalled(pool, *, stall_seconds: float = config.STALL_SECONDS,
     return [r["id"] for r in rows]
 
 
+async def finish_cancellations(pool, *, stall_seconds: float = config.STALL_SECONDS) -> list[int]:
+    """Cancelled campaigns whose pending rows were left (the API died mid-cleanup): finish them."""
+    rows = await pool.fetch(
+        """UPDATE campaigns SET updated_at = now()
+           WHERE status = 'cancelled' AND queued > 0 AND updated_at < now() - make_interval(secs => $1)
+           RETURNING id""", float(stall_seconds))
+    for r in rows:
+        await campaigns.cancel_pending(pool, r["id"])
+    return [r["id"] for r in rows]
+
+
 async def sweep_once(pool, redis, settings, enqueue_dispatch) -> list[int]:
     """One sweep (if no other process holds this interval's lock); returns re-dispatched ids."""
     got = await redis.set(rkey(settings, "sender", "sweep"), "1", nx=True,
@@ -56,6 +67,7 @@ async def sweep_once(pool, redis, settings, enqueue_dispatch) -> list[int]:
         stats = await redis_queue_stats(redis, dramatiq_namespace(settings), QUEUE_EMAIL)
         if stats.waiting > config.SWEEP_MAX_WAITING:
             return []
+    await finish_cancellations(pool)
     ids = await find_stalled(pool)
     for cid in ids:
         log.warning("re-dispatching a stalled campaign", extra={"campaign_id": cid})

@@ -340,3 +340,38 @@ async def test_429_pauses_every_batch_of_the_process(api, pool, send_ctx, fake_r
     assert [s for _t, _n, s in fake_resend.call_log] == [429, 200, 200]
     assert all(t - t429 >= 0.95 for t, _n, _s in fake_resend.call_log[1:])
     assert (await campaign(pool, cid))["sent"] == 200
+
+
+async def test_big_cancel_answers_at_once_and_finishes_in_the_background(api, pool, monkeypatch):
+    import asyncio
+
+    monkeypatch.setattr(campaigns, "CANCEL_CHUNK", 100)
+    await add_leads(pool, 450)
+    cid = await make_campaign(api)
+    await campaigns.request_send(pool, cid)
+    await campaigns.write_ledger(pool, cid)
+    resp = await api.post(f"/api/campaigns/{cid}/cancel", headers=api.h)
+    body = await resp.json()
+    assert resp.status == 200 and body["cleanup"] == "in_progress" and body["cancelled_recipients"] == 100
+    for _ in range(100):
+        if (await campaign(pool, cid))["queued"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    c = await campaign(pool, cid)
+    assert (c["status"], c["queued"]) == ("cancelled", 0)
+    assert await pool.fetchval("SELECT count(*) FROM messages WHERE campaign_id = $1 AND status = 'cancelled'", cid) == 450
+
+
+async def test_sweeper_finishes_an_interrupted_cancellation(api, pool):
+    from sender import sweeper
+
+    await add_leads(pool, 120)
+    cid = await make_campaign(api)
+    await campaigns.request_send(pool, cid)
+    await campaigns.write_ledger(pool, cid)
+    # the API died right after flipping the status
+    await pool.execute("UPDATE campaigns SET status = 'cancelled', updated_at = now() - interval '1 hour' WHERE id = $1", cid)
+    assert await sweeper.finish_cancellations(pool, stall_seconds=30) == [cid]
+    c = await campaign(pool, cid)
+    assert (c["queued"], c["status"]) == (0, "cancelled")
+    assert await sweeper.finish_cancellations(pool, stall_seconds=30) == []
