@@ -317,7 +317,8 @@ class BatchReader:
             done = False
             while not done:
                 buf = io.StringIO()
-                writerow = csv.writer(buf, lineterminator="\n").writerow
+                # "\r\n": a field holding a lone CR or LF is then quoted (COPY rejects a bare CR)
+                writerow = csv.writer(buf, lineterminator="\r\n").writerow
                 errors: list[tuple[int, str, str]] = []
                 seen: set[str] = set()
                 seen_add = seen.add

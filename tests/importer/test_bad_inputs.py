@@ -120,3 +120,13 @@ async def test_normalisation_trims_lowercases_domain_and_merges_tags(api, job_ru
     assert set(leads) == {"Ann.Smith@example.com", "user@bücher.de", "user@xn--bcher-kva.example"}
     assert leads["Ann.Smith@example.com"]["tags"] == ["imported", "news", "spring", "vip"]
     assert leads["user@bücher.de"]["tags"] == ["imported", "spring"]
+
+
+async def test_lone_carriage_returns_inside_fields_survive_copy(api, job_runner, pool):
+    # a quoted field holding a bare CR (found by fuzzing): COPY CSV refuses an unquoted one
+    body = b'email,first_name,notes\nann@example.com,"A\rB","\r"\nbob@example.com,Bob,x\n'
+    import_id = (await (await upload(api, body)).json())["id"]
+    assert await job_runner(import_id) == "completed"
+    ann = await pool.fetchrow("SELECT first_name, attributes FROM leads WHERE email = 'ann@example.com'")
+    assert ann["first_name"] == "A\rB"
+    assert await pool.fetchval("SELECT count(*) FROM leads") == 2
