@@ -13,21 +13,7 @@ import pytest
 
 from mailgenius import metrics as m
 from tests.conftest import bearer
-
-try:
-    from tests.stack import ALERTMANAGER, PROMETHEUS, Stack, http_get, require_binaries, wait_until
-except ImportError:  # a tests/stack/ package (the compose suite) shadows the lead's tests/stack.py
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    _spec = importlib.util.spec_from_file_location(
-        "tests_stack_harness", Path(__file__).resolve().parents[1] / "stack.py")
-    _harness = importlib.util.module_from_spec(_spec)
-    sys.modules["tests_stack_harness"] = _harness
-    _spec.loader.exec_module(_harness)
-    ALERTMANAGER, PROMETHEUS, Stack = _harness.ALERTMANAGER, _harness.PROMETHEUS, _harness.Stack
-    http_get, require_binaries, wait_until = _harness.http_get, _harness.require_binaries, _harness.wait_until
+from tests.stack import ALERTMANAGER, PROMETHEUS, Stack, http_get, require_binaries, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
