@@ -18,7 +18,7 @@ import asyncio
 from dataclasses import dataclass
 
 from mailgenius.broker import dramatiq_namespace
-from mailgenius.queues import QueueStats, redis_queue_stats
+from mailgenius.queues import QueueStats, broker_queue_stats, rabbitmq_queue_stats  # noqa: F401 (re-export)
 
 #: messages moved per Lua call: bounds how long one admin batch blocks Redis
 ADMIN_BATCH = 1000
@@ -80,9 +80,7 @@ class AdminResult:
 # -- depths --------------------------------------------------------------------------------------
 
 async def queue_stats(settings, redis, queue: str) -> QueueStats:
-    if settings.broker_kind == "rabbitmq":
-        return await asyncio.to_thread(rabbitmq_queue_stats, settings.broker_url, queue)
-    return await redis_queue_stats(redis, dramatiq_namespace(settings), queue)
+    return await broker_queue_stats(settings, redis, queue)
 
 
 def _rabbit_connection(url: str):
@@ -109,19 +107,6 @@ def _ready_count(conn, name: str) -> int:
     finally:
         if channel.is_open:
             channel.close()
-
-
-def rabbitmq_queue_stats(url: str, queue: str) -> QueueStats:
-    conn = _rabbit_connection(url)
-    try:
-        return QueueStats(
-            waiting=_ready_count(conn, queue),
-            delayed=_ready_count(conn, f"{queue}.DQ"),
-            dead=_ready_count(conn, f"{queue}.XQ"),
-            oldest_age_seconds=None,
-        )
-    finally:
-        conn.close()
 
 
 # -- administration ------------------------------------------------------------------------------

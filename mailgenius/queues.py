@@ -101,7 +101,8 @@ class QueueStats:
     waiting: int = 0
     delayed: int = 0
     dead: int = 0
-    oldest_age_seconds: float = 0.0
+    #: None when the broker cannot tell (RabbitMQ)
+    oldest_age_seconds: float | None = 0.0
 
 
 async def redis_queue_stats(redis, namespace: str, queue: str) -> QueueStats:
@@ -125,16 +126,53 @@ async def redis_queue_stats(redis, namespace: str, queue: str) -> QueueStats:
     return QueueStats(int(waiting), int(delayed), int(dead), age)
 
 
+def rabbitmq_queue_stats(url: str, queue: str) -> QueueStats:
+    """Depths of one dramatiq queue on RabbitMQ (blocking: call it in a thread): ready messages of
+    ``<queue>``, ``<queue>.DQ`` and ``<queue>.XQ`` by passive ``queue.declare`` (0 for a queue not
+    declared yet). RabbitMQ cannot tell the age of a queue's head without consuming it: None."""
+    import pika
+    import pika.exceptions
+
+    params = pika.URLParameters(url)
+    params.socket_timeout = 2
+    params.blocked_connection_timeout = 2
+    params.connection_attempts = 1
+    conn = pika.BlockingConnection(params)
+
+    def ready(name: str) -> int:
+        channel = conn.channel()
+        try:
+            return int(channel.queue_declare(queue=name, passive=True).method.message_count)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404:
+                return 0
+            raise
+        finally:
+            if channel.is_open:
+                channel.close()
+
+    try:
+        return QueueStats(ready(queue), ready(f"{queue}.DQ"), ready(f"{queue}.XQ"), None)
+    finally:
+        conn.close()
+
+
+async def broker_queue_stats(settings, redis, queue: str) -> QueueStats:
+    """Depths from whichever broker ``settings.broker_url`` names."""
+    if settings.broker_kind == "rabbitmq":
+        import asyncio
+
+        return await asyncio.to_thread(rabbitmq_queue_stats, settings.broker_url, queue)
+    return await redis_queue_stats(redis, dramatiq_namespace(settings), queue)
+
+
 def queue_check(get_redis, settings, queue: str, *, max_waiting: int = 1000):
     """Health check: the broker answers; degraded when more than ``max_waiting`` wait."""
 
     async def check():
         if settings.broker_kind != "redis":
-            # RabbitMQ: depth is the exporter's job (management API); here we only know the
-            # heartbeats, which live in Redis
-            await get_redis().ping()
-            return "broker: rabbitmq"
-        stats = await redis_queue_stats(get_redis(), dramatiq_namespace(settings), queue)
+            await get_redis().ping()  # the heartbeats live in Redis whatever the broker
+        stats = await broker_queue_stats(settings, get_redis(), queue)
         detail = f"{queue}: {stats.waiting} waiting, {stats.delayed} delayed, {stats.dead} dead"
         if stats.waiting > max_waiting:
             return CheckResult(DEGRADED, detail)
@@ -152,9 +190,7 @@ def workers_check(get_redis, settings, queue: str):
         n = await worker_count(redis, settings.redis_prefix, queue)
         if n > 0:
             return f"{n} worker process(es) on {queue}"
-        waiting = 0
-        if settings.broker_kind == "redis":
-            waiting = (await redis_queue_stats(redis, dramatiq_namespace(settings), queue)).waiting
+        waiting = (await broker_queue_stats(settings, redis, queue)).waiting
         if waiting:
             return CheckResult(UNHEALTHY, f"no live worker on {queue} and {waiting} message(s) waiting")
         return CheckResult(DEGRADED, f"no live worker on {queue}")

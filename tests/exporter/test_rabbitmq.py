@@ -91,3 +91,26 @@ async def test_rabbitmq_depths_and_admin_touch_exactly_the_selected_messages(rab
     assert res.count == 8
     st = await wait_depth(settings, queue, waiting=0)
     assert (st.waiting, st.delayed, st.dead) == (0, 2, 0)
+
+
+async def test_kernel_health_checks_read_rabbitmq_depths(rabbit, exporter_settings):
+    import redis.asyncio as aioredis
+
+    from mailgenius.health import DEGRADED, UNHEALTHY, CheckResult
+    from mailgenius.queues import queue_check, workers_check
+
+    broker, queue, settings = rabbit
+    for i in range(3):
+        enqueue(broker, queue, "send_email", i)
+    await wait_depth(settings, queue, waiting=3)
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        # the queue check reports the depth, and degrades above its threshold
+        assert await queue_check(lambda: client, settings, queue)() == f"{queue}: 3 waiting, 0 delayed, 0 dead"
+        over = await queue_check(lambda: client, settings, queue, max_waiting=2)()
+        assert isinstance(over, CheckResult) and over.status == DEGRADED
+        # no live worker while messages wait: unhealthy
+        res = await workers_check(lambda: client, settings, queue)()
+        assert res.status == UNHEALTHY and "3 message(s) waiting" in res.detail
+    finally:
+        await client.aclose()
