@@ -8,7 +8,9 @@ brokers, since the heartbeats live in Redis (our cache), not in the broker.
 
 Depths for the Redis broker come from dramatiq's own keys (see dramatiq/brokers/redis/dispatch.lua):
 ``<ns>:<queue>`` (list of waiting ids), ``<ns>:<queue>.DQ`` (delayed), ``<ns>:<queue>.XQ``
-(dead-lettered, a sorted set), with message bodies in the ``.msgs`` hashes.
+(dead-lettered, a sorted set), with message bodies in the ``.msgs`` hashes. On RabbitMQ
+(``BROKER_URL=amqp://``) they come from passive ``queue.declare`` of ``<queue>``, ``<queue>.DQ``
+and ``<queue>.XQ`` (:func:`rabbitmq_queue_stats`; no head age there).
 """
 
 from __future__ import annotations
