@@ -231,6 +231,7 @@ class ImportJob:
         self.stop_watch = asyncio.Event()
         self.committed_rows = 0
         self.inflight_rows = 0
+        self.job_pid = 0
 
     # -- entry point -------------------------------------------------------------------------
 
@@ -293,12 +294,17 @@ class ImportJob:
             max_field=self.options.max_field,
         )
         self.committed_rows = row["processed_rows"]
+        self.job_pid = conn.get_server_pid()
         watcher = asyncio.create_task(self._watch())
+        cancelled = False
         try:
             await self._load(conn, row, info, reader)
         except Cancelled:
-            await self._finish(conn, "cancelled", None)
-            return "cancelled"
+            cancelled = True
+        except asyncpg.QueryCanceledError:
+            if not self.cancel.is_set():
+                raise
+            cancelled = True  # the watcher interrupted the statement in flight
         finally:
             reader.stop.set()
             self.stop_watch.set()
@@ -306,6 +312,9 @@ class ImportJob:
                 await asyncio.wait_for(asyncio.shield(watcher), 10)
             except Exception:
                 log.warning("progress watcher did not stop", exc_info=True)
+        if cancelled:  # only now: the watcher can no longer interrupt this statement
+            await self._finish(conn, "cancelled", None)
+            return "cancelled"
         processed = await conn.fetchval("SELECT processed_rows FROM imports WHERE id = $1", self.import_id)
         if processed == 0:
             await self._finish(conn, "failed", "the file has a header row but no data rows")
@@ -423,8 +432,11 @@ class ImportJob:
             try:
                 flag = await self.pool.fetchval("SELECT cancel_requested FROM imports WHERE id = $1",
                                                 self.import_id)
-                if flag:
+                if flag and not self.cancel.is_set():
                     self.cancel.set()
+                    # stop the statement in flight too: cancel takes effect within a poll
+                    # interval even when one merge takes seconds (a batch rolls back whole)
+                    await self.pool.execute("SELECT pg_cancel_backend($1)", self.job_pid)
                 processed = self.committed_rows + self.inflight_rows
                 await self.redis.set(key, json.dumps({"processed": processed, "at": time.time()}),
                                      ex=PROGRESS_TTL)
