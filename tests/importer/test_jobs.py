@@ -185,3 +185,33 @@ async def test_worker_killed_with_sigkill_resumes_from_checkpoint(api, pool, tmp
     leads = {r["email"]: (r["email"], r["first_name"], r["company"], r["attrs"]) for r in await pool.fetch(
         f"SELECT {LEAD_COLUMNS} FROM leads ORDER BY 1")}
     assert leads == exp["leads"]
+
+
+async def test_cancel_interrupts_a_slow_merge(api, job_runner, pool, tmp_path):
+    # Given a merge statement that takes 20 s (a test trigger sleeps in it)
+    await pool.execute("""
+        CREATE OR REPLACE FUNCTION test_slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_sleep(20); RETURN NULL; END $$;
+        CREATE TRIGGER test_slow_insert BEFORE INSERT ON leads
+            FOR EACH STATEMENT EXECUTE FUNCTION test_slow_insert();""")
+    try:
+        make_csv(tmp_path / "a.csv", 500)
+        iid = (await (await upload(api, tmp_path / "a.csv")).json())["id"]
+        job = asyncio.create_task(job_runner(iid))
+        deadline = time.monotonic() + 10
+        while not await pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%INSERT INTO leads AS l%' "
+                "AND state = 'active' AND pid <> pg_backend_pid()"):
+            assert time.monotonic() < deadline and not job.done()
+            await asyncio.sleep(0.05)
+        # When it is cancelled mid-statement; Then it stops within 2 s, keeping nothing
+        t0 = time.monotonic()
+        resp = await api.post(f"/api/imports/{iid}/cancel", headers=api.headers_)
+        body = await resp.json()
+        assert time.monotonic() - t0 < 2.0
+        assert resp.status == 200 and body["status"] == "cancelled", body
+        assert body["kept"]["processed_rows"] == 0
+        assert await asyncio.wait_for(job, 5) == "cancelled"
+        assert await pool.fetchval("SELECT count(*) FROM leads") == 0
+    finally:
+        await pool.execute("DROP TRIGGER IF EXISTS test_slow_insert ON leads; DROP FUNCTION IF EXISTS test_slow_insert()")
