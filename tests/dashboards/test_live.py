@@ -390,6 +390,16 @@ def test_every_metric_a_dashboard_names_is_exposed_by_a_scraped_target(live, das
     assert not unexpected, "named by a dashboard but exposed by no target: " + json.dumps(unexpected, indent=1)
 
 
+def test_the_alert_rules_panel_has_rules_linked_to_dashboards(live, dashboards):
+    # "Alert rules" reads Prometheus' rules API through Grafana: every rule, linked to a dashboard
+    status, body = http_get(live.url("prometheus") + "/api/v1/rules?type=alert", timeout=10)
+    rules = [r for g in json.loads(body)["data"]["groups"] for r in g["rules"]]
+    assert status == 200 and len(rules) >= 10
+    for rule in rules:
+        url = rule["annotations"].get("dashboard_url", "")
+        assert re.search(r"/d/([\w-]+)", url) and re.search(r"/d/([\w-]+)", url).group(1) in dashboards, rule["name"]
+
+
 def test_cli_check_reports_every_query_with_data(live):
     import subprocess
     import sys
