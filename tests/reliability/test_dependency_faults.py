@@ -197,3 +197,23 @@ async def test_exporter_scrape_answers_in_time_with_postgres_down(mode, aiohttp_
     # And it recovers by itself
     pg_proxy.set_mode("pass")
     await wait_for(lambda u: all(v == 1 for v in u.values()), "recovery", deadline=15.0)
+
+
+async def test_concurrent_health_probes_share_one_round_of_checks(service_client):
+    """2,000 probes a second must not mean 2,000 rounds of dependency checks a second."""
+    app, client = await service_client("sender")
+    await wait_healthy(client)
+    reg = app[keys.HEALTH]
+    calls = 0
+    original = reg.checks["database"].fn
+
+    async def counting():
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)  # a slow-ish round, so the probes overlap
+        return await original()
+
+    reg.checks["database"].fn = counting
+    responses = await asyncio.gather(*(client.get("/api/health") for _ in range(50)))
+    assert all(r.status == 200 for r in responses)
+    assert calls < 10, f"{calls} rounds of checks for 50 concurrent probes"
