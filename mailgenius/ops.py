@@ -1167,13 +1167,16 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def counted(selector: str, window: str, by: str = "") -> str:
-    """PromQL for what a counter counted over ``window``, summed (``by`` labels). ``increase()``
-    alone drops the first sample of a series born inside the window (a label value seen for the
-    first time, a process started during the period), so that first value is added back."""
+    """PromQL for what a counter counted over ``window``, summed (``by`` labels).
+
+    ``increase()`` suits series that existed when the window opened. A series born inside it (a
+    label value seen for the first time, a process started during the period) would lose its
+    first sample to ``increase()`` and gain an extrapolated guess instead, so for those the
+    count is simply their last value (exact unless the process restarted within the window)."""
     grp = f" by ({by})" if by else ""
-    inc = f"sum{grp} (increase({selector}[{window}]))"
-    born = f"sum{grp} (min_over_time({selector}[{window}]) unless {selector} offset {window})"
-    return f"({inc} + ({born} or {inc} * 0))"
+    old = f"sum{grp} (increase({selector}[{window}]) and {selector} offset {window})"
+    born = f"sum{grp} (last_over_time({selector}[{window}]) unless {selector} offset {window})"
+    return f"(({old} + {born}) or {old} or {born})"
 
 
 def collect_report(prom: Prom, kind: str, *, now: float | None = None, db_rows: dict | None = None) -> dict:
