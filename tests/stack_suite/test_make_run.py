@@ -22,6 +22,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 
@@ -223,9 +224,10 @@ def test_demo_then_status_exits_zero(running_stack):
 def test_report_daily_has_non_empty_charts(running_stack):
     s = running_stack
     prom = f"http://127.0.0.1:{s['ports']['MAILGENIUS_PROMETHEUS_PORT']}"
-    # rates need two scrapes after the demo's counters moved
-    wait_until(lambda: json.loads(http_get(prom + "/api/v1/query?query=sum(rate(mailgenius_emails_sent_total[1m]))>0")[1])
-               ["data"]["result"], 30, interval=1, what="the demo's sends in Prometheus")
+    # every send scraped, and rates need two scrapes after the counters moved
+    for expr in ("sum(mailgenius_emails_sent_total) >= 120", "sum(rate(mailgenius_emails_sent_total[1m])) > 0"):
+        wait_until(lambda e=expr: json.loads(http_get(prom + "/api/v1/query?" + urlencode({"query": e}))[1])
+                   ["data"]["result"], 30, interval=1, what=f"{expr} in Prometheus")
     out = s["tmp"] / "report-daily.html"
     res = _cli(s, "report", "daily", "--out", str(out), only_data_dir=True)
     assert res.returncode == 0, res.stdout + res.stderr
