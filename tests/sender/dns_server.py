@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 
+import dns.flags
 import dns.message
 import dns.rcode
 import dns.rdataclass
@@ -59,5 +60,3 @@ class TxtServer:
                 resp.answer.append(dns.rrset.from_text_list(question.name, 60, "IN", "TXT", chunks))
             self.sock.sendto(resp.to_wire(), addr)
 
-
-import dns.flags  # noqa: E402  (after the class for readability)
