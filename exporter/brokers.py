@@ -18,7 +18,13 @@ import asyncio
 from dataclasses import dataclass
 
 from mailgenius.broker import dramatiq_namespace
-from mailgenius.queues import QueueStats, broker_queue_stats, rabbitmq_queue_stats  # noqa: F401 (re-export)
+from mailgenius.queues import (  # noqa: F401 (re-export)
+    QueueStats,
+    broker_queue_stats,
+    rabbitmq_connect,
+    rabbitmq_queue_stats,
+    rabbitmq_ready_count,
+)
 
 #: messages moved per Lua call: bounds how long one admin batch blocks Redis
 ADMIN_BATCH = 1000
@@ -83,30 +89,6 @@ async def queue_stats(settings, redis, queue: str) -> QueueStats:
     return await broker_queue_stats(settings, redis, queue)
 
 
-def _rabbit_connection(url: str):
-    import pika
-
-    params = pika.URLParameters(url)
-    params.socket_timeout = 2
-    params.blocked_connection_timeout = 2
-    params.connection_attempts = 1
-    return pika.BlockingConnection(params)
-
-
-def _ready_count(conn, name: str) -> int:
-    """Ready messages of a queue; 0 when it does not exist (yet)."""
-    import pika.exceptions
-
-    channel = conn.channel()
-    try:
-        return int(channel.queue_declare(queue=name, passive=True).method.message_count)
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code == 404:
-            return 0
-        raise
-    finally:
-        if channel.is_open:
-            channel.close()
 
 
 # -- administration ------------------------------------------------------------------------------
@@ -160,9 +142,9 @@ def _rabbit_admin(url: str, queue: str, action: str, type_: str, dry_run: bool) 
     import pika
 
     source = queue if type_ == "waiting" else f"{queue}.XQ"
-    conn = _rabbit_connection(url)
+    conn = rabbitmq_connect(url)
     try:
-        target = _ready_count(conn, source)
+        target = rabbitmq_ready_count(conn, source)
         if dry_run or target == 0:
             return target
         channel = conn.channel()

@@ -7,7 +7,6 @@ Run with ``mailgenius worker importer``. Delivery is at-least-once: a redelivere
 from __future__ import annotations
 
 import logging
-import os
 
 import dramatiq
 
@@ -17,15 +16,6 @@ from mailgenius.worker import resources, worker_setup
 from .loader import ImportMetrics, ImportOptions, run_import
 
 settings, broker = worker_setup("importer")
-
-#: Redis broker: how many commands in a million also requeue messages of dead workers, and
-#: after how many ms without a heartbeat a worker is dead. Lower in tests to redeliver fast.
-_maintenance = os.environ.get("MAILGENIUS_BROKER_MAINTENANCE_CHANCE")
-if _maintenance and hasattr(broker, "maintenance_chance"):
-    broker.maintenance_chance = int(_maintenance)
-_heartbeat = os.environ.get("MAILGENIUS_BROKER_HEARTBEAT_TIMEOUT_MS")
-if _heartbeat and hasattr(broker, "heartbeat_timeout"):
-    broker.heartbeat_timeout = int(_heartbeat)
 
 log = logging.getLogger(__name__)
 METRICS = ImportMetrics()

@@ -29,8 +29,8 @@ def build_broker(settings: Settings, *, worker: bool = False) -> dramatiq.Broker
         broker = RedisBroker(
             url=settings.broker_url,
             namespace=dramatiq_namespace(settings),
-            # a worker that stops heartbeating for 15 s is dead: its messages are requeued
-            heartbeat_timeout=15_000,
+            heartbeat_timeout=settings.broker_heartbeat_timeout_ms,
+            maintenance_chance=settings.broker_maintenance_chance,
             socket_connect_timeout=2,
         )
     broker.add_middleware(AsyncIO())

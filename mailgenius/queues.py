@@ -128,33 +128,43 @@ async def redis_queue_stats(redis, namespace: str, queue: str) -> QueueStats:
     return QueueStats(int(waiting), int(delayed), int(dead), age)
 
 
-def rabbitmq_queue_stats(url: str, queue: str) -> QueueStats:
-    """Depths of one dramatiq queue on RabbitMQ (blocking: call it in a thread): ready messages of
-    ``<queue>``, ``<queue>.DQ`` and ``<queue>.XQ`` by passive ``queue.declare`` (0 for a queue not
-    declared yet). RabbitMQ cannot tell the age of a queue's head without consuming it: None."""
+def rabbitmq_connect(url: str):
+    """A blocking pika connection that gives up within seconds (health checks, scrapes)."""
     import pika
-    import pika.exceptions
 
     params = pika.URLParameters(url)
     params.socket_timeout = 2
     params.blocked_connection_timeout = 2
     params.connection_attempts = 1
-    conn = pika.BlockingConnection(params)
+    return pika.BlockingConnection(params)
 
-    def ready(name: str) -> int:
-        channel = conn.channel()
-        try:
-            return int(channel.queue_declare(queue=name, passive=True).method.message_count)
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == 404:
-                return 0
-            raise
-        finally:
-            if channel.is_open:
-                channel.close()
+
+def rabbitmq_ready_count(conn, name: str) -> int:
+    """Ready messages of one RabbitMQ queue (passive declare on a pika connection); 0 when the
+    queue does not exist (yet)."""
+    import pika.exceptions
+
+    channel = conn.channel()
+    try:
+        return int(channel.queue_declare(queue=name, passive=True).method.message_count)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 404:
+            return 0
+        raise
+    finally:
+        if channel.is_open:
+            channel.close()
+
+
+def rabbitmq_queue_stats(url: str, queue: str) -> QueueStats:
+    """Depths of one dramatiq queue on RabbitMQ (blocking: call it in a thread): ready messages of
+    ``<queue>``, ``<queue>.DQ`` and ``<queue>.XQ`` by passive ``queue.declare`` (0 for a queue not
+    declared yet). RabbitMQ cannot tell the age of a queue's head without consuming it: None."""
+    conn = rabbitmq_connect(url)
 
     try:
-        return QueueStats(ready(queue), ready(f"{queue}.DQ"), ready(f"{queue}.XQ"), None)
+        return QueueStats(rabbitmq_ready_count(conn, queue), rabbitmq_ready_count(conn, f"{queue}.DQ"),
+                          rabbitmq_ready_count(conn, f"{queue}.XQ"), None)
     finally:
         conn.close()
 

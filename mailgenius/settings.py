@@ -141,6 +141,11 @@ class Settings:
     dns_resolver: str = ""
     dns_port: int = 53
     data_dir: str = "./var"
+    #: Redis broker: commands in a million that also requeue the messages of dead workers
+    broker_maintenance_chance: int = 1000
+    #: Redis broker: ms without a heartbeat after which a worker is dead and its messages
+    #: are requeued (tests lower both to redeliver a killed worker's message within seconds)
+    broker_heartbeat_timeout_ms: int = 15_000
     extra: dict = field(default_factory=dict)
 
     @property
@@ -195,4 +200,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         dns_resolver=_str(env, "MAILGENIUS_DNS_RESOLVER", ""),
         dns_port=_int(env, "MAILGENIUS_DNS_PORT", 53, lo=1, hi=65535),
         data_dir=data_dir,
+        broker_maintenance_chance=_int(env, "MAILGENIUS_BROKER_MAINTENANCE_CHANCE", 1000, lo=0, hi=1_000_000),
+        broker_heartbeat_timeout_ms=_int(env, "MAILGENIUS_BROKER_HEARTBEAT_TIMEOUT_MS", 15_000, lo=100),
     )

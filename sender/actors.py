@@ -30,10 +30,6 @@ from .sending import send_transactional as _send_tx
 from .sweeper import SweeperThread
 
 settings, broker = worker_setup("sender")
-if config.BROKER_MAINTENANCE_CHANCE and hasattr(broker, "maintenance_chance"):
-    broker.maintenance_chance = config.BROKER_MAINTENANCE_CHANCE
-if config.BROKER_HEARTBEAT_TIMEOUT_MS and hasattr(broker, "heartbeat_timeout"):
-    broker.heartbeat_timeout = config.BROKER_HEARTBEAT_TIMEOUT_MS
 
 log = logging.getLogger("sender.actors")
 

@@ -36,10 +36,6 @@ SETTINGS_CACHE_SECONDS = _num("SETTINGS_CACHE_SECONDS", 1.0)
 HEALTH_WINDOW_MINUTES = int(_num("HEALTH_WINDOW_MINUTES", 5))
 #: failure ratio above which the email check reports degraded
 HEALTH_FAILURE_RATIO = _num("HEALTH_FAILURE_RATIO", 0.05)
-#: dramatiq Redis-broker tuning for faster recovery of a killed worker's messages
-#: (0 = dramatiq's defaults). Tests set them so redelivery happens within seconds.
-BROKER_MAINTENANCE_CHANCE = int(_num("BROKER_MAINTENANCE_CHANCE", 0))
-BROKER_HEARTBEAT_TIMEOUT_MS = int(_num("BROKER_HEARTBEAT_TIMEOUT_MS", 0))
 #: seconds a batch waits for Redis (rate limit) to come back before giving up (dramatiq retries)
 REDIS_PATIENCE = _num("REDIS_PATIENCE", 300.0)
 #: the stalled-campaign sweeper (sender/sweeper.py): how often it looks, seconds

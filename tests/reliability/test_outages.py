@@ -31,8 +31,6 @@ REDIS_OUTAGE = float(os.environ.get("MAILGENIUS_TEST_REDIS_OUTAGE", "30"))
 #: worker settings that make a killed worker's messages come back within seconds
 FAST_REDELIVERY = {"MAILGENIUS_BROKER_MAINTENANCE_CHANCE": "1000000",
                    "MAILGENIUS_BROKER_HEARTBEAT_TIMEOUT_MS": "3000",
-                   "MAILGENIUS_SENDER_BROKER_MAINTENANCE_CHANCE": "1000000",
-                   "MAILGENIUS_SENDER_BROKER_HEARTBEAT_TIMEOUT_MS": "3000",
                    "MAILGENIUS_SENDER_BACKOFF_BASE": "0.2", "MAILGENIUS_LOG_LEVEL": "warning",
                    # the sender's stalled-campaign sweeper re-dispatches batches whose dramatiq
                    # message was lost in the outage; scaled from 45 s / 10 s to fit the test

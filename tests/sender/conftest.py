@@ -111,8 +111,8 @@ def worker_env(settings, **extra) -> dict:
         "MAILGENIUS_SMTP_HOST": settings.smtp_host, "MAILGENIUS_SMTP_PORT": str(settings.smtp_port),
         "MAILGENIUS_DATA_DIR": settings.data_dir, "MAILGENIUS_LOG_LEVEL": "warning",
         "MAILGENIUS_SENDER_BACKOFF_BASE": "0.2",
-        "MAILGENIUS_SENDER_BROKER_MAINTENANCE_CHANCE": "1000000",
-        "MAILGENIUS_SENDER_BROKER_HEARTBEAT_TIMEOUT_MS": "4000",
+        "MAILGENIUS_BROKER_MAINTENANCE_CHANCE": "1000000",
+        "MAILGENIUS_BROKER_HEARTBEAT_TIMEOUT_MS": "4000",
     })
     env.update(extra)
     return env
