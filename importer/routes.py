@@ -14,6 +14,7 @@ import time
 import uuid
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from mailgenius import errors
 from mailgenius import keys as mkeys
@@ -48,7 +49,7 @@ _SELECT = f"SELECT {', '.join(IMPORT_FIELDS)}, updated_at FROM imports"
 
 def _parse_id(request: web.Request) -> int:
     raw = request.match_info["id"]
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:  # "²".isdigit() is True
         raise errors.NotFound(f"no import with id {raw!r}")
     return int(raw)
 
@@ -167,7 +168,7 @@ async def upload(request: web.Request) -> web.Response:
                 else:
                     while await part.read_chunk(CHUNK):  # unknown part: drained, ignored
                         pass
-        except (ValueError, AssertionError, RuntimeError) as exc:  # malformed multipart body
+        except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:  # malformed multipart body
             raise errors.AppError(f"malformed multipart body: {exc}", code="invalid_multipart") from None
         if not stored:
             raise errors.ValidationError("no 'file' part in the form", code="missing_file")

@@ -1,6 +1,5 @@
-"""Hostile input against the importer API that schemathesis found answering 500, pinned as
-deterministic regression tests (strict xfail while the bug is open: a fix turns them into
-failures that say "remove the xfail and the schemathesis exclusion")."""
+"""Hostile input against the importer API that schemathesis once found answering 500, pinned as
+deterministic regression tests."""
 
 from __future__ import annotations
 
@@ -19,10 +18,6 @@ async def importer(aiohttp_client, settings, pool, make_key):
     return client
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open importer bug: importer/routes.py _parse_id uses str.isdigit(), which accepts Unicode "
-    "digits such as '²'; int('²') then raises ValueError -> 500. Fix: raw.isascii() and "
-    "raw.isdigit(). When fixed, drop this xfail and KNOWN_BROKEN in test_schemathesis.py"))
 @pytest.mark.parametrize("method, path", [("GET", "/api/imports/%C2%B2"), ("GET", "/api/imports/%C2%B2/errors"),
                                           ("POST", "/api/imports/%C2%B2/cancel")])
 async def test_unicode_digit_ids_are_404_not_500(importer, method, path):
@@ -36,11 +31,6 @@ async def test_ascii_unknown_ids_are_404(importer):
         assert resp.status == 404, (path, resp.status)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open importer bug: importer/routes.py upload() catches ValueError/AssertionError/RuntimeError "
-    "around the multipart reader, but a malformed part header raises aiohttp's BadHttpMessage "
-    "(an HttpProcessingError) -> 500. Fix: add aiohttp.http_exceptions.HttpProcessingError to "
-    "that except. When fixed, drop this xfail and KNOWN_BROKEN in test_schemathesis.py"))
 async def test_malformed_multipart_part_header_is_400(importer):
     boundary = "b0undary"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"x\x0fy\"\r\n\r\nv\r\n"
