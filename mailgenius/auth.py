@@ -63,7 +63,12 @@ async def revoke_key(conn, prefix_or_id: str) -> bool:
 
 async def lookup(pool: asyncpg.Pool, key: str, cache: dict) -> frozenset[str] | None:
     """The scopes of a valid, unrevoked key, or None."""
-    digest = hash_key(key)
+    return await lookup_hash(pool, hash_key(key), cache)
+
+
+async def lookup_hash(pool: asyncpg.Pool, digest: str, cache: dict) -> frozenset[str] | None:
+    """The scopes of the valid, unrevoked key with this sha256 digest, or None; trusted for
+    :data:`AUTH_CACHE_TTL` seconds (the bound on how late a revocation takes effect)."""
     now = time.monotonic()
     hit = cache.get(digest)
     if hit and hit[0] > now:

@@ -8,7 +8,7 @@ from aiohttp import ClientSession, web
 HTTP = web.AppKey("monitoring_page_http", ClientSession)
 #: the Jinja2 environment of the templates/ folder
 JINJA = web.AppKey("monitoring_page_jinja", object)
-#: key_hash -> (expires monotonic, scopes | None): revocation is noticed within KEY_RECHECK seconds
+#: key_hash -> (expires monotonic, scopes | None): revocation is noticed within mailgenius.auth.AUTH_CACHE_TTL seconds
 KEY_CACHE = web.AppKey("monitoring_page_key_cache", dict)
 #: range name -> (expires monotonic, body): one Prometheus round per range and period, however
 #: many operators have the page open

@@ -15,6 +15,7 @@ import time
 
 from aiohttp import web
 
+from mailgenius import auth
 from mailgenius import keys as kernel_keys
 from mailgenius.cache import rkey
 
@@ -24,8 +25,6 @@ from . import keys
 COOKIE = "mg_monitoring_session"
 #: seconds a session lives after login (a working day); log in again afterwards
 SESSION_TTL = 12 * 3600
-#: seconds a checked API key is trusted before Postgres is asked again (bounds revocation delay)
-KEY_RECHECK = 5.0
 
 
 def _session_key(settings, token: str) -> str:
@@ -46,19 +45,7 @@ async def delete_session(app: web.Application, token: str) -> None:
 
 async def key_scopes(app: web.Application, key_hash: str) -> frozenset[str] | None:
     """Scopes of the active key with this hash, or None (unknown or revoked); cached briefly."""
-    cache = app[keys.KEY_CACHE]
-    now = time.monotonic()
-    hit = cache.get(key_hash)
-    if hit and hit[0] > now:
-        return hit[1]
-    row = await app[kernel_keys.DB].fetchrow(
-        "SELECT scopes FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", key_hash
-    )
-    scopes = frozenset(row["scopes"]) if row else None
-    if len(cache) > 10_000:
-        cache.clear()
-    cache[key_hash] = (now + KEY_RECHECK, scopes)
-    return scopes
+    return await auth.lookup_hash(app[kernel_keys.DB], key_hash, app[keys.KEY_CACHE])
 
 
 async def session_scopes(request: web.Request) -> frozenset[str] | None:

@@ -111,7 +111,7 @@ async def test_cross_origin_login_post_is_refused(page_client, make_key):
 
 
 async def test_revoked_key_ends_the_session(page_client, make_key, pool, monkeypatch):
-    monkeypatch.setattr(sessions, "KEY_RECHECK", 0.0)
+    monkeypatch.setattr(auth, "AUTH_CACHE_TTL", 0.0)
     key = await make_key("read")
     await login(page_client, key)
     assert (await page_client.get(f"{API}/imports")).status == 200
