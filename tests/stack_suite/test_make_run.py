@@ -225,7 +225,9 @@ def test_report_daily_has_non_empty_charts(running_stack):
     s = running_stack
     prom = f"http://127.0.0.1:{s['ports']['MAILGENIUS_PROMETHEUS_PORT']}"
     # every send scraped, and rates need two scrapes after the counters moved
-    for expr in ("sum(mailgenius_emails_sent_total) >= 120", "sum(rate(mailgenius_emails_sent_total[1m])) > 0"):
+    # (the worker's dramatiq counters are another target: their rate needs two samples of each series)
+    for expr in ("sum(mailgenius_emails_sent_total) >= 120", "sum(rate(mailgenius_emails_sent_total[1m])) > 0",
+                 "min(count_over_time(dramatiq_messages_total[10m])) >= 2"):
         wait_until(lambda e=expr: json.loads(http_get(prom + "/api/v1/query?" + urlencode({"query": e}))[1])
                    ["data"]["result"], 30, interval=1, what=f"{expr} in Prometheus")
     out = s["tmp"] / "report-daily.html"
