@@ -104,14 +104,18 @@ def make_stack(tmp_path):
         st.stop_all()
 
 
-async def test_importer_worker_killed_mid_import_resumes_exactly(settings, pool, make_key, make_stack):
-    # Given an import slowed to ~10 batches per second so it is surely mid-way when the kill lands
-    stack = make_stack(settings)
-    key = await make_key("import")
-    slow = {**FAST_REDELIVERY, "MAILGENIUS_IMPORT_BATCH_ROWS": "2000", "MAILGENIUS_IMPORT_BATCH_PAUSE_MS": "100"}
+#: importer worker settings slowing an import to ~10 batches per second, so a fault surely lands mid-way
+SLOW_IMPORT = {**FAST_REDELIVERY, "MAILGENIUS_IMPORT_BATCH_ROWS": "2000", "MAILGENIUS_IMPORT_BATCH_PAUSE_MS": "100"}
+#: rows of the slowed import
+SLOW_IMPORT_ROWS = 60_000
+
+
+async def start_slow_import(stack, pool, key):
+    """Start the importer service and a slowed worker, upload SLOW_IMPORT_ROWS leads and wait
+    until the import is mid-way; returns (worker, import_id, distinct addresses)."""
     stack.start_service("importer")
-    worker = stack.start_worker("importer", **slow)
-    data, distinct = leads_csv(60_000)
+    worker = stack.start_worker("importer", **SLOW_IMPORT)
+    data, distinct = leads_csv(SLOW_IMPORT_ROWS)
     async with aiohttp.ClientSession() as s:
         resp = await post_upload(s, stack.url("importer"), key, data)
         assert resp.status == 202, await resp.text()
@@ -122,19 +126,30 @@ async def test_importer_worker_killed_mid_import_resumes_exactly(settings, pool,
         return r["status"] == "running" and 10_000 < r["processed_rows"] < 40_000
 
     await wait_for(midway, 60, "the import to be mid-way\n" + stack.log("importer-worker"))
+    return worker, import_id, distinct
+
+
+async def wait_import_finished(stack, pool, import_id, timeout: float, what: str):
+    async def finished():
+        return (await import_row(pool, import_id))["status"] in ("completed", "failed", "cancelled")
+
+    await wait_for(finished, timeout, f"the import to finish after {what}\n" + stack.log("importer-worker"))
+
+
+async def test_importer_worker_killed_mid_import_resumes_exactly(settings, pool, make_key, make_stack):
+    # Given an import slowed so it is surely mid-way when the kill lands
+    stack = make_stack(settings)
+    key = await make_key("import")
+    worker, import_id, distinct = await start_slow_import(stack, pool, key)
     # When the worker is killed with -9 (its whole process group)
     worker.signal_group(signal.SIGKILL)
     worker.popen.wait(10)
     at_kill = (await import_row(pool, import_id))["processed_rows"]
     # Then a new worker picks the message up again and finishes from the checkpoint
-    stack.start_worker("importer", **slow)
-
-    async def finished():
-        return (await import_row(pool, import_id))["status"] in ("completed", "failed", "cancelled")
-
-    await wait_for(finished, 90, "the import to finish after the kill\n" + stack.log("importer-worker"))
-    await assert_import_exact(pool, import_id, 60_000, distinct)
-    assert at_kill < 60_000
+    stack.start_worker("importer", **SLOW_IMPORT)
+    await wait_import_finished(stack, pool, import_id, 90, "the kill")
+    await assert_import_exact(pool, import_id, SLOW_IMPORT_ROWS, distinct)
+    assert at_kill < SLOW_IMPORT_ROWS
 
 
 async def test_postgres_cut_mid_import_resumes(settings, pool, make_key, pg_proxy, make_stack):
@@ -142,20 +157,8 @@ async def test_postgres_cut_mid_import_resumes(settings, pool, make_key, pg_prox
     proxied = settings.replace(database_url=pg_proxy.url_for(settings.database_url))
     stack = make_stack(proxied)
     key = await make_key("import")
-    slow = {**FAST_REDELIVERY, "MAILGENIUS_IMPORT_BATCH_ROWS": "2000", "MAILGENIUS_IMPORT_BATCH_PAUSE_MS": "100"}
-    stack.start_service("importer")
-    stack.start_worker("importer", **slow)
-    data, distinct = leads_csv(60_000)
+    _worker, import_id, distinct = await start_slow_import(stack, pool, key)
     async with aiohttp.ClientSession() as s:
-        resp = await post_upload(s, stack.url("importer"), key, data)
-        assert resp.status == 202, await resp.text()
-        import_id = (await resp.json())["id"]
-
-        async def midway():
-            r = await import_row(pool, import_id)
-            return r["status"] == "running" and 10_000 < r["processed_rows"] < 40_000
-
-        await wait_for(midway, 60, "the import to be mid-way\n" + stack.log("importer-worker"))
         # When every Postgres connection is reset and the server refuses connections for 5 s
         # (what a restart looks like from the client side)
         pg_proxy.set_mode("reset")
@@ -169,11 +172,8 @@ async def test_postgres_cut_mid_import_resumes(settings, pool, make_key, pg_prox
         pg_proxy.set_mode("pass")
 
     # Then the import resumes and completes: every row exactly once
-    async def finished():
-        return (await import_row(pool, import_id))["status"] in ("completed", "failed", "cancelled")
-
-    await wait_for(finished, 120, "the import to finish after the Postgres cut\n" + stack.log("importer-worker"))
-    await assert_import_exact(pool, import_id, 60_000, distinct)
+    await wait_import_finished(stack, pool, import_id, 120, "the Postgres cut")
+    await assert_import_exact(pool, import_id, SLOW_IMPORT_ROWS, distinct)
 
 
 async def test_redis_unreachable_during_campaign_and_upload(settings, pool, make_key, redis_proxy, make_stack):
