@@ -25,6 +25,9 @@ EMAIL_EVENTS = "mailgenius_email_events_total"  #: counter{provider, event}
 PROVIDER_REQUEST_DURATION = "mailgenius_provider_request_duration_seconds"  #: histogram{provider, operation}
 EMAIL_DELIVERY_LATENCY = "mailgenius_email_delivery_latency_seconds"  #: histogram{provider}
 CAMPAIGNS_FINISHED = "mailgenius_campaigns_finished_total"  #: counter{outcome}
+#: counter{provider, reason}: failed provider calls (one per call, not per recipient); reason is
+#: one of server_error, timeout, connection, rate_limited, client_error
+PROVIDER_ERRORS = "mailgenius_provider_errors_total"
 
 # -- importer --------------------------------------------------------------------------------
 IMPORT_ROWS = "mailgenius_import_rows_total"  #: counter{outcome}

@@ -3,7 +3,8 @@
 * ``dispatch_campaign(campaign_id)``: writes the recipient ledger of a queued campaign (once),
   then enqueues one ``send_campaign_batch`` per batch still holding unsent recipients; the API
   also enqueues it on resume and retry-failed.
-* ``send_campaign_batch(campaign_id, batch)``: see sender/sending.py.
+* ``send_campaign_batch(campaign_id, batch)``: see sender/sending.py; provider outages are
+  handed back to dramatiq and retried until the retry budget (sender/delivery.py).
 * ``send_transactional_email(message_id)``.
 
 Every actor is safe to run twice: the ledger and the advisory locks make repeats no-ops.
@@ -22,7 +23,7 @@ from mailgenius import logs
 from mailgenius.metrics import QUEUE_EMAIL
 from mailgenius.worker import enqueue, resources, worker_setup
 
-from . import campaigns, config
+from . import campaigns, config, delivery
 from .metrics import SenderMetrics
 from .sending import SendContext
 from .sending import send_campaign_batch as _send_batch
@@ -59,8 +60,11 @@ METRICS = SenderMetrics()  # the global registry: multiprocess files under `mail
 _contexts: dict[int, SendContext] = {}
 _ctx_lock: dict[int, asyncio.Lock] = {}
 
-#: dramatiq retries for unexpected errors (Postgres down...); provider errors are retried inside
-RETRY_OPTIONS = {"max_retries": 20, "min_backoff": 1000, "max_backoff": 60_000}
+#: dramatiq retries for unexpected errors (Postgres down...): at most config.ACTOR_MAX_RETRIES
+RETRY_OPTIONS = {"max_retries": config.ACTOR_MAX_RETRIES, "min_backoff": 1000, "max_backoff": 60_000}
+#: the send actors: a provider outage (delivery.ProviderUnavailable, which carries its own delay)
+#: is retried until the retry budget, checked in Postgres, marks the recipients failed
+SEND_RETRY_OPTIONS = {**RETRY_OPTIONS, "retry_when": delivery.retry_when}
 
 
 async def context() -> SendContext:
@@ -102,7 +106,7 @@ async def dispatch_campaign(campaign_id: int) -> None:
         log.info("batches enqueued", extra={"batches": len(batches)})
 
 
-@dramatiq.actor(queue_name=QUEUE_EMAIL, actor_name="send_campaign_batch", time_limit=15 * 60_000, **RETRY_OPTIONS)
+@dramatiq.actor(queue_name=QUEUE_EMAIL, actor_name="send_campaign_batch", time_limit=15 * 60_000, **SEND_RETRY_OPTIONS)
 async def send_campaign_batch(campaign_id: int, batch: int) -> None:
     ctx = await context()
     with logs.bound(campaign_id=campaign_id):
@@ -111,7 +115,8 @@ async def send_campaign_batch(campaign_id: int, batch: int) -> None:
             log.warning("batch had failures", extra={"batch": batch, "sent": out.sent, "failed": out.failed})
 
 
-@dramatiq.actor(queue_name=QUEUE_EMAIL, actor_name="send_transactional_email", time_limit=15 * 60_000, **RETRY_OPTIONS)
+@dramatiq.actor(queue_name=QUEUE_EMAIL, actor_name="send_transactional_email", time_limit=15 * 60_000,
+                **SEND_RETRY_OPTIONS)
 async def send_transactional_email(message_id: int) -> None:
     ctx = await context()
     out = await _send_tx(ctx, message_id)

@@ -7,23 +7,42 @@ from __future__ import annotations
 import os
 
 
-def _num(name: str, default: float) -> float:
-    raw = os.environ.get(f"MAILGENIUS_SENDER_{name}")
+def _num(name: str, default: float, *, env: str | None = None) -> float:
+    var = env or f"MAILGENIUS_SENDER_{name}"
+    raw = os.environ.get(var)
     if raw is None or raw == "":
         return default
     try:
         return float(raw)
     except ValueError:
-        raise SystemExit(f"mailgenius: MAILGENIUS_SENDER_{name}: expected a number, got {raw!r}") from None
+        raise SystemExit(f"mailgenius: {var}: expected a number, got {raw!r}") from None
 
 
 #: recipients per dramatiq message and per provider call (Resend's batch endpoint takes <= 100)
 BATCH_SIZE = 100
-#: provider attempts per batch before its recipients are marked failed
-MAX_ATTEMPTS = int(_num("MAX_ATTEMPTS", 5))
-#: first back-off after a 5xx / timeout, seconds; doubles each attempt up to BACKOFF_MAX
+#: quick provider attempts inside one delivery of a batch (5xx, timeout, connection, 429); after
+#: the last one the batch goes back to dramatiq (sender.delivery.ProviderUnavailable) so no
+#: worker thread sits out a long outage. Lower it to hand back sooner, raise it to ride out blips
+#: in-process.
+MAX_ATTEMPTS = int(_num("MAX_ATTEMPTS", 3))
+#: first back-off between those quick attempts (5xx / timeout), seconds; doubles each attempt up
+#: to BACKOFF_MAX
 BACKOFF_BASE = _num("BACKOFF_BASE", 0.5)
 BACKOFF_MAX = _num("BACKOFF_MAX", 30.0)
+#: total time a recipient may keep failing with retryable provider errors, measured in Postgres
+#: from its first failed call (messages.retry_since, so it survives redeliveries and worker
+#: restarts), before it is marked ``failed`` with the last error (``retry-failed`` requeues it).
+#: Env ``MAILGENIUS_SEND_RETRY_BUDGET`` (the issue's name). Raise it to ride out longer provider
+#: outages; lower it to surface failures to the campaign sooner. Seconds.
+SEND_RETRY_BUDGET = _num("SEND_RETRY_BUDGET", 900.0, env="MAILGENIUS_SEND_RETRY_BUDGET")
+#: dramatiq retries of a send actor for errors other than a provider outage (Postgres down, a bug)
+ACTOR_MAX_RETRIES = int(_num("ACTOR_MAX_RETRIES", 20))
+#: delay before dramatiq redelivers a batch handed back during a provider outage: half the time
+#: the batch has been failing, between these bounds (plus up to 20 % jitter), seconds. The upper
+#: bound (with jitter) stays below STALL_SECONDS, so the sweeper never mistakes a retrying
+#: campaign for a stalled one.
+REDELIVERY_MIN = _num("REDELIVERY_MIN", 2.0)
+REDELIVERY_MAX = _num("REDELIVERY_MAX", 30.0)
 #: the longest Retry-After we honour before retrying anyway, seconds
 RETRY_AFTER_MAX = _num("RETRY_AFTER_MAX", 60.0)
 #: one provider HTTP call / SMTP conversation, seconds

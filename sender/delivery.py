@@ -1,8 +1,26 @@
-"""The provider call and its retries: idempotency keys, back-off, Retry-After.
+"""The provider call and its retries: idempotency keys, back-off, Retry-After, the retry budget.
 
 Split out of :mod:`sender.sending` (which claims, renders and records) so the retry policy lives
 in one place. ``sending`` imports ``_deliver`` from here; ``_deliver`` imports ``sending._record``
 at call time, so neither import order is circular.
+
+Retry policy for a provider call that fails as a whole (5xx, timeout, connection, 429):
+
+1. a few quick attempts inside the delivery (``config.MAX_ATTEMPTS``, back-off
+   ``config.BACKOFF_BASE`` doubling, or the provider's Retry-After);
+2. then :class:`ProviderUnavailable` (a :class:`dramatiq.Retry`) hands the batch back to dramatiq,
+   which redelivers it after :func:`redelivery_delay`. The rows stay ``sending``; the redelivered
+   batch claims them again under the advisory lock and calls the provider with the same
+   idempotency key, so nothing the provider already accepted is sent twice;
+3. recipients become ``failed`` (with the last error) only once they have been failing for
+   ``config.SEND_RETRY_BUDGET`` seconds, measured in Postgres from their first failed call
+   (``messages.retry_since``), so the budget survives redeliveries and restarts. The actor's
+   ``retry_when`` always retries :class:`ProviderUnavailable`: dramatiq's retry count never ends a
+   batch before the budget does.
+
+Every failed call counts once in ``mailgenius_provider_errors_total{provider, reason}``. A 429
+sets a pause shared by the whole fleet (a Redis key that lives until the Retry-After deadline);
+every worker waits it out before calling that provider.
 """
 
 from __future__ import annotations
@@ -10,8 +28,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
+import random
 from typing import TYPE_CHECKING
+
+import dramatiq
+
+from mailgenius.cache import rkey
 
 from . import config
 from .providers import OutEmail, ProviderError, SendResult
@@ -20,6 +42,56 @@ if TYPE_CHECKING:
     from .sending import Outcome, SendContext
 
 log = logging.getLogger(__name__)
+
+#: rows of this delivery that still need the provider: note the first failure (the budget's
+#: start), the last error, and touch the campaign so the stalled-campaign sweeper knows the batch
+#: is being retried rather than lost. Returns seconds since the oldest row's first failure.
+MARK_RETRY_SQL = """
+WITH u AS (
+    UPDATE messages SET retry_since = coalesce(retry_since, now()), last_error = $2, updated_at = now()
+    WHERE id = ANY($1::bigint[]) AND status = 'sending'
+    RETURNING retry_since),
+c AS (
+    UPDATE campaigns SET updated_at = now() WHERE id = $3::bigint AND status = 'sending' RETURNING 1)
+SELECT extract(epoch FROM now() - min(u.retry_since))::float8 AS failing_for FROM u
+"""
+
+#: rows that reached a final state: a later retry-failed starts a fresh budget
+CLEAR_RETRY_SQL = """
+UPDATE messages SET retry_since = NULL WHERE id = ANY($1::bigint[]) AND retry_since IS NOT NULL
+"""
+
+#: atomically extend (never shorten) the fleet-wide provider pause: KEYS[1] pause key,
+#: ARGV[1] milliseconds from now
+PAUSE_LUA = """
+local left = redis.call('PTTL', KEYS[1])
+if left < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+end
+return left
+"""
+
+
+class ProviderUnavailable(dramatiq.Retry):
+    """The provider kept failing during this delivery: dramatiq redelivers the batch later.
+
+    A :class:`dramatiq.Retry`, so the worker does not log it as an unhandled error; ``delay`` is
+    in milliseconds (dramatiq's unit).
+    """
+
+    def __init__(self, error: ProviderError, delay: float, failing_for: float):
+        super().__init__(f"provider unavailable ({error.reason}: {error.message}); failing for "
+                         f"{failing_for:.0f} s of a {config.SEND_RETRY_BUDGET:.0f} s budget",
+                         delay=int(delay * 1000))
+        self.error = error
+        self.failing_for = failing_for
+
+
+def retry_when(retries: int, exc: BaseException) -> bool:
+    """dramatiq ``retry_when`` of the send actors: a provider outage is retried until the retry
+    budget (checked in Postgres by :func:`_deliver`) ends it; anything else (Postgres down, a
+    bug) at most ``config.ACTOR_MAX_RETRIES`` times."""
+    return isinstance(exc, ProviderUnavailable) or retries < config.ACTOR_MAX_RETRIES
 
 
 def idempotency_key(kind: str, owner: int, part: int, ids: list[int]) -> str:
@@ -31,46 +103,103 @@ def backoff(attempt: int) -> float:
     return min(config.BACKOFF_MAX, config.BACKOFF_BASE * (2 ** (attempt - 1)))
 
 
+def redelivery_delay(failing_for: float, error: ProviderError | None) -> float:
+    """Seconds before dramatiq redelivers a handed-back batch: the provider's Retry-After when it
+    gave one, else half the time the batch has been failing (so the spacing roughly doubles),
+    within REDELIVERY_MIN..REDELIVERY_MAX, plus up to 20 % jitter so batches do not stampede."""
+    if error is not None and error.retry_after is not None:
+        base = min(error.retry_after, config.RETRY_AFTER_MAX)
+    else:
+        base = failing_for / 2
+    base = max(config.REDELIVERY_MIN, min(config.REDELIVERY_MAX, base))
+    return base * (1 + 0.2 * random.random())
+
+
+def _pause_key(ctx: SendContext, provider: str) -> str:
+    return rkey(ctx.settings, "sender", "provider-pause", provider)
+
+
+async def pause_provider(ctx: SendContext, provider: str, seconds: float) -> None:
+    """Tell every worker to leave ``provider`` alone for ``seconds`` (a 429's Retry-After)."""
+    ms = max(1, int(seconds * 1000))
+    try:
+        await ctx.redis.eval(PAUSE_LUA, 1, _pause_key(ctx, provider), ms)
+    except Exception as exc:  # Redis down: this batch still waits (its own back-off)
+        log.warning("could not share the provider pause", extra={"error": f"{type(exc).__name__}: {exc}"})
+
+
+async def wait_provider_pause(ctx: SendContext, provider: str) -> float:
+    """Sleep out the fleet-wide pause of ``provider`` if one is set; returns seconds slept."""
+    try:
+        left_ms = await ctx.redis.pttl(_pause_key(ctx, provider))
+    except Exception:  # Redis down: no shared pause to honour (the rate limiter waits for Redis)
+        return 0.0
+    if left_ms is None or left_ms <= 0:
+        return 0.0
+    seconds = min(left_ms / 1000, config.RETRY_AFTER_MAX)
+    await asyncio.sleep(seconds)
+    return seconds
+
 
 async def _deliver(ctx: SendContext, conn, campaign_id: int | None, emails: list[OutEmail],
                    key_kind: str, owner: int, part: int, outcome: Outcome) -> None:
-    """Send with retries (5xx, timeouts, 429 + Retry-After), recording after every call."""
+    """Send with retries, recording after every call (see the module docstring for the policy).
+
+    Raises :class:`ProviderUnavailable` when the quick attempts are used up and the retry budget
+    is not: the caller's advisory lock is released and dramatiq redelivers the batch.
+    """
     from .sending import _record  # at call time: sending imports this module
     provider = await ctx.provider(conn)
+    errors = ctx.metrics.provider_errors
     pending = emails
     attempt = 0
     while pending:
         attempt += 1
         if float((await ctx.settings_cache.get(conn)).get("rate_limit") or 0) > 0:  # re-read every second
             await ctx.limiter.acquire(len(pending))
-        pause = ctx.provider_pause_until - time.monotonic()
-        if pause > 0:  # another batch of this process was told to back off (429 Retry-After)
-            await asyncio.sleep(pause)
+        await wait_provider_pause(ctx, provider.name)  # a 429 seen by any worker of the fleet
         key = idempotency_key(key_kind, owner, part, [e.message_id for e in pending])
         try:
             result = await provider.send_batch(pending, key)
         except Exception as exc:  # a bug or an unexpected library error: retry like a 5xx
             log.exception("provider call raised")
             result = SendResult(retry=[e.message_id for e in pending],
-                                error=ProviderError("server_error", f"{type(exc).__name__}: {exc}"[:500], True))
+                                error=ProviderError("server_error", f"{type(exc).__name__}: {exc}"[:500], True),
+                                call_error="server_error")
+        if result.call_error:
+            errors.labels(provider.name, result.call_error).inc()
         retry_ids = set(result.retry)
-        exhausted = bool(retry_ids) and attempt >= config.MAX_ATTEMPTS
         failed = dict(result.rejected)
-        if exhausted:
-            err = result.error or ProviderError("server_error", "retries exhausted", True)
-            for i in retry_ids:
-                failed[i] = (err.reason, f"after {attempt} attempts: {err.message}"[:500])
+        err = result.error or ProviderError("server_error", "provider asked for a retry", True)
+        delay = backoff(attempt)
+        if err.retry_after is not None:
+            delay = min(err.retry_after, config.RETRY_AFTER_MAX)
+        if retry_ids and err.reason == "rate_limited":  # first, before any other batch calls
+            await pause_provider(ctx, provider.name, delay)
+        failing_for = 0.0
+        exhausted = False
+        if retry_ids:
+            row = await conn.fetchrow(MARK_RETRY_SQL, list(retry_ids), f"{err.reason}: {err.message}"[:500],
+                                      campaign_id)
+            failing_for = float(row["failing_for"] or 0.0) if row is not None else 0.0
+            exhausted = failing_for >= config.SEND_RETRY_BUDGET
+            if exhausted:
+                for i in retry_ids:
+                    failed[i] = (err.reason, f"gave up after {failing_for:.0f} s of provider errors "
+                                             f"(retry budget {config.SEND_RETRY_BUDGET:.0f} s): {err.message}"[:500])
         await _record(ctx, conn, provider.name, campaign_id, result.accepted, failed, [], outcome)
+        if failed:
+            await conn.execute(CLEAR_RETRY_SQL, list(failed))
         if not retry_ids or exhausted:
             return
-        err = result.error
-        delay = backoff(attempt)
-        if err is not None and err.retry_after is not None:
-            delay = min(err.retry_after, config.RETRY_AFTER_MAX)
-            if err.reason == "rate_limited":
-                ctx.provider_pause_until = max(ctx.provider_pause_until, time.monotonic() + delay)
-        log.warning("provider call to retry", extra={"campaign_id": campaign_id, "attempt": attempt,
-                                                     "reason": err.reason if err else "", "delay": delay,
-                                                     "error": err.message if err else ""})
-        await asyncio.sleep(delay)
         pending = [e for e in pending if e.message_id in retry_ids]
+        if attempt >= config.MAX_ATTEMPTS:
+            redeliver = redelivery_delay(failing_for, err)
+            log.warning("provider failing: batch handed back to the queue",
+                        extra={"campaign_id": campaign_id, "batch": part, "attempts": attempt,
+                               "reason": err.reason, "error": err.message, "failing_for": round(failing_for, 1),
+                               "redeliver_in": round(redeliver, 1), "recipients": len(pending)})
+            raise ProviderUnavailable(err, redeliver, failing_for)
+        log.warning("provider call to retry", extra={"campaign_id": campaign_id, "attempt": attempt,
+                                                     "reason": err.reason, "delay": delay, "error": err.message})
+        await asyncio.sleep(delay)

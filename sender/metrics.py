@@ -14,6 +14,8 @@ PROVIDERS = ("resend", "smtp")
 #: bounded failure reasons (the label of email_send_failures_total)
 REASONS = ("rejected", "invalid_request", "auth", "rate_limited", "server_error", "timeout",
            "connection", "render_error", "suppressed")
+#: why a provider call failed as a whole (the label of provider_errors_total)
+PROVIDER_ERROR_REASONS = ("server_error", "timeout", "connection", "rate_limited", "client_error")
 EVENTS = ("delivered", "bounced", "complained", "opened", "clicked", "delivery_delayed")
 OUTCOMES = ("sent", "failed", "cancelled")
 
@@ -36,6 +38,9 @@ class SenderMetrics:
                                            ["provider", "operation"], buckets=PROVIDER_BUCKETS, **kw)
         self.delivery_latency = Histogram(m.EMAIL_DELIVERY_LATENCY, "From sent to delivered.",
                                           ["provider"], buckets=DELIVERY_BUCKETS, **kw)
+        self.provider_errors = Counter(m.PROVIDER_ERRORS[: -len("_total")],
+                                       "Failed provider calls (one per call, not per recipient), by reason.",
+                                       ["provider", "reason"], **kw)
         self.campaigns_finished = Counter(m.CAMPAIGNS_FINISHED[: -len("_total")],
                                           "Campaigns finished, by outcome.", ["outcome"], **kw)
         for p in PROVIDERS:
@@ -43,6 +48,8 @@ class SenderMetrics:
             self.delivery_latency.labels(p)
             for r in REASONS:
                 self.failures.labels(p, r)
+            for r in PROVIDER_ERROR_REASONS:
+                self.provider_errors.labels(p, r)
             for e in EVENTS:
                 self.events.labels(p, e)
         for o in OUTCOMES:

@@ -2,7 +2,9 @@
 
 A provider's ``send_batch(emails, idempotency_key)`` returns a :class:`SendResult`: which emails
 were accepted (with the provider's id), which were refused for good (4xx, with the reason), and
-which should be retried (with the error that made them so, honouring Retry-After). It raises
+which should be retried (with the error that made them so, honouring Retry-After), and, when the
+call failed as a whole, ``call_error``: one of :data:`CALL_ERRORS`, the label of
+``mailgenius_provider_errors_total`` (counted once per call by sender/delivery.py). It raises
 nothing for provider trouble: the caller decides about retries and records every outcome.
 """
 
@@ -41,12 +43,19 @@ class ProviderError:
     retry_after: float | None = None
 
 
+#: why a provider call failed as a whole (bounded: the ``reason`` of provider_errors_total)
+CALL_ERRORS = ("server_error", "timeout", "connection", "rate_limited", "client_error")
+
+
 @dataclass
 class SendResult:
     accepted: dict[int, str] = field(default_factory=dict)   # message id -> provider id
     rejected: dict[int, tuple[str, str]] = field(default_factory=dict)  # id -> (reason, message)
     retry: list[int] = field(default_factory=list)
     error: ProviderError | None = None
+    #: set when the call failed as a whole (one of CALL_ERRORS); None when it was answered, even
+    #: if some recipients were refused
+    call_error: str | None = None
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -107,25 +116,31 @@ class ResendProvider:
                     except ValueError:
                         data = None
         except TimeoutError:
-            return SendResult(retry=ids, error=ProviderError("timeout", "provider call timed out", True))
+            return SendResult(retry=ids, error=ProviderError("timeout", "provider call timed out", True),
+                              call_error="timeout")
         except aiohttp.ClientError as exc:
-            return SendResult(retry=ids, error=ProviderError("connection", f"{type(exc).__name__}: {exc}", True))
+            return SendResult(retry=ids, error=ProviderError("connection", f"{type(exc).__name__}: {exc}", True),
+                              call_error="connection")
         finally:
             if self.observe:
                 self.observe("send_batch", time.perf_counter() - start)
         message = _error_message(data, text, status)
         if status == 429:
-            return SendResult(retry=ids, error=ProviderError("rate_limited", message, True, retry_after))
+            return SendResult(retry=ids, error=ProviderError("rate_limited", message, True, retry_after),
+                              call_error="rate_limited")
         if status >= 500:
-            return SendResult(retry=ids, error=ProviderError("server_error", message, True, retry_after))
+            return SendResult(retry=ids, error=ProviderError("server_error", message, True, retry_after),
+                              call_error="server_error")
         if status in (401, 403):
-            return SendResult(rejected={i: ("auth", message) for i in ids})
+            return SendResult(rejected={i: ("auth", message) for i in ids}, call_error="client_error")
         if status == 409:  # idempotent request still in flight elsewhere: try again shortly
-            return SendResult(retry=ids, error=ProviderError("server_error", message, True, 1.0))
+            return SendResult(retry=ids, error=ProviderError("server_error", message, True, 1.0),
+                              call_error="client_error")
         if status >= 400:
-            return SendResult(rejected={i: ("invalid_request", message) for i in ids})
+            return SendResult(rejected={i: ("invalid_request", message) for i in ids}, call_error="client_error")
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-            return SendResult(retry=ids, error=ProviderError("server_error", f"unexpected response: {text[:200]}", True))
+            return SendResult(retry=ids, error=ProviderError("server_error", f"unexpected response: {text[:200]}", True),
+                              call_error="server_error")
         failed: dict[int, str] = {}
         for err in data.get("errors") or []:
             try:
@@ -151,12 +166,33 @@ class ResendProvider:
             return f"resend reachable (HTTP {resp.status})"
 
 
-def build_mime(e: OutEmail, *, domain: str = "mailgenius.local") -> EmailMessage:
+#: right-hand side of the Message-ID when the From address has no usable domain
+DEFAULT_MESSAGE_ID_DOMAIN = "mailgenius.local"
+#: SMTP replies that mean "slow down" (421 service busy / too many connections, 451 throttled or
+#: greylisted): counted as rate_limited, retried like a 429 without Retry-After
+SMTP_THROTTLE_CODES = (421, 451)
+
+
+def message_id_header(message_id: int, from_email: str = "") -> str:
+    """The RFC 5322 Message-ID of a ledger row: ``<mg-<id>@<From domain>>``.
+
+    Derived only from the row id and the campaign's From address, so every attempt at the same
+    recipient (in-process retries, dramatiq redeliveries, a worker restarted after a crash) carries
+    the same id and a relay or mailbox that deduplicates on Message-ID can drop a repeat.
+    """
+    _, at, domain = from_email.rpartition("@")
+    domain = domain.strip().rstrip(">").lower()
+    if not at or "." not in domain or not all(c.isalnum() or c in ".-" for c in domain):
+        domain = DEFAULT_MESSAGE_ID_DOMAIN
+    return f"<mg-{message_id}@{domain}>"
+
+
+def build_mime(e: OutEmail) -> EmailMessage:
     msg = EmailMessage()
     msg["From"] = e.from_email
     msg["To"] = e.to
     msg["Subject"] = e.subject
-    msg["Message-ID"] = f"<mg-{e.message_id}@{domain}>"
+    msg["Message-ID"] = message_id_header(e.message_id, e.from_email)
     msg["Date"] = email.utils.formatdate(localtime=False)
     for k, v in e.headers.items():
         msg[k] = v
@@ -167,7 +203,16 @@ def build_mime(e: OutEmail, *, domain: str = "mailgenius.local") -> EmailMessage
 
 
 class SmtpProvider:
-    """SMTP relay with a small pool of reused connections (optional STARTTLS / login)."""
+    """SMTP relay with a small pool of reused connections (optional STARTTLS / login).
+
+    SMTP has no idempotency key. Every attempt at a recipient carries the same Message-ID
+    (:func:`message_id_header`), and the ledger row is written right after the relay's reply, so
+    a duplicate is possible only in one window: the relay answered 250 (it queued the message) and
+    the worker died, or lost Postgres, before recording ``sent``; the redelivered batch sends the
+    row again. A relay or mailbox that deduplicates on Message-ID (many do, e.g. Gmail within a
+    short period) drops that repeat; others deliver it twice. The same holds for a 250 lost on the
+    wire (connection reset after DATA): we retry, the relay may have queued the first copy.
+    """
 
     name = "smtp"
 
@@ -199,7 +244,7 @@ class SmtpProvider:
                         if client is None or not client.is_connected:
                             client = await self._connect()
                         await client.send_message(build_mime(e))
-                        result.accepted[e.message_id] = f"<mg-{e.message_id}@mailgenius.local>"
+                        result.accepted[e.message_id] = message_id_header(e.message_id, e.from_email)
                         break
                     except aiosmtplib.SMTPServerDisconnected:
                         client = None
@@ -212,7 +257,8 @@ class SmtpProvider:
                     result.rejected[e.message_id] = ("rejected", f"{exc.code} {exc.message}"[:500])
                 else:
                     result.retry.append(e.message_id)
-                    result.error = ProviderError("server_error", f"{exc.code} {exc.message}"[:500], True)
+                    reason = "rate_limited" if exc.code in SMTP_THROTTLE_CODES else "server_error"
+                    result.error = ProviderError(reason, f"{exc.code} {exc.message}"[:500], True)
             except (aiosmtplib.SMTPTimeoutError, TimeoutError) as exc:
                 client = None
                 result.retry.append(e.message_id)
@@ -228,9 +274,18 @@ class SmtpProvider:
                     self._idle.append(client)
 
     async def send_batch(self, emails: list[OutEmail], idempotency_key: str) -> SendResult:
-        # SMTP has no idempotency key: exactly-once rests on the ledger alone (see actors.py)
+        # SMTP has no idempotency key: exactly-once rests on the ledger and the stable Message-ID
+        # (see the class docstring for the remaining window)
         result = SendResult()
-        await asyncio.gather(*(self._send_one(e, result) for e in emails))
+        start = time.perf_counter()
+        try:
+            await asyncio.gather(*(self._send_one(e, result) for e in emails))
+        finally:
+            # one "send_batch" per call, as for Resend: the denominator of the provider error ratio
+            if self.observe:
+                self.observe("send_batch", time.perf_counter() - start)
+        if result.retry and result.error is not None:
+            result.call_error = result.error.reason  # timeout, connection, server_error or rate_limited
         return result
 
     async def check(self) -> str:

@@ -193,31 +193,7 @@ async def test_provider_500_then_200_is_retried(api, pool, send_ctx, fake_resend
     assert (await campaign(pool, cid))["sent"] == 10
 
 
-async def test_exhausted_retries_fail_then_retry_failed_requeues(api, pool, send_ctx, fake_resend, monkeypatch):
-    from sender import config
-
-    monkeypatch.setattr(config, "MAX_ATTEMPTS", 2)
-    monkeypatch.setattr(config, "BACKOFF_BASE", 0.05)
-    await add_leads(pool, 10)
-    cid = await make_campaign(api)
-    await campaigns.request_send(pool, cid)
-    fake_resend.script.extend([{"status": 503}, {"status": 502, "message": "bad gateway"}])
-    await drain(send_ctx, pool, cid)
-    c = await campaign(pool, cid)
-    assert (c["status"], c["failed"], c["sent"], c["queued"]) == ("failed", 10, 0, 0)
-    err = await pool.fetchval("SELECT last_error FROM messages WHERE campaign_id = $1 LIMIT 1", cid)
-    assert "bad gateway" in err and "after 2 attempts" in err
-    assert send_ctx.registry.get_sample_value(
-        "mailgenius_email_send_failures_total", {"provider": "resend", "reason": "server_error"}) == 10
-    # When retry-failed is called, Then the rows are pending again and the counts moved back
-    resp = await api.post("/api/campaigns/retry-failed", json={"campaign_id": cid}, headers=api.h)
-    assert resp.status == 200 and (await resp.json())["campaigns"] == [cid]
-    c = await campaign(pool, cid)
-    assert (c["status"], c["failed"], c["queued"]) == ("sending", 0, 10)
-    for b in await campaigns.open_batches(pool, cid):
-        await send_campaign_batch(send_ctx, cid, b)
-    c = await campaign(pool, cid)
-    assert (c["status"], c["sent"], c["failed"]) == ("sent", 10, 0)
+# the retry budget (exhausted -> failed, retry-failed requeues): tests/sender/test_retry_budget.py
 
 
 async def test_per_recipient_4xx_recorded_with_reason(api, pool, send_ctx, fake_resend):
