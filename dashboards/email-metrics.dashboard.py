@@ -107,6 +107,15 @@ failures_ts = timeseries(
     [prom(f"{rate(M.EMAIL_SEND_FAILURES, P, 'provider, reason')}", "{{provider}} {{reason}}")],
     unit="ops", bars=True,
 )
+provider_errors_ts = timeseries(
+    "Provider errors by reason (failed calls/s)",
+    [prom(rate(M.PROVIDER_ERRORS, P, "provider, reason"), "{{provider}} {{reason}}")],
+    unit="ops", bars=True,
+    description="Failed provider calls (one per call, not per recipient): server_error, timeout, connection, "
+                "rate_limited, client_error. EmailProviderFailing fires when over half the calls fail for "
+                "5 minutes; the failed recipients are retried, not lost.",
+    links=[panel_link("alerts-incidents")],
+)
 
 campaigns_state = bargauge(
     "Campaigns by status", [prom(f"sum by (status) ({M.CAMPAIGNS})", "{{status}}", instant=True)],
@@ -156,7 +165,8 @@ dashboard = build_dashboard(
         Section("Engagement Metrics", [(open_rate, 4, 6), (click_rate, 4, 6), (unsubscribes, 4, 6),
                                        (engagement_ts, 12, 6)], guide=("Engagement Metrics",)),
         Section("Provider Performance", [(provider_latency, 8, 7), (delivery_latency, 8, 7),
-                                         (provider_table, 8, 7), (failures_ts, 24, 6)],
+                                         (provider_table, 8, 7), (failures_ts, 24, 6),
+                                         (provider_errors_ts, 24, 6)],
                 guide=("Provider Performance",)),
         Section("Campaign Analytics", [(campaigns_state, 8, 7), (campaigns_finished, 8, 7),
                                        (campaign_failure, 8, 7), (campaign_messages, 12, 8),

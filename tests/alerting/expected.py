@@ -34,6 +34,8 @@ ALERTS = {
     ("ImportStalled", "warning"): (None, None),
     ("ComplaintRateHigh", "warning"): (None, None),
     ("ProviderRateLimited", "warning"): (None, None),
+    # added by the reliability issue (provider failing for several minutes)
+    ("EmailProviderFailing", "critical"): (None, None),
     # an early-warning tier (inhibited while the critical one fires)
     ("DiskSpaceLow", "warning"): (None, None),
 }
