@@ -1,24 +1,32 @@
-"""The email provider failing (HTTP 500 on every call) for a sustained period mid-campaign:
-the sender keeps retrying with back-off, the failures are visible on the worker's metrics while
-it lasts, and once the provider is back the campaign completes: every lead mailed exactly once,
-nothing failed.
+"""The email provider failing (HTTP 500 on every call) for a sustained period mid-campaign, with
+the real worker, the real Prometheus and the generated rules:
+
+* the sender keeps retrying: a few quick attempts per delivery, then the batch goes back to
+  dramatiq and is redelivered with growing delays; recipients stay ``sending`` (nothing failed,
+  the retry budget is far from used up);
+* every failed call is counted once in ``mailgenius_provider_errors_total`` and Prometheus,
+  scraping the worker, sees ``EmailProviderFailing`` FIRING during the outage;
+* once the provider is back the campaign completes (every lead mailed exactly once, nothing
+  failed, campaign ``sent``) and the alert resolves.
 
 "Several minutes" is scaled down to PROVIDER_OUTAGE seconds (default 15; env
-MAILGENIUS_TEST_PROVIDER_OUTAGE), with the sender's retry budget scaled the same way
-(MAILGENIUS_SENDER_BACKOFF_BASE=0.5, BACKOFF_MAX=4, MAX_ATTEMPTS=12: ~36 s of back-off > the
-outage; the defaults give ~7.5 s, after which messages are marked failed for retry-failed).
+MAILGENIUS_TEST_PROVIDER_OUTAGE); the worker's redelivery delays are shortened with the
+sender's env knobs, and the rules' ``for:`` to 2 s (as the alerting end-to-end test does) — the
+expressions, windows and thresholds are the committed ones. The figures (outage start -> alert
+firing, recovery -> campaign sent, recovery -> alert resolved, counts) are printed (pytest -s).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
-import urllib.request
 
 import aiohttp
 import pytest
 
+from alerting import generate
 from tests.conftest import bearer
 from tests.reliability.conftest import _stack_class
 
@@ -26,25 +34,40 @@ pytestmark = pytest.mark.slow
 
 PROVIDER_OUTAGE = float(os.environ.get("MAILGENIUS_TEST_PROVIDER_OUTAGE", "15"))
 N_LEADS = 500
+ALERT = "EmailProviderFailing"
 
 
-def worker_provider_calls(stack) -> dict[str, float]:
-    """mailgenius_provider_request_duration_seconds_count by (provider, operation) on the
-    sender worker's metrics page."""
+async def worker_samples(session: aiohttp.ClientSession, stack, name: str) -> dict[tuple, float]:
+    """Samples of one metric on the sender worker's metrics page, by sorted label items."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(stack.url("sender-worker") + "/", timeout=5) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == "mailgenius_provider_request_duration_seconds_count":
-                key = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-                out[key] = out.get(key, 0) + s.value
-    return out
+    async with session.get(stack.url("sender-worker") + "/") as resp:
+        text = await resp.text()
+    return {tuple(sorted(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name}
 
 
-async def test_campaign_completes_after_a_sustained_provider_outage(settings, pool, make_key, tmp_path):
+async def alert_state(session: aiohttp.ClientSession, stack) -> str | None:
+    """State of EmailProviderFailing{provider="resend"} in Prometheus (/api/v1/alerts)."""
+    async with session.get(stack.url("prometheus") + "/api/v1/alerts") as resp:
+        body = json.loads(await resp.text())
+    states = [a["state"] for a in body["data"]["alerts"]
+              if a["labels"].get("alertname") == ALERT and a["labels"].get("provider") == "resend"]
+    return states[0] if states else None
+
+
+async def poll(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
+        await asyncio.sleep(interval)
+
+
+async def test_provider_outage_fires_the_alert_and_the_campaign_completes_exactly_once(
+        settings, pool, make_key, tmp_path):
     from sender.testing import start_fake
 
     fake, runner, url = await start_fake(api_key="re_test")
@@ -52,45 +75,82 @@ async def test_campaign_completes_after_a_sustained_provider_outage(settings, po
                                             resend_api_key="re_test"), tmp_path)
     try:
         key = await make_key("send", "read")
+        # Given the sender, its worker (short redelivery delays, the default 900 s retry budget)
+        # and Prometheus scraping them every second with the generated rules
         stack.start_service("sender")
-        stack.start_worker("sender", threads=2, MAILGENIUS_SENDER_BACKOFF_BASE="0.5",
-                           MAILGENIUS_SENDER_BACKOFF_MAX="4", MAILGENIUS_SENDER_MAX_ATTEMPTS="12",
-                           MAILGENIUS_LOG_LEVEL="warning")
+        stack.start_worker("sender", threads=2, MAILGENIUS_SENDER_BACKOFF_BASE="0.2",
+                           MAILGENIUS_SENDER_MAX_ATTEMPTS="2", MAILGENIUS_SENDER_REDELIVERY_MIN="0.5",
+                           MAILGENIUS_SENDER_REDELIVERY_MAX="3", MAILGENIUS_LOG_LEVEL="warning")
+        jobs = {job: [target] for job, target in stack.scrape_jobs().items()}
+        variant = generate.local_variant(targets=jobs, scrape_interval="1s", evaluation_interval="1s",
+                                         for_override="2s")
+        paths = generate.render_to(stack.tmp / "configs", variant)
+        await asyncio.to_thread(stack.start_prometheus, paths["prometheus"])
+        await asyncio.to_thread(stack.wait_targets_up, 30)
         await pool.execute("""INSERT INTO leads (email, tags) SELECT 'p' || g || '@example.com', '{prov}'
                               FROM generate_series(1, $1) g""", N_LEADS)
-        # Given a provider that answers 500 to every call for the whole outage
-        fake.script = [{"status": 500, "message": "provider outage"}] * 100_000
-        outage_start = time.monotonic()
-        async with aiohttp.ClientSession() as s:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
             h = bearer(key)
+            # When the provider answers 500 to every call for the whole outage, mid-campaign
+            fake.script = [{"status": 500, "message": "provider outage"}] * 100_000
+            outage_start = time.monotonic()
             r = await s.post(stack.url("sender") + "/api/campaigns", headers=h, json={
                 "name": "provider outage", "subject": "Hi", "from_email": "news@example.com",
                 "html": "<p>Hello</p>", "text": "Hello", "segment": {"tags": ["prov"]}})
             assert r.status == 201, await r.text()
             cid = (await r.json())["id"]
             assert (await s.post(stack.url("sender") + f"/api/campaigns/{cid}/send", headers=h)).status == 202
-            # When it lasts: the sender retries (calls keep coming, spaced by back-off)...
+
+            # Then Prometheus sees EmailProviderFailing firing while it lasts
+            async def firing():
+                return await alert_state(s, stack) == "firing"
+
+            await poll(firing, PROVIDER_OUTAGE + 30, f"{ALERT} firing\n{stack.log('sender-worker')}")
+            t_fire = time.monotonic() - outage_start
             while time.monotonic() - outage_start < PROVIDER_OUTAGE:
-                await asyncio.sleep(1)
-            refused = fake.stats()["statuses"].get(500, 0)
-            assert refused >= 5, f"the sender did not keep retrying: {fake.stats()}"
-            c = await (await s.get(stack.url("sender") + f"/api/campaigns/{cid}", headers=h)).json()
-            assert c["sent"] == 0 and c["status"] == "sending", c
-            # ...and the worker's metrics show the failing provider calls while it lasts
-            calls = worker_provider_calls(stack)
-            assert sum(calls.values()) >= refused, (calls, refused)
-            # Then once the provider is back, the campaign completes: all sent, exactly once
-            fake.script.clear()
-            end = time.monotonic() + 90
-            while True:
-                c = await (await s.get(stack.url("sender") + f"/api/campaigns/{cid}", headers=h)).json()
-                if c["status"] in ("sent", "failed", "cancelled"):
-                    break
-                assert time.monotonic() < end, f"campaign stuck after recovery: {c}\n{stack.log('sender-worker')}"
                 await asyncio.sleep(0.5)
-        st = fake.stats()
-        assert c["status"] == "sent" and c["sent"] == N_LEADS and c["failed"] == 0, c
-        assert st["unique_recipients"] == N_LEADS and st["duplicates"] == 0, st
+            # ...the sender kept retrying, handing batches back, and nothing failed
+            refused = fake.stats()["statuses"].get(500, 0)
+            assert refused >= 10, f"the sender did not keep retrying: {fake.stats()}"
+            c = await (await s.get(stack.url("sender") + f"/api/campaigns/{cid}", headers=h)).json()
+            assert c["sent"] == 0 and c["failed"] == 0 and c["status"] == "sending", c
+            rows = await pool.fetchrow(
+                """SELECT count(*) FILTER (WHERE status = 'sending' AND retry_since IS NOT NULL) AS retrying,
+                          count(*) FILTER (WHERE status = 'failed') AS failed
+                   FROM messages WHERE campaign_id = $1""", cid)
+            assert rows["failed"] == 0 and rows["retrying"] > 0, dict(rows)
+
+            # When the provider is back
+            fake.script.clear()
+            t_recover = time.monotonic()
+
+            # Then the campaign completes: all sent, exactly once, nothing failed
+            async def finished():
+                c = await (await s.get(stack.url("sender") + f"/api/campaigns/{cid}", headers=h)).json()
+                return c if c["status"] in ("sent", "failed", "cancelled") else None
+
+            c = await poll(finished, 60, f"campaign finished\n{stack.log('sender-worker')}")
+            t_sent = time.monotonic() - t_recover
+            st = fake.stats()
+            assert c["status"] == "sent" and c["sent"] == N_LEADS and c["failed"] == 0, c
+            assert st["unique_recipients"] == N_LEADS and st["duplicates"] == 0, st
+
+            # ...every refused call was counted once, as a server error of resend
+            errors = await worker_samples(s, stack, "mailgenius_provider_errors_total")
+            assert errors[(("provider", "resend"), ("reason", "server_error"))] == st["statuses"][500], (errors, st)
+            assert sum(errors.values()) == st["statuses"][500], errors
+
+            # ...and the alert resolves (no error in the last minute)
+            async def resolved():
+                return await alert_state(s, stack) is None
+
+            await poll(resolved, 90, f"{ALERT} resolved")
+            t_resolved = time.monotonic() - t_recover
+        print(f"\nprovider outage {PROVIDER_OUTAGE:g} s, {N_LEADS} leads, {st['statuses'][500]} refused calls: "
+              f"{ALERT} firing {t_fire:.1f} s after the outage began; after recovery the campaign was sent in "
+              f"{t_sent:.1f} s and the alert resolved in {t_resolved:.1f} s; total "
+              f"{time.monotonic() - outage_start:.1f} s; sent {c['sent']}, failed {c['failed']}, "
+              f"duplicates {st['duplicates']}")
     finally:
         stack.stop("sender-worker", kill=True)
         stack.stop_all()
