@@ -384,6 +384,18 @@ def default_sources() -> list[Source]:
 
 # -- snapshots and the background refresh ----------------------------------------------------------
 
+#: the longest a source's refresh may take (unless the refresh interval is longer), seconds: past
+#: it the collector reports up=0 while scrapes keep answering from the last snapshot
+REFRESH_TIMEOUT = 5.0
+
+
+def _consume_result(task: asyncio.Task) -> None:
+    """Done callback of refresh tasks: a task abandoned past its deadline still has its outcome
+    retrieved (no "exception was never retrieved" at garbage collection)."""
+    if not task.cancelled():
+        task.exception()
+
+
 @dataclass
 class SourceState:
     data: Any = None
@@ -404,6 +416,12 @@ class Refresher:
         self.states: dict[str, SourceState] = {s.name: SourceState() for s in self.sources}
         self._lock = threading.Lock()  # errors are also counted from the scrape thread
         self._task: asyncio.Task | None = None
+        #: source name -> its refresh still running (possibly past its deadline)
+        self._inflight: dict[str, asyncio.Task] = {}
+
+    def refresh_timeout(self) -> float:
+        """Seconds a source's refresh may take before it counts as failed (collector_up 0)."""
+        return max(self.ctx.config.refresh_seconds, REFRESH_TIMEOUT)
 
     def count_error(self, name: str, error: str) -> None:
         with self._lock:
@@ -412,22 +430,40 @@ class Refresher:
             st.last_error = error
 
     async def refresh_source(self, source: Source) -> None:
+        """Refresh one source's snapshot, or mark it down (up=0, error counted) when the refresh
+        fails or outlives :meth:`refresh_timeout`.
+
+        The refresh runs as its own task and is *not* awaited past the deadline: cancelling a
+        query stuck on a silent (blackholed) Postgres socket does not finish until the
+        connection gives up, and ``asyncio.wait_for`` would wait for that (measured: ~35 s of
+        collector_up 1 after Postgres went silent). A late task is cancelled and left to end in
+        the background; the next rounds wait on that same task instead of piling up new queries.
+        """
         start = time.perf_counter()
-        timeout = max(self.ctx.config.refresh_seconds, 5.0)
-        try:
-            data = await asyncio.wait_for(source.refresh(self.ctx), timeout)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
+        timeout = self.refresh_timeout()
+        task = self._inflight.get(source.name)
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(source.refresh(self.ctx), name=f"refresh-{source.name}")
+            task.add_done_callback(_consume_result)
+            self._inflight[source.name] = task
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            task.cancel()
+            err = f"TimeoutError: refresh took more than {timeout:g} s"
+        elif task.cancelled():
+            err = "CancelledError: refresh cancelled after its deadline"
+        elif task.exception() is not None:
+            exc = task.exception()
             err = f"{type(exc).__name__}: {exc}"[:300] if str(exc) else type(exc).__name__
-            self.states[source.name].up = False
-            self.states[source.name].duration = time.perf_counter() - start
-            self.count_error(source.name, err)
-            log.warning("collector refresh failed", extra={"collector": source.name, "error": err})
+        else:
+            st = self.states[source.name]
+            st.data, st.taken_at, st.up = task.result(), time.time(), True
+            st.duration = time.perf_counter() - start
             return
-        st = self.states[source.name]
-        st.data, st.taken_at, st.up = data, time.time(), True
-        st.duration = time.perf_counter() - start
+        self.states[source.name].up = False
+        self.states[source.name].duration = time.perf_counter() - start
+        self.count_error(source.name, err)
+        log.warning("collector refresh failed", extra={"collector": source.name, "error": err})
 
     async def refresh_once(self) -> None:
         await asyncio.gather(*(self.refresh_source(s) for s in self.sources))
@@ -447,6 +483,12 @@ class Refresher:
         self._task = asyncio.get_running_loop().create_task(self.run(), name="exporter-refresh")
 
     async def stop(self) -> None:
+        pending = [t for t in self._inflight.values() if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:  # give them a moment to unwind; a stuck one is abandoned
+            await asyncio.wait(pending, timeout=1.0)
+        self._inflight.clear()
         if self._task is not None:
             self._task.cancel()
             try:

@@ -22,6 +22,19 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 #: Advisory lock key taken while migrating (any constant unique to this app).
 MIGRATION_LOCK_KEY = 0x6D61696C67656E  # "mailgen"
+
+#: Statement timeout of the API services' pools (pool_ctx), seconds. Their queries are reads by
+#: key and small writes (milliseconds); when Postgres stops answering (a blackholed network, a
+#: hung server) a request must get its 503 JSON within ~1.5 s, not after 30 s. A statement that
+#: times out terminates its connection (TimeoutSafeConnection): the pool never hands it out again.
+API_COMMAND_TIMEOUT = 1.0
+#: Connect timeout of the API services' pools, seconds (a local connect takes ~10 ms; a
+#: blackholed server accepts the TCP connection and never answers the startup).
+API_CONNECT_TIMEOUT = 1.0
+#: For the few long statements an API process runs (retry-failed over a big campaign, a large
+#: cancellation chunk): pass ``timeout=LONG_COMMAND_TIMEOUT`` to that call. Workers, migrations
+#: and the CLI use their own pools with the long default.
+LONG_COMMAND_TIMEOUT = 30.0
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -102,11 +115,54 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10,
     )
 
 
-def pool_ctx(settings, key):
+class TimeoutSafeConnection(asyncpg.Connection):
+    """A connection that terminates itself when a statement times out.
+
+    A statement that timed out leaves the connection mid-protocol: asyncpg then sends a cancel
+    request and the pool's release waits for it, which on a silent (blackholed) server means the
+    request hangs on past its timeout. Terminated instead, the release is immediate and the pool
+    opens a fresh connection for the next request (measured through the fault proxy: a pooled
+    read answers its TimeoutError after 1.0 s instead of 2.0 s, and no later request inherits the
+    dead connection).
+    """
+
+    __slots__ = ()
+
+    def _terminate_on_timeout(self, exc: BaseException) -> None:
+        if isinstance(exc, TimeoutError) and not self.is_closed():
+            log.warning("Postgres statement timed out; connection discarded")
+            self.terminate()
+
+    async def _execute(self, *args, **kwargs):
+        try:
+            return await super()._execute(*args, **kwargs)
+        except TimeoutError as exc:
+            self._terminate_on_timeout(exc)
+            raise
+
+    async def execute(self, *args, **kwargs):
+        try:
+            return await super().execute(*args, **kwargs)
+        except TimeoutError as exc:
+            self._terminate_on_timeout(exc)
+            raise
+
+    async def _executemany(self, *args, **kwargs):
+        try:
+            return await super()._executemany(*args, **kwargs)
+        except TimeoutError as exc:
+            self._terminate_on_timeout(exc)
+            raise
+
+
+def pool_ctx(settings, key, *, command_timeout: float = API_COMMAND_TIMEOUT,
+             connect_timeout: float = API_CONNECT_TIMEOUT):
     """aiohttp cleanup_ctx: open the pool before start, close it after stop.
 
     The pool opens lazily (min_size=0 reconnects) so a service starts, and reports unhealthy,
-    while Postgres is down instead of refusing to start.
+    while Postgres is down instead of refusing to start. Short statement and connect timeouts
+    (API_COMMAND_TIMEOUT, API_CONNECT_TIMEOUT): an unreachable Postgres is a 503 within ~1.5 s
+    (the kernel's error middleware maps TimeoutError to 503 ``unavailable``).
     """
 
     async def ctx(app) -> AsyncIterator[None]:
@@ -114,8 +170,9 @@ def pool_ctx(settings, key):
             settings.database_url,
             min_size=0,
             max_size=settings.db_pool_max,
-            command_timeout=30,
-            timeout=5,
+            command_timeout=command_timeout,
+            timeout=connect_timeout,
+            connection_class=TimeoutSafeConnection,
         )
         try:
             await pool  # connects min_size (0) connections: never fails on a down server

@@ -347,3 +347,46 @@ async def test_served_metrics_equal_the_registry_and_follow_refreshes(exporter, 
     await exporter.refresh()
     served = samples(await (await exporter.get("/metrics")).text())
     assert served[(m.LEADS, (("status", "active"),))] == 2
+
+
+async def test_a_refresh_stuck_past_its_deadline_reports_down_without_waiting_for_it(monkeypatch):
+    """A source whose query hangs and whose cancellation hangs too (an asyncpg query on a
+    blackholed socket): the refresh reports up=0 at its deadline, the late task is not awaited,
+    and the next round waits on that same task instead of starting another query."""
+    import asyncio
+    import types
+
+    from exporter import collectors
+
+    monkeypatch.setattr(collectors, "REFRESH_TIMEOUT", 0.3)
+    started = 0
+    release = asyncio.Event()
+
+    class Stuck(collectors.Source):
+        name = "stuck"
+
+        async def refresh(self, ctx):
+            nonlocal started
+            started += 1
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                await release.wait()  # cancellation that does not finish until the socket dies
+                raise
+
+        def families(self, data):
+            return []
+
+    ctx = types.SimpleNamespace(config=types.SimpleNamespace(refresh_seconds=0.1))
+    refresher = collectors.Refresher(ctx, [Stuck()])
+    # When a round runs, Then it ends at the deadline with the collector down and the error counted
+    t0 = time.monotonic()
+    await refresher.refresh_once()
+    assert time.monotonic() - t0 < 1.0
+    st = refresher.states["stuck"]
+    assert st.up is False and st.errors == 1 and "TimeoutError" in st.last_error
+    # And the next round does not pile a second query on top of the stuck one
+    await refresher.refresh_once()
+    assert started == 1 and refresher.states["stuck"].errors == 2
+    release.set()
+    await refresher.stop()
