@@ -251,43 +251,80 @@ def _count(status: str) -> int:
     return int(status.split()[-1])
 
 
-async def retry_failed(pool, campaign_id: int | None = None) -> tuple[dict[int, list[int]], list[int]]:
+#: failed recipients moved back to pending per transaction by retry-failed
+RETRY_CHUNK = 20_000
+
+#: one chunk of retry-failed: the next failed messages (keyset over message_failures, 0201) of
+#: live campaigns whose lead is not suppressed (plus transactional ones when $1 is NULL) back to
+#: pending, and their message_failures rows removed. Rows skipped (campaign cancelled, lead
+#: suppressed) stay failed; the keyset moves past them, so every call ends.
+RETRY_CHUNK_SQL = """
+WITH pick AS (
+    SELECT f.message_id FROM message_failures f
+    WHERE ($1::bigint IS NULL OR f.campaign_id = $1) AND f.message_id > $2
+    ORDER BY f.message_id LIMIT $3),
+upd AS (
+    UPDATE messages m SET status = 'pending', updated_at = now()
+    FROM pick
+    WHERE m.id = pick.message_id AND m.status = 'failed'
+      AND (CASE WHEN m.campaign_id IS NULL THEN $1::bigint IS NULL
+                ELSE EXISTS (SELECT 1 FROM campaigns c WHERE c.id = m.campaign_id
+                                AND c.status IN ('sending', 'paused', 'sent', 'failed'))
+                     AND NOT EXISTS (SELECT 1 FROM leads l WHERE l.id = m.lead_id AND l.status <> 'active')
+           END)
+    RETURNING m.id, m.campaign_id, m.batch),
+del AS (DELETE FROM message_failures f USING upd WHERE f.message_id = upd.id)
+SELECT (SELECT max(message_id) FROM pick) AS last, (SELECT count(*) FROM pick) AS picked,
+       u.id, u.campaign_id, u.batch
+FROM (SELECT 1) one LEFT JOIN upd u ON true
+"""
+
+
+async def retry_failed(pool, campaign_id: int | None = None, *,
+                       chunk: int = RETRY_CHUNK) -> tuple[dict[int, list[int]], list[int]]:
     """Failed recipients (of live campaigns, leads not suppressed) back to pending, counters
     moved from failed to queued; finished campaigns go back to sending. Returns the batches to
-    enqueue per campaign and the transactional message ids to enqueue."""
-    async with pool.acquire() as conn, conn.transaction():
-        if campaign_id is not None:
-            exists = await conn.fetchval("SELECT 1 FROM campaigns WHERE id = $1", campaign_id)
-            if not exists:
-                raise NotFound(f"no campaign {campaign_id}")
-        rows = await conn.fetch(
-            """WITH upd AS (
-                   UPDATE messages m SET status = 'pending', updated_at = now()
-                   FROM campaigns c
-                   WHERE m.status = 'failed' AND m.campaign_id = c.id
-                     AND c.status IN ('sending', 'paused', 'sent', 'failed')
-                     AND ($1::bigint IS NULL OR m.campaign_id = $1)
-                     AND NOT EXISTS (SELECT 1 FROM leads l WHERE l.id = m.lead_id AND l.status <> 'active')
-                   RETURNING m.campaign_id, m.batch)
-               SELECT campaign_id, batch, count(*) AS n FROM upd GROUP BY campaign_id, batch""", campaign_id)
-        per: dict[int, int] = {}
-        batches: dict[int, list[int]] = {}
-        for r in rows:
-            per[r["campaign_id"]] = per.get(r["campaign_id"], 0) + r["n"]
-            batches.setdefault(r["campaign_id"], []).append(r["batch"])
-        if per:
-            await conn.execute(
-                """UPDATE campaigns c SET failed = c.failed - x.n, queued = c.queued + x.n, updated_at = now(),
-                          status = CASE WHEN c.status IN ('sent', 'failed') THEN 'sending' ELSE c.status END,
-                          finished_at = CASE WHEN c.status IN ('sent', 'failed') THEN NULL ELSE c.finished_at END
-                   FROM unnest($1::bigint[], $2::bigint[]) AS x(id, n) WHERE c.id = x.id""",
-                list(per), list(per.values()))
-        # paused campaigns are enqueued by resume, not now
-        paused = {r["id"] for r in await conn.fetch(
-            "SELECT id FROM campaigns WHERE id = ANY($1::bigint[]) AND status = 'paused'", list(per))}
-        tx: list[int] = []
-        if campaign_id is None:
-            tx = [r["id"] for r in await conn.fetch(
-                """UPDATE messages SET status = 'pending', updated_at = now()
-                   WHERE campaign_id IS NULL AND status = 'failed' RETURNING id""")]
+    enqueue per campaign and the transactional message ids to enqueue (all of them when
+    ``campaign_id`` is None).
+
+    Works in transactions of at most ``chunk`` recipients, each with its counter update, so a
+    campaign with 1,000,000 failures is never one long lock. Safe to repeat or to run twice at
+    once: only rows still ``failed`` move (and are counted); a call interrupted between chunks
+    leaves a consistent state (its campaigns already back to ``sending`` are re-dispatched by
+    the sweeper, the rest stays failed for the next call)."""
+    if campaign_id is not None:
+        exists = await pool.fetchval("SELECT 1 FROM campaigns WHERE id = $1", campaign_id)
+        if not exists:
+            raise NotFound(f"no campaign {campaign_id}")
+    batches: dict[int, set[int]] = {}
+    tx: list[int] = []
+    touched: set[int] = set()
+    after = 0
+    while True:
+        async with pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(RETRY_CHUNK_SQL, campaign_id, after, chunk)
+            per: dict[int, int] = {}
+            for r in rows:
+                if r["id"] is None:
+                    continue
+                if r["campaign_id"] is None:
+                    tx.append(r["id"])
+                else:
+                    per[r["campaign_id"]] = per.get(r["campaign_id"], 0) + 1
+                    batches.setdefault(r["campaign_id"], set()).add(r["batch"])
+            if per:
+                await conn.execute(
+                    """UPDATE campaigns c SET failed = c.failed - x.n, queued = c.queued + x.n, updated_at = now(),
+                              status = CASE WHEN c.status IN ('sent', 'failed') THEN 'sending' ELSE c.status END,
+                              finished_at = CASE WHEN c.status IN ('sent', 'failed') THEN NULL ELSE c.finished_at END
+                       FROM unnest($1::bigint[], $2::bigint[]) AS x(id, n) WHERE c.id = x.id""",
+                    list(per), list(per.values()))
+                touched.update(per)
+        picked = rows[0]["picked"] if rows else 0
+        if picked < chunk:
+            break
+        after = rows[0]["last"]
+    # paused campaigns are enqueued by resume, not now
+    paused = {r["id"] for r in await pool.fetch(
+        "SELECT id FROM campaigns WHERE id = ANY($1::bigint[]) AND status = 'paused'", list(touched))}
     return {c: sorted(b) for c, b in batches.items() if c not in paused}, tx

@@ -155,7 +155,10 @@ async def record_resend(pool, metrics: SenderMetrics, svix_id: str, body: bytes)
             return applied
         msg = None
         if pid:
-            msg = await conn.fetchrow(f"SELECT {MSG_FIELDS} FROM messages WHERE provider_message_id = $1 FOR UPDATE", pid)
+            msg = await conn.fetchrow(
+                f"""SELECT {MSG_FIELDS} FROM messages
+                    WHERE id = (SELECT message_id FROM message_provider_ids WHERE provider_message_id = $1)
+                    FOR UPDATE""", pid)
         if msg is None and tag_id is not None and str(tag_id).isdigit():
             msg = await conn.fetchrow(f"SELECT {MSG_FIELDS} FROM messages WHERE id = $1 FOR UPDATE", int(tag_id))
         if msg is not None:

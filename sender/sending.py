@@ -57,12 +57,19 @@ WITH s AS (
            sent_at = now(), updated_at = now(), last_error = NULL
     FROM unnest($1::bigint[], $2::text[]) AS v(id, pid)
     WHERE m.id = v.id AND m.status = 'sending'
-    RETURNING 1),
+    RETURNING m.id, v.pid),
 f AS (
     UPDATE messages m SET status = v.st, provider = $6, last_error = v.err, updated_at = now()
     FROM unnest($3::bigint[], $4::text[], $5::text[]) AS v(id, err, st)
     WHERE m.id = v.id AND m.status = 'sending'
-    RETURNING m.status),
+    RETURNING m.id, m.campaign_id, m.status),
+-- the lookups that must not be indexes of messages (0201: they would make both updates non-HOT)
+pids AS (
+    INSERT INTO message_provider_ids (provider_message_id, message_id)
+    SELECT pid, id FROM s WHERE pid <> '' ON CONFLICT DO NOTHING),
+fails AS (
+    INSERT INTO message_failures (message_id, campaign_id)
+    SELECT id, campaign_id FROM f WHERE status = 'failed' ON CONFLICT DO NOTHING),
 n AS (
     SELECT (SELECT count(*) FROM s) AS sent,
            (SELECT count(*) FROM f WHERE status = 'failed') AS failed,
@@ -208,16 +215,29 @@ async def _record(ctx: SendContext, conn, provider: str, campaign_id: int | None
     await ctx.count_stats(n_sent, n_failed)
 
 
-def _lead_dict(r) -> dict:
-    d = {"id": r["lead_id"], "email": r["email"], "first_name": r["first_name"], "last_name": r["last_name"],
-         "company": r["company"], "phone": r["phone"], "tags": r["tags"], "attributes": r["attributes"]}
-    attrs = d.get("attributes")
-    if isinstance(attrs, str):
+def _attributes(raw) -> dict:
+    if isinstance(raw, str):  # asyncpg returns jsonb as text
+        if raw == "{}":
+            return {}
         try:
-            d["attributes"] = json.loads(attrs)
+            raw = json.loads(raw)
         except ValueError:
-            d["attributes"] = {}
-    return d
+            return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def _recipient_context(r, campaign_view: dict, unsubscribe_url: str, click_url) -> dict:
+    """templates.lead_context for one claimed row, built in one pass (no intermediate dicts:
+    this runs once per email). The lists and dicts are fresh per row already."""
+    view = {"id": r["lead_id"], "email": r["email"], "first_name": r["first_name"],
+            "last_name": r["last_name"], "company": r["company"], "phone": r["phone"],
+            "tags": r["tags"] or [], "attributes": _attributes(r["attributes"])}
+    ctx = view.copy()
+    ctx["lead"] = view
+    ctx["campaign"] = campaign_view
+    ctx["unsubscribe_url"] = unsubscribe_url
+    ctx["click_url"] = click_url
+    return ctx
 
 
 async def send_campaign_batch(ctx: SendContext, campaign_id: int, batch: int) -> Outcome:
@@ -244,23 +264,24 @@ async def send_campaign_batch(ctx: SendContext, campaign_id: int, batch: int) ->
             emails: list[OutEmail] = []
             failed: dict[int, tuple[str, str]] = {}
             cancelled: list[int] = []
+            from_email = camp["from_email"]
+            render, add_pixel = templates.render, templates.add_open_pixel
+            click = tracker.click_url
             for r in rows:
                 mid = r["id"]
                 if r["lead_id"] is None or r["lead_status"] != "active":
                     cancelled.append(mid)  # unsubscribed / bounced / deleted since the ledger was written
                     continue
                 unsub = tracker.unsubscribe_url(mid)
-                ctx_vars = templates.lead_context(
-                    _lead_dict(r), campaign=campaign_view, unsubscribe_url=unsub,
-                    click_url=lambda link_id, _m=mid: tracker.click_url(_m, int(link_id)))
+                ctx_vars = _recipient_context(r, campaign_view, unsub,
+                                              lambda link_id, _m=mid: click(_m, int(link_id)))
                 try:
-                    subject, html, text = templates.render(compiled, ctx_vars)
+                    subject, html, text = render(compiled, ctx_vars)
                 except templates.RenderError as exc:
                     failed[mid] = ("render_error", str(exc)[:500])
                     continue
-                html = templates.add_open_pixel(html, tracker.open_url(mid))
-                emails.append(OutEmail(mid, r["email"], camp["from_email"], subject, html, text,
-                                       list_headers(unsub)))
+                html = add_pixel(html, tracker.open_url(mid))
+                emails.append(OutEmail(mid, r["email"], from_email, subject, html, text, list_headers(unsub)))
             if failed or cancelled:
                 provider = await ctx.provider(conn)
                 await _record(ctx, conn, provider.name, campaign_id, {}, failed, cancelled, outcome)
