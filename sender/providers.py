@@ -18,6 +18,7 @@ from email.message import EmailMessage
 
 import aiohttp
 import aiosmtplib
+import orjson
 
 from . import config
 
@@ -98,22 +99,28 @@ class ResendProvider:
             body["headers"] = e.headers
         return body
 
+    @classmethod
+    def encode(cls, emails: list[OutEmail]) -> bytes:
+        """The batch request body (orjson: ~10x cheaper than json.dumps for 100 rendered emails)."""
+        return orjson.dumps([cls.payload(e) for e in emails])
+
     async def send_batch(self, emails: list[OutEmail], idempotency_key: str) -> SendResult:
         ids = [e.message_id for e in emails]
         headers = {"Authorization": f"Bearer {self.api_key}", "Idempotency-Key": idempotency_key,
-                   "x-batch-validation": "permissive"}
+                   "x-batch-validation": "permissive", "Content-Type": "application/json"}
         start = time.perf_counter()
         try:
-            async with self.session.post(self.url, json=[self.payload(e) for e in emails],
+            async with self.session.post(self.url, data=self.encode(emails),
                                          headers=headers, timeout=self.timeout) as resp:
                 status = resp.status
-                text = await resp.text()
+                raw = await resp.read()
+                text = raw.decode("utf-8", "replace")
                 retry_after = _retry_after(resp.headers.get("Retry-After"))
                 data = None
                 if resp.content_type == "application/json":
                     try:
-                        data = await resp.json(content_type=None)
-                    except ValueError:
+                        data = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
                         data = None
         except TimeoutError:
             return SendResult(retry=ids, error=ProviderError("timeout", "provider call timed out", True),

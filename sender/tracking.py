@@ -8,11 +8,15 @@ in the ``settings`` table (key ``tracking_secret``) so every process signs alike
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import hmac
 import json
 import secrets
+from typing import Any
+
+#: standard base64 -> base64url
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 #: settings-table key of the generated secret
 SECRET_KEY = "tracking_secret"
@@ -23,10 +27,18 @@ class Tracker:
         # BLAKE2b keys are at most 64 bytes: longer secrets are hashed down first
         self.secret = secret if len(secret) <= 64 else hashlib.sha512(secret).digest()
         self.base = public_url.rstrip("/")
+        # per kind, a keyed hasher that has already absorbed "kind:": signing copies it (the send
+        # path signs three URLs per email; copying skips the key block and the prefix)
+        self._keyed: dict[str, Any] = {}
 
     def _mac(self, kind: str, msg: int, link: int) -> str:
-        d = hashlib.blake2b(f"{kind}:{msg}:{link}".encode(), key=self.secret, digest_size=12).digest()
-        return base64.urlsafe_b64encode(d).decode()
+        h = self._keyed.get(kind)
+        if h is None:
+            h = self._keyed[kind] = hashlib.blake2b(f"{kind}:".encode(), key=self.secret, digest_size=12)
+        h = h.copy()
+        h.update(f"{msg}:{link}".encode())
+        # 12 bytes -> 16 base64url characters, never padded
+        return binascii.b2a_base64(h.digest(), newline=False).translate(_URLSAFE).decode()
 
     def token(self, kind: str, msg_id: int, link_id: int = 0) -> str:
         return f"{msg_id:x}.{link_id:x}.{self._mac(kind, msg_id, link_id)}"
