@@ -18,10 +18,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from mailgenius import errors
 from mailgenius import keys as mkeys
-from mailgenius.broker import dramatiq_namespace
 from mailgenius.metrics import QUEUE_IMPORT
-from mailgenius.queues import redis_queue_stats, worker_count
-from mailgenius.web import Route, json_response, read_json
+from mailgenius.queues import broker_queue_stats, worker_count
+from mailgenius.web import UNAVAILABLE_ERRORS, Route, json_response, read_json
 
 from . import keys
 from .loader import FINISHED, progress_key
@@ -354,11 +353,14 @@ async def upload_monitoring(request: web.Request) -> web.Response:
            GROUP BY status""")}
     active = await pool.fetch(_SELECT + " WHERE status IN ('queued', 'running') ORDER BY id LIMIT 50")
     redis = app[mkeys.REDIS]
-    queue = None
-    if settings.broker_kind == "redis":
-        st = await redis_queue_stats(redis, dramatiq_namespace(settings), QUEUE_IMPORT)
-        queue = {"waiting": st.waiting, "delayed": st.delayed, "dead": st.dead,
-                 "oldest_age_seconds": round(st.oldest_age_seconds, 1)}
+    try:  # the kernel's reading of either broker (RabbitMQ: ready messages, no head age)
+        st = await broker_queue_stats(settings, redis, QUEUE_IMPORT)
+    except UNAVAILABLE_ERRORS:
+        raise
+    except Exception as exc:  # pika's AMQP errors: the broker is down, not a bug of ours
+        raise errors.Unavailable(f"the {settings.broker_kind} broker is unavailable: {type(exc).__name__}") from exc
+    queue = {"waiting": st.waiting, "delayed": st.delayed, "dead": st.dead,
+             "oldest_age_seconds": None if st.oldest_age_seconds is None else round(st.oldest_age_seconds, 1)}
     active_views = []
     for r in active:
         live = await _live_processed(request, r["id"]) if r["status"] == "running" else None
