@@ -14,6 +14,7 @@ import re
 
 import asyncpg
 
+from mailgenius.db import LONG_COMMAND_TIMEOUT
 from mailgenius.errors import Conflict, NotFound, ValidationError
 
 from . import templates
@@ -192,7 +193,7 @@ async def _skip_fk_checks(conn) -> bool:
 async def open_batches(pool, cid: int) -> list[int]:
     rows = await pool.fetch(
         "SELECT DISTINCT batch FROM messages WHERE campaign_id = $1 AND status IN ('pending', 'sending') ORDER BY batch",
-        cid)
+        cid, timeout=LONG_COMMAND_TIMEOUT)  # a 2,000,000-row scan: longer than the API pool's 1 s
     return [r["batch"] for r in rows]
 
 
@@ -238,7 +239,8 @@ async def cancel_pending(pool, cid: int, *, max_chunks: int | None = None) -> tu
             n = _count(await conn.execute(
                 f"""UPDATE messages SET status = 'cancelled', updated_at = now()
                     WHERE id IN (SELECT id FROM messages WHERE campaign_id = $1 AND status = 'pending'
-                                 LIMIT {CANCEL_CHUNK} FOR UPDATE SKIP LOCKED)""", cid))
+                                 LIMIT {CANCEL_CHUNK} FOR UPDATE SKIP LOCKED)""", cid,
+                timeout=LONG_COMMAND_TIMEOUT))
             if n:
                 await conn.execute("UPDATE campaigns SET queued = queued - $2, updated_at = now() WHERE id = $1", cid, n)
         total += n
@@ -302,7 +304,7 @@ async def retry_failed(pool, campaign_id: int | None = None, *,
     after = 0
     while True:
         async with pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(RETRY_CHUNK_SQL, campaign_id, after, chunk)
+            rows = await conn.fetch(RETRY_CHUNK_SQL, campaign_id, after, chunk, timeout=LONG_COMMAND_TIMEOUT)
             per: dict[int, int] = {}
             for r in rows:
                 if r["id"] is None:
