@@ -416,7 +416,7 @@ class Refresher:
         self.states: dict[str, SourceState] = {s.name: SourceState() for s in self.sources}
         self._lock = threading.Lock()  # errors are also counted from the scrape thread
         self._task: asyncio.Task | None = None
-        #: source name -> its refresh still running (possibly past its deadline)
+        #: source name -> its last refresh that outlived its deadline (cancelled, maybe still unwinding)
         self._inflight: dict[str, asyncio.Task] = {}
 
     def refresh_timeout(self) -> float:
@@ -437,18 +437,25 @@ class Refresher:
         query stuck on a silent (blackholed) Postgres socket does not finish until the
         connection gives up, and ``asyncio.wait_for`` would wait for that (measured: ~35 s of
         collector_up 1 after Postgres went silent). A late task is cancelled and left to end in
-        the background; the next rounds wait on that same task instead of piling up new queries.
+        the background; while it has not ended, the next rounds wait on it instead of piling up
+        new queries. Otherwise every call starts a fresh refresh (a caller that just changed the
+        data, like a test, never gets a snapshot taken before its change).
         """
         start = time.perf_counter()
         timeout = self.refresh_timeout()
         task = self._inflight.get(source.name)
         if task is None or task.done():
+            self._inflight.pop(source.name, None)
             task = asyncio.get_running_loop().create_task(source.refresh(self.ctx), name=f"refresh-{source.name}")
             task.add_done_callback(_consume_result)
-            self._inflight[source.name] = task
-        done, _ = await asyncio.wait({task}, timeout=timeout)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+        except asyncio.CancelledError:  # the refresh loop is stopping: so does this refresh
+            task.cancel()
+            raise
         if not done:
             task.cancel()
+            self._inflight[source.name] = task
             err = f"TimeoutError: refresh took more than {timeout:g} s"
         elif task.cancelled():
             err = "CancelledError: refresh cancelled after its deadline"
