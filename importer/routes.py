@@ -18,6 +18,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from mailgenius import errors
 from mailgenius import keys as mkeys
+from mailgenius.db import fetchrow_read
 from mailgenius.metrics import QUEUE_IMPORT
 from mailgenius.queues import broker_queue_stats, worker_count
 from mailgenius.web import UNAVAILABLE_ERRORS, Route, json_response, read_json
@@ -212,7 +213,7 @@ async def upload(request: web.Request) -> web.Response:
 async def get_import(request: web.Request) -> web.Response:
     """One import: status, counts, rows per second and ETA."""
     import_id = _parse_id(request)
-    row = await request.app[mkeys.DB].fetchrow(_SELECT + " WHERE id = $1", import_id)
+    row = await fetchrow_read(request.app[mkeys.DB], _SELECT + " WHERE id = $1", import_id)  # no reset round trip
     if row is None:
         raise errors.NotFound(f"no import with id {import_id}")
     live = await _live_processed(request, import_id) if row["status"] == "running" else None
