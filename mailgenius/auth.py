@@ -6,16 +6,21 @@ the scope of their area (``send``, ``import``, ``admin``); ``admin`` implies eve
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import time
 
 import asyncpg
 
+from .db import fetchrow_read
+
 #: every scope a key may hold
 SCOPES = ("read", "send", "import", "admin")
 #: seconds a verified key is trusted without asking Postgres again (bounds revocation delay)
 AUTH_CACHE_TTL = 5.0
+#: cache entries above which the cache is emptied (bogus keys must not grow it without bound)
+AUTH_CACHE_MAX = 10_000
 
 
 def hash_key(key: str) -> str:
@@ -73,14 +78,43 @@ async def lookup_hash(pool: asyncpg.Pool, digest: str, cache: dict) -> frozenset
     hit = cache.get(digest)
     if hit and hit[0] > now:
         return hit[1]
-    row = await pool.fetchrow(
-        "SELECT scopes FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", digest
-    )
-    scopes = frozenset(row["scopes"]) if row else None
-    if len(cache) > 10_000:
-        cache.clear()
-    cache[digest] = (now + AUTH_CACHE_TTL, scopes)
-    return scopes
+    # single flight: when the entry of a key in heavy use expires, the requests arriving during
+    # the round trip share one query instead of each taking a pool connection for the same row
+    pending = (_PENDING, digest)
+    task = cache.get(pending)
+    if task is None:
+        task = asyncio.ensure_future(_fetch(pool, digest, cache, pending))
+        task.add_done_callback(_retrieve)
+        cache[pending] = task
+    # shielded: a caller that goes away does not cancel the lookup the others wait for
+    return await asyncio.shield(task)
+
+
+#: marks the in-flight lookups kept in the cache dict beside the entries
+_PENDING = object()
+
+
+async def _fetch(pool: asyncpg.Pool, digest: str, cache: dict, pending: tuple) -> frozenset[str] | None:
+    try:
+        started = time.monotonic()  # the answer is as old as the moment the query was sent
+        row = await fetchrow_read(
+            pool, "SELECT scopes FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", digest
+        )
+        scopes = frozenset(row["scopes"]) if row else None
+        if len(cache) > AUTH_CACHE_MAX:
+            cache.clear()
+        cache[digest] = (started + AUTH_CACHE_TTL, scopes)
+        return scopes
+    finally:
+        if cache.get(pending) is asyncio.current_task():
+            del cache[pending]
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """The waiters re-raise a failed lookup; this only keeps a lookup nobody waits for any more
+    from logging "exception was never retrieved"."""
+    if not task.cancelled():
+        task.exception()
 
 
 def allows(scopes: frozenset[str], needed: str | None) -> bool:

@@ -5,9 +5,11 @@ API-key auth), the route table type, the OpenAPI document, `/metrics`, health ro
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from html import escape
@@ -75,8 +77,6 @@ def json_response(data: Any, status: int = 200, **kw) -> web.Response:
 
 
 def _dumps(obj: Any) -> str:
-    import json
-
     return json.dumps(obj, default=_default, separators=(",", ":"))
 
 
@@ -117,8 +117,6 @@ async def read_json(request: web.Request) -> Any:
 
 
 def _loads(text: str) -> Any:
-    import json
-
     return json.loads(text)
 
 
@@ -134,39 +132,68 @@ def route_label(request: web.Request) -> str:
 
 # -- middleware --------------------------------------------------------------------------------
 
-@web.middleware
-async def request_id_middleware(request: web.Request, handler: Handler):
-    rid = request.headers.get("X-Request-ID", "")
-    if not rid or len(rid) > MAX_REQUEST_ID or not rid.isprintable():
-        rid = uuid.uuid4().hex
-    token = logs.bind(request_id=rid)
-    try:
-        response = await handler(request)
-        response.headers["X-Request-ID"] = rid
-        return response
-    except web.HTTPException as exc:
-        exc.headers["X-Request-ID"] = rid
-        raise
-    finally:
-        logs.reset(token)
+#: a prefix unique to this process and a counter make request ids unique without asking the OS
+#: for 16 random bytes per request (uuid4 did: a getrandom() syscall on every request)
+_RID_PREFIX = os.urandom(8).hex()
+_rid_seq = itertools.count(1)
+#: HTTP methods kept as they are in the ``method`` label; anything else a client invents is
+#: ``other`` (the label set stays bounded whatever arrives)
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: requests slower than this are logged (warning, "slow request") with route, status and time:
+#: the operations guide greps the application log for "slow"; the HighAPILatency threshold
+SLOW_REQUEST_SECONDS = 0.5
 
 
-def metrics_middleware(service: str, metrics: HttpMetrics):
+def new_request_id() -> str:
+    """32 hex characters, unique per process (random prefix) and per request (counter)."""
+    return f"{_RID_PREFIX}{next(_rid_seq) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def request_metrics_middleware(service: str, metrics: HttpMetrics):
+    """The outermost middleware: the request id (the client's ``X-Request-ID`` when sane, else
+    a new one) bound to every log line and echoed in the response, the HTTP metrics by route
+    template, and a warning log line for slow requests.
+
+    One middleware rather than two, and the labelled children of the counter and histogram
+    looked up once per (method, route, status) instead of on every request: this runs on
+    every request of every service."""
+    children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler):
         start = time.perf_counter()
+        rid = request.headers.get("X-Request-ID")
+        if not rid or len(rid) > MAX_REQUEST_ID or not rid.isprintable():
+            rid = new_request_id()
+        token = logs.bind(request_id=rid)
         status = 500
         try:
             response = await handler(request)
             status = response.status
+            response.headers["X-Request-ID"] = rid
             return response
         except web.HTTPException as exc:
             status = exc.status
+            exc.headers["X-Request-ID"] = rid
             raise
         finally:
-            route = route_label(request)
-            metrics.requests.labels(service, request.method, route, str(status)).inc()
-            metrics.duration.labels(service, request.method, route).observe(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            method = request.method
+            if method not in KNOWN_METHODS:
+                method = "other"
+            key = (method, route_label(request), status)
+            pair = children.get(key)
+            if pair is None:
+                pair = children[key] = (
+                    metrics.requests.labels(service, method, key[1], str(status)),
+                    metrics.duration.labels(service, method, key[1]),
+                )
+            pair[0].inc()
+            pair[1].observe(elapsed)
+            if elapsed > SLOW_REQUEST_SECONDS:
+                log.warning("slow request", extra={"method": method, "route": key[1], "status": status,
+                                                   "duration_ms": round(elapsed * 1000, 1)})
+            logs.reset(token)
 
     return middleware
 
@@ -247,6 +274,66 @@ async def auth_middleware(request: web.Request, handler: Handler):
         raise errors.Forbidden(f"this API key lacks the '{needed}' scope")
     request[keys.API_SCOPES] = scopes
     return await handler(request)
+
+
+# -- what aiohttp answers before any middleware -------------------------------------------------
+
+class JsonErrorRequestHandler(web.RequestHandler):
+    """aiohttp's per-connection protocol, but what its HTTP parser refuses (a request line or
+    header over the size limits, too many headers, a malformed request) is answered with the
+    JSON error shape like everything else, instead of aiohttp's text/plain page. No middleware
+    sees those requests: the parser rejects them before routing, so this is the one place."""
+
+    __slots__ = ()
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status >= 500:  # a failure outside the middleware (which answers everything else)
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+            code, text = ("timeout", "the request timed out") if status == 504 else (
+                "internal_error", "internal server error")
+        else:  # the caller's fault: not an operator's error log line (and no traceback)
+            code, text = "bad_request", _parser_reason(exc, message)
+            log.info("request refused by the HTTP parser", extra={"status": status, "error": text})
+        if request.writer.output_size > 0:  # as aiohttp's: a response is already on its way
+            raise ConnectionError("Response is sent already, cannot send another response with the error message")
+        resp = web.Response(status=status, text=_dumps(error_body(code, text)), content_type="application/json")
+        resp.force_close()
+        return resp
+
+
+def _parser_reason(exc: BaseException | None, message: str | None) -> str:
+    from aiohttp.http_exceptions import LineTooLong
+
+    if isinstance(exc, LineTooLong):  # its message quotes the offending bytes: say it in our words
+        return f"the request line or a header is longer than {exc.args[1]} bytes"
+    reason = getattr(exc, "message", None) or message or "malformed HTTP request"
+    return f"malformed HTTP request: {reason}"[:300]
+
+
+class _JsonErrorServer(web.Server):
+    """``web.Server`` whose connections use :class:`JsonErrorRequestHandler`."""
+
+    def __call__(self) -> web.RequestHandler:
+        return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+def _answer_parser_errors_in_json(app: web.Application) -> None:
+    """Make every server of ``app`` (``web.run_app``, the test client's ``TestServer``, any
+    ``AppRunner``) use :class:`_JsonErrorServer`. aiohttp builds the server in
+    ``Application._make_handler`` and offers no option for the protocol class (aio-libs/aiohttp
+    #3287; newer releases route parser errors through the middleware instead), so the app's
+    own factory is wrapped; tests/reliability/test_auth_and_limits.py catches a release that
+    changes this."""
+    make_handler = app._make_handler
+
+    def _make_handler(**kwargs):
+        server = make_handler(**kwargs)
+        server.__class__ = _JsonErrorServer  # same object and state, only __call__ differs
+        return server
+
+    # object.__setattr__: Application.__setattr__ warns about new attributes in debug mode
+    object.__setattr__(app, "_make_handler", _make_handler)
 
 
 # -- handlers shared by every service ----------------------------------------------------------
@@ -387,14 +474,14 @@ def base_app(
     http_metrics = HttpMetrics(registry)
     app = web.Application(
         middlewares=[
-            request_id_middleware,
-            metrics_middleware(service, http_metrics),
+            request_metrics_middleware(service, http_metrics),
             error_middleware,
             auth_middleware,
         ],
         client_max_size=client_max_size,
         handler_args={"max_field_size": 8190, "max_line_size": 8190},
     )
+    _answer_parser_errors_in_json(app)
     app[keys.SETTINGS] = settings
     app[keys.SERVICE] = service
     app[keys.REGISTRY] = registry

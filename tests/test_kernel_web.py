@@ -237,3 +237,155 @@ def test_duplicate_scope_for_one_handler_is_refused(settings):
     with pytest.raises(ValueError):
         add_routes(app, [Route("GET", "/a", get_thing), Route("GET", "/b", get_thing, scope="admin")])
     _ = web
+
+
+# -- the request path under load: what the performance work must not have changed -------------
+
+async def test_issued_request_ids_are_unique(client):
+    ids = {(await client.get("/api/health")).headers["X-Request-ID"] for _ in range(50)}
+    assert len(ids) == 50 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+async def test_invented_methods_share_one_label_value(client):
+    # Given requests with rarer methods the HTTP parser knows, When they are counted,
+    # Then one "other" series (the method label keeps a fixed set of values)
+    for method in ("PROPFIND", "PURGE", "MKCOL"):
+        resp = await client.request(method, "/api/health")
+        assert resp.status == 405 and (await resp.json())["error"]
+    methods = {s.labels["method"] for m in client.registry.collect() if m.name == "mailgenius_http_requests"
+               for s in m.samples}
+    assert "other" in methods and not methods & {"PROPFIND", "PURGE", "MKCOL"}
+    # and a method it does not know is refused by the parser, in the JSON error shape too
+    resp = await client.request("FOO", "/api/health")
+    assert resp.status == 400 and (await resp.json())["error"]["code"] == "bad_request"
+
+
+async def test_slow_requests_are_logged_with_their_route(client, make_key, monkeypatch):
+    from mailgenius import web as kernel_web
+
+    monkeypatch.setattr(kernel_web, "SLOW_REQUEST_SECONDS", 0.0)  # every request counts as slow
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(logs.JsonFormatter("testsvc"))
+    logging.getLogger().addHandler(handler)
+    try:
+        key = await make_key("read")
+        await client.get("/api/things/77", headers={**bearer(key), "X-Request-ID": "slow-1"})
+    finally:
+        logging.getLogger().removeHandler(handler)
+    slow = [json.loads(line) for line in buf.getvalue().splitlines() if '"slow request"' in line]
+    assert slow and slow[0]["route"] == "/api/things/{id}" and slow[0]["status"] == 200
+    assert slow[0]["request_id"] == "slow-1" and slow[0]["level"] == "warning"
+
+
+async def test_concurrent_lookups_of_one_key_share_one_query(settings, pool, make_key):
+    # Given a key nobody has looked up yet, When 100 requests present it at once,
+    # Then Postgres is asked once, and all get its scopes
+    import asyncio
+
+    from mailgenius import auth
+
+    key = await make_key("send")
+    acquired = 0
+
+    class CountingPool:
+        def acquire(self, *a, **kw):
+            nonlocal acquired
+            acquired += 1
+            return pool.acquire(*a, **kw)
+
+    cache: dict = {}
+    results = await asyncio.gather(*(auth.lookup(CountingPool(), key, cache) for _ in range(100)))
+    assert all(r == frozenset({"send"}) for r in results)
+    assert acquired == 1
+    # a bogus key is cached as refused too, and the cache holds no in-flight leftovers
+    assert await auth.lookup(CountingPool(), "mg_nope_" + "x" * 43, cache) is None
+    assert all(isinstance(k, str) for k in cache)
+
+
+async def test_revocation_is_seen_once_the_cache_entry_expires(settings, pool, make_key, monkeypatch):
+    import asyncio
+
+    from mailgenius import auth
+
+    monkeypatch.setattr(auth, "AUTH_CACHE_TTL", 0.2)
+    key = await make_key("send")
+    cache: dict = {}
+    assert await auth.lookup(pool, key, cache) == frozenset({"send"})
+    async with pool.acquire() as conn:
+        await auth.revoke_key(conn, key)
+    assert await auth.lookup(pool, key, cache) == frozenset({"send"})  # trusted while cached
+    await asyncio.sleep(0.25)
+    assert await auth.lookup(pool, key, cache) is None
+
+
+async def test_clean_reads_skip_the_reset_and_other_uses_keep_it(settings, pool):
+    # Given a service pool of one connection (so every use gets the same backend)
+    from mailgenius.db import fetchrow_read, pool_ctx
+
+    app: dict = {}
+    ctx = pool_ctx(settings.replace(db_pool_max=1), "db")(app)
+    await ctx.__anext__()
+    try:
+        svc = app["db"]
+        pid = (await fetchrow_read(svc, "SELECT pg_backend_pid() AS pid"))["pid"]
+
+        async def last_statement() -> str:  # what that backend ran last, seen from elsewhere
+            return await pool.fetchval("SELECT query FROM pg_stat_activity WHERE pid = $1", pid)
+
+        # When a clean read releases the connection, Then no reset statement follows it
+        await fetchrow_read(svc, "SELECT 41 + 1 AS answer")
+        assert "41 + 1" in await last_statement()
+        # When any other use releases it, Then the full reset runs, and session state never leaks
+        await svc.execute("SET statement_timeout = '4321ms'")
+        assert "RESET ALL" in await last_statement()
+        assert (await fetchrow_read(svc, "SHOW statement_timeout"))[0] != "4321ms"
+        async with svc.acquire() as conn, conn.transaction():
+            await conn.execute("SET LOCAL work_mem = '7MB'")
+        assert "RESET ALL" in await last_statement()
+    finally:
+        with pytest.raises(StopAsyncIteration):
+            await ctx.__anext__()
+
+
+async def test_health_under_heavy_probing_is_shared_fresh_and_sees_failures(settings):
+    """A lone probe always gets a new round (the fault tests rely on it); 2,000 probes a
+    second share rounds, each answer at most STALE_SECONDS old, and a failure shows within
+    FRESH_SECONDS plus the round's own time."""
+    import asyncio
+
+    from mailgenius import health as h
+
+    reg = h.HealthRegistry(service="t", timeout=1.0)
+    rounds = 0
+    failing = False
+
+    async def dep():
+        nonlocal rounds
+        rounds += 1
+        await asyncio.sleep(0.005)
+        if failing:
+            raise ConnectionError("down")
+
+    reg.add("dep", dep)
+    # a lone probe: a round of its own each time
+    for _ in range(3):
+        assert (await reg.run())[0] == h.HEALTHY
+        await asyncio.sleep(0.05)
+    assert rounds == 3
+    # heavy probing: about 2,000 probes a second for 1.5 s
+    rounds = 0
+    seen: list[tuple[float, str]] = []
+    start = time.monotonic()
+    failed_at = None
+    while time.monotonic() - start < 1.5:
+        if failed_at is None and time.monotonic() - start > 0.75:
+            failing, failed_at = True, time.monotonic()
+        status, _ = (await asyncio.gather(*(reg.run() for _ in range(10))))[-1]
+        seen.append((time.monotonic(), status))
+        await asyncio.sleep(0.005)
+    assert len(seen) > 100
+    assert rounds < 20, f"{rounds} rounds for {len(seen) * 10} probes"
+    first_unhealthy = min(t for t, s in seen if s == h.UNHEALTHY)
+    assert first_unhealthy - failed_at < h.FRESH_SECONDS + 0.2
+    assert all(s == h.UNHEALTHY for t, s in seen if t > first_unhealthy)
