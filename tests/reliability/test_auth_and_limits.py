@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 
 import pytest
 
@@ -138,14 +139,27 @@ async def test_oversized_headers_are_refused_with_400(what, client_for):
     assert (await client.get("/api/openapi.json")).status == 200
 
 
-@pytest.mark.xfail(reason="aiohttp's HTTP parser rejects oversized headers before any middleware runs, "
-                          "so the 400 is text/plain, not the JSON error shape; fixing it needs a kernel "
-                          "RequestHandler.handle_error override (reported)")
-async def test_oversized_header_rejection_is_json(client_for):
+@pytest.mark.parametrize("what", ["one huge header", "too many headers", "huge request line", "malformed"])
+async def test_parser_refusals_are_json_errors(what, client_for):
+    # Given a service, When a request is refused by aiohttp's HTTP parser (before any middleware)
     app, client = await client_for("sender")
-    data = await raw_request(client.server.port,
-                             b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
-    assert b"application/json" in data.split(b"\r\n\r\n", 1)[0].lower(), data[:300]
+    head = {
+        "one huge header": b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+        "too many headers": b"GET /api/health HTTP/1.1\r\nHost: x\r\n"
+                            + b"".join(b"X-H%d: v\r\n" % i for i in range(500)) + b"\r\n",
+        "huge request line": b"GET /api/" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        "malformed": b"GET /api/health HTTP/1.1\r\nHost: x\r\nBad Header Name: v\r\n\r\n",
+    }[what]
+    data = await raw_request(client.server.port, head)
+    # Then the answer is a 400 in the JSON error shape, not aiohttp's text/plain page
+    head_part, _, body = data.partition(b"\r\n\r\n")
+    assert head_part.split(b"\r\n", 1)[0].split()[1] == b"400", data[:300]
+    assert b"content-type: application/json" in head_part.lower(), data[:300]
+    err = json.loads(body)["error"]
+    assert err["code"] == "bad_request" and err["message"], err
+    assert b"aaaaaaaa" not in body  # the offending bytes are not echoed back
+    # And the service keeps serving normal requests afterwards
+    assert (await client.get("/api/openapi.json")).status == 200
 
 
 async def test_request_id_header_is_not_reflected_when_hostile(client_for):
