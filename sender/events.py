@@ -157,7 +157,7 @@ async def record_resend(pool, metrics: SenderMetrics, svix_id: str, body: bytes)
         if pid:
             msg = await conn.fetchrow(
                 f"""SELECT {MSG_FIELDS} FROM messages
-                    WHERE id = (SELECT message_id FROM message_provider_ids WHERE provider_message_id = $1)
+                    WHERE id = (SELECT message_id FROM message_provider_ids WHERE provider_message_id = $1 LIMIT 1)
                     FOR UPDATE""", pid)
         if msg is None and tag_id is not None and str(tag_id).isdigit():
             msg = await conn.fetchrow(f"SELECT {MSG_FIELDS} FROM messages WHERE id = $1 FOR UPDATE", int(tag_id))

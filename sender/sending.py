@@ -17,6 +17,7 @@ place a crash can duplicate a message.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -37,17 +38,30 @@ log = logging.getLogger(__name__)
 
 #: compiled campaigns kept per worker process
 COMPILED_CACHE_SIZE = 64
+#: the health check's send statistics reach Redis at most this late, seconds
+STATS_FLUSH_SECONDS = 1.0
 
+#: one round trip opens a batch: take the batch's advisory lock, read the campaign, claim the
+#: batch's unsent rows (pending -> sending) and read their leads. The UPDATE joins ``camp``, which
+#: is empty unless the lock was taken, so no row is claimed without the lock; a row that another
+#: worker recorded after this statement's snapshot is re-checked on its latest version by the
+#: UPDATE (READ COMMITTED), so a sent row is never claimed again. Always returns >= 1 row: the
+#: first carries ``locked`` and the campaign's status; ``id`` is NULL when nothing was claimed.
 CLAIM_SQL = """
-WITH claimed AS (
+WITH lk AS MATERIALIZED (SELECT pg_try_advisory_lock($1::int, $2::int) AS locked),
+camp AS MATERIALIZED (
+    SELECT c.id, c.name, c.from_email, c.status FROM campaigns c, lk WHERE c.id = $1 AND lk.locked),
+claimed AS (
     UPDATE messages m SET status = 'sending', attempts = m.attempts + 1, updated_at = now()
-    FROM campaigns c
-    WHERE c.id = $1 AND c.status = 'sending'
-      AND m.campaign_id = $1 AND m.batch = $2 AND m.status IN ('pending', 'sending')
+    FROM camp c
+    WHERE c.status = 'sending' AND m.campaign_id = $1 AND m.batch = $2 AND m.status IN ('pending', 'sending')
     RETURNING m.id, m.lead_id, m.email)
-SELECT cl.id, cl.email, l.id AS lead_id, l.first_name, l.last_name, l.company, l.phone, l.tags,
-       l.attributes, l.status AS lead_status
-FROM claimed cl LEFT JOIN leads l ON l.id = cl.lead_id
+SELECT lk.locked, camp.id AS campaign_id, camp.name AS campaign_name, camp.from_email, camp.status AS campaign_status,
+       x.id, x.email, x.lead_id, x.first_name, x.last_name, x.company, x.phone, x.tags, x.attributes, x.lead_status
+FROM lk LEFT JOIN camp ON true
+LEFT JOIN (SELECT cl.id, cl.email, l.id AS lead_id, l.first_name, l.last_name, l.company, l.phone, l.tags,
+                  l.attributes, l.status AS lead_status
+           FROM claimed cl LEFT JOIN leads l ON l.id = cl.lead_id) x ON true
 """
 
 #: one round of outcomes and the campaign counters in one statement (one round trip, atomic)
@@ -63,10 +77,11 @@ f AS (
     FROM unnest($3::bigint[], $4::text[], $5::text[]) AS v(id, err, st)
     WHERE m.id = v.id AND m.status = 'sending'
     RETURNING m.id, m.campaign_id, m.status),
--- the lookups that must not be indexes of messages (0201: they would make both updates non-HOT)
+-- the lookups that must not be indexes of messages (0201: they would make both updates non-HOT);
+-- one row per message sent (rows leave 'sending' once), hash-indexed (0202)
 pids AS (
     INSERT INTO message_provider_ids (provider_message_id, message_id)
-    SELECT pid, id FROM s WHERE pid <> '' ON CONFLICT DO NOTHING),
+    SELECT pid, id FROM s WHERE pid <> ''),
 fails AS (
     INSERT INTO message_failures (message_id, campaign_id)
     SELECT id, campaign_id FROM f WHERE status = 'failed' ON CONFLICT DO NOTHING),
@@ -114,6 +129,9 @@ class SendContext:
     provider_pause_until: float = 0.0
     _providers: dict = field(default_factory=dict)
     _compiled: dict = field(default_factory=dict)
+    #: per-minute [sent, failed] not yet written to Redis, and the task that will write them
+    _stats: dict = field(default_factory=dict)
+    _stats_task: asyncio.Task | None = None
 
     async def start(self) -> SendContext:
         if self.tracker is None:
@@ -126,6 +144,10 @@ class SendContext:
         return self
 
     async def close(self) -> None:
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            self._stats_task = None
+        await self.flush_stats()
         for p in self._providers.values():
             if hasattr(p, "close"):
                 await p.close()
@@ -153,28 +175,48 @@ class SendContext:
             self._providers[name] = p
         return p
 
-    async def compiled(self, conn, camp) -> templates.CompiledCampaign:
-        c = self._compiled.get(camp["id"])
+    async def compiled(self, conn, campaign_id: int) -> templates.CompiledCampaign:
+        """The campaign's compiled templates (a campaign's content never changes once created)."""
+        c = self._compiled.get(campaign_id)
         if c is None:
+            camp = await conn.fetchrow("SELECT subject, html, text FROM campaigns WHERE id = $1", campaign_id)
             links = {r["url"]: r["id"] for r in await conn.fetch(
-                "SELECT id, url FROM links WHERE campaign_id = $1", camp["id"])}
+                "SELECT id, url FROM links WHERE campaign_id = $1", campaign_id)}
             c = templates.compile_campaign(camp["subject"], camp["html"], camp["text"], links)
             if len(self._compiled) >= COMPILED_CACHE_SIZE:
                 self._compiled.pop(next(iter(self._compiled)))
-            self._compiled[camp["id"]] = c
+            self._compiled[campaign_id] = c
         return c
 
     async def count_stats(self, sent: int, failed: int) -> None:
-        """Per-minute sent/failed counts in Redis for the email health check's failure ratio."""
+        """Per-minute sent/failed counts in Redis for the email health check's failure ratio.
+        Added up in the process and written at most every STATS_FLUSH_SECONDS (one Redis round
+        trip per second instead of one per batch)."""
         if not sent and not failed:
             return
-        key = rkey(self.settings, "sender", "stats", str(int(time.time() // 60)))
+        counts = self._stats.setdefault(int(time.time() // 60), [0, 0])
+        counts[0] += sent
+        counts[1] += failed
+        if self._stats_task is None:
+            self._stats_task = asyncio.get_running_loop().create_task(self._flush_stats_later())
+
+    async def _flush_stats_later(self) -> None:
+        await asyncio.sleep(STATS_FLUSH_SECONDS)
+        self._stats_task = None
+        await self.flush_stats()
+
+    async def flush_stats(self) -> None:
+        pending, self._stats = self._stats, {}
+        if not pending:
+            return
         pipe = self.redis.pipeline(transaction=False)
-        if sent:
-            pipe.hincrby(key, "sent", sent)
-        if failed:
-            pipe.hincrby(key, "failed", failed)
-        pipe.expire(key, 3600)
+        for minute, (sent, failed) in pending.items():
+            key = rkey(self.settings, "sender", "stats", str(minute))
+            if sent:
+                pipe.hincrby(key, "sent", sent)
+            if failed:
+                pipe.hincrby(key, "failed", failed)
+            pipe.expire(key, 3600)
         try:
             await pipe.execute()
         except Exception:  # statistics only: never fail a send for them
@@ -243,28 +285,25 @@ def _recipient_context(r, campaign_view: dict, unsubscribe_url: str, click_url) 
 async def send_campaign_batch(ctx: SendContext, campaign_id: int, batch: int) -> Outcome:
     outcome = Outcome()
     async with ctx.pool.acquire() as conn:
-        camp = await conn.fetchrow(
-            """SELECT pg_try_advisory_lock($1::int, $2::int) AS locked, c.id, c.name, c.subject, c.from_email,
-                      c.html, c.text, c.status
-               FROM (SELECT 1) one LEFT JOIN campaigns c ON c.id = $1""", campaign_id, batch)
-        if not camp["locked"]:
+        rows = await conn.fetch(CLAIM_SQL, campaign_id, batch)
+        head = rows[0]
+        if not head["locked"]:
             outcome.detail = "locked"  # a live worker holds this batch; it will finish it
             return outcome
         try:
-            if camp["id"] is None or camp["status"] != "sending":
-                outcome.detail = f"campaign {camp['status'] or 'missing'}"
+            if head["campaign_id"] is None or head["campaign_status"] != "sending":
+                outcome.detail = f"campaign {head['campaign_status'] or 'missing'}"
                 return outcome
-            rows = await conn.fetch(CLAIM_SQL, campaign_id, batch)
-            if not rows:
+            if head["id"] is None:
                 outcome.detail = "nothing to send"
                 return outcome
-            compiled = await ctx.compiled(conn, camp)
-            campaign_view = {"id": camp["id"], "name": camp["name"]}
+            compiled = await ctx.compiled(conn, campaign_id)
+            campaign_view = {"id": campaign_id, "name": head["campaign_name"]}
+            from_email = head["from_email"]
             tracker = ctx.tracker
             emails: list[OutEmail] = []
             failed: dict[int, tuple[str, str]] = {}
             cancelled: list[int] = []
-            from_email = camp["from_email"]
             render, add_pixel = templates.render, templates.add_open_pixel
             click = tracker.click_url
             for r in rows:

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
-import secrets
+import random
 import time
 from collections import Counter
 
@@ -28,15 +27,19 @@ from aiohttp import web
 MAX_BATCH = 100
 
 
+def _provider_id() -> str:
+    """A random UUID-shaped id like Resend's (random, so the ledger's provider-id index sees
+    realistic keys), without uuid.uuid4()'s cost: the benchmark's stand-in should cost what an
+    endpoint costs."""
+    h = f"{random.getrandbits(128):032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 class FakeResend:
     def __init__(self, *, api_key: str | None = None, delay: float = 0.0):
         self.api_key = api_key
         self.delay = delay
         self.script: list[dict] = []
-        # provider ids: a random per-process prefix and a counter (unique like Resend's UUIDs,
-        # without a uuid4() per email: the benchmark's stand-in should cost what an endpoint costs)
-        self._id_prefix = secrets.token_hex(6)
-        self._ids = itertools.count(1)
         self.reset()
 
     def reset(self) -> None:
@@ -135,7 +138,7 @@ class FakeResend:
             if self.delay:
                 await asyncio.sleep(self.delay)
             data, errors = [], []
-            prefix, ids, counts = self._id_prefix, self._ids, self.counts
+            counts = self.counts
             for i, e in enumerate(emails):
                 to = e.get("to") if isinstance(e, dict) else None
                 to = to[0] if isinstance(to, list) and to else to
@@ -146,7 +149,7 @@ class FakeResend:
                     errors.append({"index": i, "message": f"Invalid `to` field: {to} is not deliverable."})
                     continue
                 counts[to.lower()] += 1
-                data.append({"id": f"{prefix}-{next(ids):010x}"})
+                data.append({"id": _provider_id()})
             self.emails += len(data)
             self.last_payload = emails
             self.last_headers = dict(request.headers)

@@ -3,8 +3,12 @@ tables that replaced indexes of messages, retry-failed in chunks, render equal t
 
 from __future__ import annotations
 
+import asyncio
+import time
+
+from mailgenius.cache import rkey
 from sender import campaigns, templates
-from sender.sending import CLAIM_SQL, RECORD_SQL, send_campaign_batch
+from sender.sending import CLAIM_SQL, RECORD_SQL, STATS_FLUSH_SECONDS, send_campaign_batch
 
 from .conftest import add_leads, campaign, drain, make_campaign
 
@@ -20,14 +24,16 @@ async def test_claim_and_record_are_hot_updates(api, pool):
         # When the batch is claimed, then recorded (70 sent, 30 failed), each in its own transaction
         # (as the send path does), reading pg_stat_xact_user_tables (this session's updates)
         async with conn.transaction():
-            rows = await conn.fetch(CLAIM_SQL, cid, 0)
+            rows = await conn.fetch(CLAIM_SQL, cid, 0)  # also takes the batch's advisory lock
             claim = await conn.fetchrow(xact_stats)
+        assert rows[0]["locked"] and len(rows) == 100
         ids = sorted(r["id"] for r in rows)
         sent, failed = ids[:70], ids[70:]
         async with conn.transaction():
             row = await conn.fetchrow(RECORD_SQL, sent, [f"pid-{i}" for i in sent], failed,
                                       ["boom"] * len(failed), ["failed"] * len(failed), "resend", cid)
             record = await conn.fetchrow(xact_stats)
+        await conn.execute("SELECT pg_advisory_unlock($1::int, 0)", cid)
     # Then every one of the 2 x 100 row updates was HOT (no index of messages touched)
     assert (row["sent"], row["failed"]) == (70, 30)
     # (Postgres 15 may still count the claim's transaction in the view: compare the difference)
@@ -115,3 +121,27 @@ def test_fast_render_equals_jinja_render():
     assert templates.render(compiled, ctx) == (
         " ".join(compiled.subject.render(ctx).split()), compiled.html.render(ctx), compiled.text.render(ctx))
     assert "A&lt;b&gt;&amp;Co" in templates.render(compiled, ctx)[1]
+
+
+async def test_send_statistics_reach_redis_within_the_flush_interval(api, pool, send_ctx, fake_resend, redis_client,
+                                                                    ssettings):
+    async def totals(minute: int) -> list[int]:
+        out = [0, 0]
+        for m in (minute, minute + 1):
+            sent, failed = await redis_client.hmget(rkey(ssettings, "sender", "stats", str(m)), "sent", "failed")
+            out[0] += int(sent or 0)
+            out[1] += int(failed or 0)
+        return out
+
+    # Given a campaign with 3 accepted and 2 rejected recipients (and the counts other tests left)
+    await add_leads(pool, 3, prefix="ok")
+    await add_leads(pool, 2, prefix="reject")
+    cid = await make_campaign(api)
+    await campaigns.request_send(pool, cid)
+    minute = int(time.time() // 60)
+    before = await totals(minute)
+    # When it is sent, Then within STATS_FLUSH_SECONDS the health check's counts in Redis grow by 3 and 2
+    await drain(send_ctx, pool, cid)
+    await asyncio.sleep(STATS_FLUSH_SECONDS + 0.5)
+    after = await totals(minute)
+    assert [after[0] - before[0], after[1] - before[1]] == [3, 2]
