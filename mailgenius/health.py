@@ -59,7 +59,7 @@ class HealthRegistry:
     _inflight: dict = field(default_factory=dict, repr=False)
     #: selection -> (monotonic time its last finished round started, its result)
     _last: dict = field(default_factory=dict, repr=False)
-    #: probes counted in the current and the previous whole second (see :meth:`busy`)
+    #: probes counted in the current and the previous whole second (see :meth:`_count_probe`)
     _probe_second: int = field(default=0, repr=False)
     _probes_now: int = field(default=0, repr=False)
     _probes_before: int = field(default=0, repr=False)
@@ -104,13 +104,14 @@ class HealthRegistry:
         Concurrent callers of the same selection share one in-flight round (single flight):
         the dependencies see one round of checks at a time, not one per probe.
 
-        A lone probe (an operator, a load balancer probing every few seconds) always gets a
-        round that started after it arrived: a dependency that failed a moment ago shows at
-        once. Under heavy probing (BUSY_PROBES_PER_SECOND, e.g. 2,000 probes a second) the
-        last round's result is shared while younger than FRESH_SECONDS, then served for up to
-        STALE_SECONDS while the next round runs, never older: the answer stays within a
-        second of the truth, each probe costs no I/O, and a round is not re-run back to back
-        for ever (Postgres, Redis and the SMTP relay were seeing hundreds of rounds a second).
+        A lone probe (an operator, a load balancer probing every few seconds) never gets a
+        finished round's result: it joins the round in progress or starts one, so a dependency
+        that failed a moment ago shows at once. Under heavy probing (BUSY_PROBES_PER_SECOND,
+        e.g. 2,000 probes a second) the last round's result is shared while younger than
+        FRESH_SECONDS, then served for up to STALE_SECONDS while the next round runs, never
+        older: the answer stays within a second of the truth, each probe costs no I/O, and
+        rounds are not re-run back to back for ever (Postgres, Redis and the SMTP relay were
+        seeing hundreds of rounds a second).
         """
         key = tuple(names) if names else ()
         now = time.monotonic()
