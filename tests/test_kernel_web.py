@@ -12,7 +12,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from mailgenius import logs
-from mailgenius.web import Route, add_routes, base_app, json_response
+from mailgenius.web import Route, add_routes, base_app, json_response, read_json
 from tests.conftest import bearer, free_port
 
 
@@ -29,12 +29,17 @@ async def boom(request):
     raise RuntimeError("secret internals")
 
 
+async def echo(request):
+    return json_response(await read_json(request))
+
+
 def make_app(settings, registry=None):
     app = base_app(settings, "testsvc", registry=registry)
     add_routes(app, [
         Route("GET", "/api/things/{id}", get_thing),
         Route("POST", "/api/things", post_thing, scope="send"),
         Route("GET", "/api/boom", boom),
+        Route("POST", "/api/echo", echo, scope="send"),
     ])
     return app
 
@@ -389,3 +394,22 @@ async def test_health_under_heavy_probing_is_shared_fresh_and_sees_failures(sett
     first_unhealthy = min(t for t, s in seen if s == h.UNHEALTHY)
     assert first_unhealthy - failed_at < h.FRESH_SECONDS + 0.2
     assert all(s == h.UNHEALTHY for t, s in seen if t > first_unhealthy)
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_oversized_body_is_413_json_however_it_is_framed(client, make_key, framing):
+    # Given a body over the 1 MiB cap, sent with a Content-Length or chunked (no length up front)
+    key = await make_key("send")
+    big = b'{"a": "' + b"x" * ((1 << 20) + 10) + b'"}'
+
+    async def chunks():
+        for i in range(0, len(big), 65536):
+            yield big[i:i + 65536]
+
+    data = io.BytesIO(big) if framing == "content-length" else chunks()
+    resp = await client.post("/api/echo", data=data, headers={**bearer(key), "Content-Type": "application/json"})
+    # Then 413 in the JSON error shape, and a small body still goes through
+    assert resp.status == 413, await resp.text()
+    assert (await resp.json())["error"]["code"]
+    resp = await client.post("/api/echo", json={"a": 1}, headers=bearer(key))
+    assert resp.status == 200 and await resp.json() == {"a": 1}
