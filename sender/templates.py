@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextvars
 import html as htmllib
 import re
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from jinja2 import TemplateSyntaxError, nodes
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.filters import do_replace
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from markupsafe import escape
 
 from mailgenius.errors import ValidationError
 
@@ -208,14 +210,28 @@ def extract_links(html: str) -> list[str]:
     return list(seen)
 
 
-def rewrite_links(html: str, link_ids: dict[str, int]) -> str:
+#: stands for a tracked link in compiled HTML (random per process, so neither a template nor lead
+#: data can contain it); render() swaps it for the recipient's click URL, which is cheaper than a
+#: sandboxed ``click_url()`` call per link per email
+_LINK_MARK = f"mglink{secrets.token_hex(8)}x"
+
+
+def _link_marker(link_id: int) -> str:
+    return f"{_LINK_MARK}{link_id}x"
+
+
+def rewrite_links(html: str, link_ids: dict[str, int]) -> tuple[str, tuple[int, ...]]:
+    """The campaign's stored links replaced by markers; returns the HTML and the link ids used."""
+    used: dict[int, None] = {}
+
     def sub(m: re.Match) -> str:
         link_id = link_ids.get(htmllib.unescape(m.group(3)))
         if link_id is None:
             return m.group(0)
-        return f"{m.group(1)}{m.group(2)}{{{{ click_url({link_id}) }}}}{m.group(2)}"
+        used[link_id] = None
+        return f"{m.group(1)}{m.group(2)}{_link_marker(link_id)}{m.group(2)}"
 
-    return LINK_RE.sub(sub, html)
+    return LINK_RE.sub(sub, html), tuple(used)
 
 
 @dataclass
@@ -223,6 +239,8 @@ class CompiledCampaign:
     subject: Any
     html: Any
     text: Any
+    #: ids of the tracked links whose markers the HTML holds
+    links: tuple[int, ...] = ()
 
 
 def _parse(env: MailSandbox, source: str, part: str) -> nodes.Template:
@@ -235,9 +253,9 @@ def _parse(env: MailSandbox, source: str, part: str) -> nodes.Template:
 
 def compile_campaign(subject: str, html: str, text: str, link_ids: dict[str, int] | None = None) -> CompiledCampaign:
     """Compile the three parts (no checks: :func:`validate_campaign` ran at creation)."""
-    html_src = rewrite_links(html, link_ids or {})
+    html_src, links = rewrite_links(html, link_ids or {})
     return CompiledCampaign(TEXT_ENV.from_string(subject), HTML_ENV.from_string(html_src),
-                            TEXT_ENV.from_string(text))
+                            TEXT_ENV.from_string(text), links)
 
 
 SAMPLE_LEAD = {
@@ -317,6 +335,12 @@ def render(compiled: CompiledCampaign, ctx: dict) -> tuple[str, str, str]:
         subject = "".join(sub_t.root_render_func(tctx))
         text = "".join(text_t.root_render_func(tctx))
         html = "".join(html_t.root_render_func(html_t.new_context(ctx, shared=True)))
+        if compiled.links:
+            click_url = ctx["click_url"]
+            for link_id in compiled.links:
+                marker = _link_marker(link_id)
+                if marker in html:
+                    html = html.replace(marker, str(escape(click_url(link_id))))
     except SecurityError as exc:
         raise RenderError(f"security: {exc}") from None
     except TemplateError as exc:
