@@ -8,7 +8,13 @@ import time
 
 from mailgenius.cache import rkey
 from sender import campaigns, templates
-from sender.sending import CLAIM_SQL, RECORD_SQL, STATS_FLUSH_SECONDS, send_campaign_batch
+from sender.sending import (
+    CLAIM_SQL,
+    RECORD_SQL,
+    STATS_FLUSH_SECONDS,
+    send_campaign_batch,
+    send_transactional,
+)
 
 from .conftest import add_leads, campaign, drain, make_campaign
 
@@ -149,3 +155,25 @@ async def test_send_statistics_reach_redis_within_the_flush_interval(api, pool, 
     await asyncio.sleep(STATS_FLUSH_SECONDS + 0.5)
     after = await totals(minute)
     assert [after[0] - before[0], after[1] - before[1]] == [3, 2]
+
+
+async def test_retry_failed_requeues_a_failed_transactional_email(api, pool, send_ctx, fake_resend):
+    # Given a transactional email the provider refused (a per-email 4xx)
+    resp = await api.post("/api/emails", json={"to": "reject-me@example.com", "from_email": "shop@example.com",
+                                               "subject": "Receipt", "text": "Thanks"}, headers=api.h)
+    assert resp.status in (200, 201, 202), await resp.text()
+    mid = (await resp.json())["id"]
+    await send_transactional(send_ctx, mid)
+    assert await pool.fetchval("SELECT status FROM messages WHERE id = $1", mid) == "failed"
+    assert await pool.fetchval("SELECT campaign_id IS NULL FROM message_failures WHERE message_id = $1", mid)
+    # When retry-failed runs for every campaign, Then the email is pending again and to be enqueued, once
+    assert await campaigns.retry_failed(pool) == ({}, [mid])
+    assert await pool.fetchval("SELECT status FROM messages WHERE id = $1", mid) == "pending"
+    assert await pool.fetchval("SELECT count(*) FROM message_failures") == 0
+    assert await campaigns.retry_failed(pool) == ({}, [])
+    # And a campaign-scoped retry-failed never touches transactional emails
+    await send_transactional(send_ctx, mid)
+    assert await pool.fetchval("SELECT status FROM messages WHERE id = $1", mid) == "failed"
+    cid = await make_campaign(api)
+    assert await campaigns.retry_failed(pool, cid) == ({}, [])
+    assert await pool.fetchval("SELECT status FROM messages WHERE id = $1", mid) == "failed"
