@@ -177,3 +177,29 @@ async def test_retry_failed_requeues_a_failed_transactional_email(api, pool, sen
     cid = await make_campaign(api)
     assert await campaigns.retry_failed(pool, cid) == ({}, [])
     assert await pool.fetchval("SELECT status FROM messages WHERE id = $1", mid) == "failed"
+
+
+async def test_a_batch_held_by_another_worker_is_left_alone_and_locks_are_released(api, pool, send_ctx, fake_resend):
+    # Given a written ledger of two batches, batch 0's advisory lock held by another session (a live worker)
+    await add_leads(pool, 150)
+    cid = await make_campaign(api)
+    await campaigns.request_send(pool, cid)
+    await campaigns.write_ledger(pool, cid)
+    async with pool.acquire() as holder:
+        await holder.execute("SELECT pg_advisory_lock($1::int, 0)", cid)
+        # When this worker gets the batch, Then it claims nothing and sends nothing
+        out = await send_campaign_batch(send_ctx, cid, 0)
+        assert out.detail == "locked" and out.sent == 0
+        rows = await pool.fetch("SELECT status, attempts FROM messages WHERE campaign_id = $1 AND batch = 0", cid)
+        assert {(r["status"], r["attempts"]) for r in rows} == {("pending", 0)}
+        assert fake_resend.stats()["emails"] == 0
+        await holder.execute("SELECT pg_advisory_unlock($1::int, 0)", cid)
+    # When the lock is free, Then the batch is sent once, and a redelivery finds nothing to send
+    assert (await send_campaign_batch(send_ctx, cid, 0)).sent == 100
+    assert (await send_campaign_batch(send_ctx, cid, 0)).detail == "nothing to send"
+    assert (await send_campaign_batch(send_ctx, cid, 1)).sent == 50
+    assert (await send_campaign_batch(send_ctx, cid, 1)).detail == "campaign sent"
+    assert fake_resend.stats()["emails"] == 150 and fake_resend.stats()["duplicates"] == 0
+    # And no session still holds the batch's lock
+    assert await pool.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1 AND objid IN (0, 1)", cid) == 0
