@@ -1,11 +1,14 @@
 """Send-campaign benchmark: API -> recipient ledger -> dramatiq -> fake Resend batch endpoint.
 
-Prints: the time to write the ledger of N recipients, the sustained send rate with no rate
-limit (two worker processes; the fake provider answers at once), and the achieved rate with
-``rate_limit`` 500 (default) against its target. Also checks every recipient got one email.
+Prints: the ledger floor (a bare INSERT ... SELECT of every lead into messages) and the time to
+write the ledger of N recipients, the sustained send rate with no rate limit (two worker
+processes; the fake provider answers at once), the CPU per email of each component (and of the
+whole machine, with its biggest CPU users, so other work on it shows), the share of HOT updates
+of messages, and the achieved rate with ``rate_limit`` 500 (default) against its target. Also
+checks every recipient got one email.
 
-    .venv/bin/python benchmarks/send_campaign.py                 # 200,000 leads
-    .venv/bin/python benchmarks/send_campaign.py --leads 2000000 # the 2M flag
+    flock /tmp/mg-bench.lock .venv/bin/python benchmarks/send_campaign.py                 # 200,000 leads
+    flock /tmp/mg-bench.lock .venv/bin/python benchmarks/send_campaign.py --leads 2000000 # the 2M flag
 
 Uses a throw-away database next to DATABASE_URL's and its own Redis prefix; starts the fake
 Resend, the sender API and `mailgenius worker sender` on free ports, and stops them at the end.
