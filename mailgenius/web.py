@@ -5,6 +5,7 @@ API-key auth), the route table type, the OpenAPI document, `/metrics`, health ro
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
 import logging
@@ -498,4 +499,16 @@ def base_app(
         app.cleanup_ctx.append(redis_ctx(settings, keys.REDIS))
         health.add("redis", redis_check(lambda: app[keys.REDIS]))
     add_routes(app, base_routes())
+    app.on_startup.append(_freeze_startup_objects)  # after every cleanup_ctx has set up
     return app
+
+
+async def _freeze_startup_objects(app: web.Application) -> None:
+    """Collect once, then move everything alive after start-up (modules, the app, its routes,
+    metrics, pools) out of the garbage collector's view (``gc.freeze``). Without it, every full
+    collection walks those ~100,000 objects: measured 50 ms with the sender's app, a pause
+    every 10-20 s at 2,000 req/s (the objects of the requests in flight at each young
+    collection get promoted and trigger the next full one), i.e. the worst latencies of the
+    load benchmark. Frozen objects are never freed: they live as long as the process anyway."""
+    gc.collect()
+    gc.freeze()
