@@ -275,7 +275,12 @@ upd AS (
                      AND NOT EXISTS (SELECT 1 FROM leads l WHERE l.id = m.lead_id AND l.status <> 'active')
            END)
     RETURNING m.id, m.campaign_id, m.batch),
-del AS (DELETE FROM message_failures f USING upd WHERE f.message_id = upd.id)
+-- rows moved, and stale rows (a message no longer failed, or gone) so they are not picked again
+del AS (
+    DELETE FROM message_failures f USING pick p
+    WHERE f.message_id = p.message_id
+      AND (p.message_id IN (SELECT id FROM upd)
+           OR NOT EXISTS (SELECT 1 FROM messages m WHERE m.id = p.message_id AND m.status = 'failed')))
 SELECT (SELECT max(message_id) FROM pick) AS last, (SELECT count(*) FROM pick) AS picked,
        u.id, u.campaign_id, u.batch
 FROM (SELECT 1) one LEFT JOIN upd u ON true

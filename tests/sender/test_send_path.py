@@ -87,14 +87,21 @@ async def test_retry_failed_works_in_chunks_and_is_repeatable(api, pool, send_ct
         "SELECT count(*) FROM messages WHERE campaign_id = $1 AND status = 'pending'", cid) == 6
     assert [r["message_id"] for r in await pool.fetch("SELECT message_id FROM message_failures")] == [
         await pool.fetchval("SELECT id FROM messages WHERE lead_id = $1", rejected[0])]
+    # And a stale side-table row (a message no longer failed, or gone) is dropped, not retried
+    sent_id = await pool.fetchval("SELECT id FROM messages WHERE campaign_id = $1 AND status = 'sent' LIMIT 1", cid)
+    await pool.execute("INSERT INTO message_failures (message_id, campaign_id) VALUES ($1, $2), (999999, $2)",
+                       sent_id, cid)
     # And repeating it moves nothing and counts nothing twice
     assert await campaigns.retry_failed(pool, cid, chunk=2) == ({}, [])
     assert (await campaign(pool, cid))["queued"] == 6
+    assert await pool.fetchval("SELECT count(*) FROM message_failures WHERE message_id IN ($1, 999999)",
+                               sent_id) == 0
+    assert await pool.fetchval("SELECT status FROM messages WHERE id = $1", sent_id) == "sent"
     # And the retried rows fail again through the normal path, back into message_failures
     for b in await campaigns.open_batches(pool, cid):
         await send_campaign_batch(send_ctx, cid, b)
     c = await campaign(pool, cid)
-    assert (c["sent"], c["failed"], c["queued"], c["status"]) == (5, 7, 0, "failed" if c["sent"] == 0 else "sent")
+    assert (c["sent"], c["failed"], c["queued"], c["status"]) == (5, 7, 0, "sent")
     assert await pool.fetchval("SELECT count(*) FROM message_failures WHERE campaign_id = $1", cid) == 7
     assert fake_resend.stats()["duplicates"] == 0
 
