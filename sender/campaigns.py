@@ -216,6 +216,11 @@ async def resume(pool, cid: int) -> tuple[list[int], str | None]:
                                cid, outcome)
             return [], outcome
         await conn.execute("UPDATE campaigns SET status = 'sending', updated_at = now() WHERE id = $1", cid)
+        # the provider retry budget (sender/delivery.py) counts failing time, not paused time:
+        # rows handed back during an outage and then paused start a fresh budget on resume
+        await conn.execute("""UPDATE messages SET retry_since = NULL
+                              WHERE campaign_id = $1 AND status = 'sending' AND retry_since IS NOT NULL""",
+                           cid, timeout=LONG_COMMAND_TIMEOUT)
     return await open_batches(pool, cid), None
 
 

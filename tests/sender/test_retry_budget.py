@@ -159,3 +159,31 @@ def test_smtp_message_id_is_stable_and_from_the_sender_domain():
     assert build_mime(e)["Message-ID"] == build_mime(e)["Message-ID"] == "<mg-42@shop.example.com>"
     assert message_id_header(7, "no-domain") == "<mg-7@mailgenius.local>"
     assert message_id_header(7, "x@bad domain") == "<mg-7@mailgenius.local>"
+
+
+async def test_resume_gives_rows_paused_mid_outage_a_fresh_budget(api, pool, send_ctx, fake_resend, monkeypatch):
+    monkeypatch.setattr(config, "MAX_ATTEMPTS", 1)
+    monkeypatch.setattr(config, "SEND_RETRY_BUDGET", 1.0)
+    cid, _ = await start(api, pool, 5)
+    # Given a batch handed back during an outage, then the campaign paused past the budget
+    fake_resend.script.append({"status": 500, "message": "down"})
+    with pytest.raises(delivery.ProviderUnavailable):
+        await send_campaign_batch(send_ctx, cid, 0)
+    resp = await api.post(f"/api/campaigns/{cid}/pause", headers=api.h)
+    assert resp.status == 200, await resp.text()
+    await asyncio.sleep(1.2)
+    # When it is resumed and the provider fails once more
+    resp = await api.post(f"/api/campaigns/{cid}/resume", headers=api.h)
+    assert resp.status == 200, await resp.text()
+    assert await pool.fetchval(
+        "SELECT count(*) FROM messages WHERE campaign_id = $1 AND retry_since IS NOT NULL", cid) == 0
+    fake_resend.script.append({"status": 500, "message": "still down"})
+    # Then the paused time did not use the budget up: handed back again, nothing failed
+    with pytest.raises(delivery.ProviderUnavailable):
+        await send_campaign_batch(send_ctx, cid, 0)
+    c = await campaign(pool, cid)
+    assert (c["status"], c["failed"], c["queued"]) == ("sending", 0, 5)
+    # and once the provider answers, every recipient is sent once
+    await send_campaign_batch(send_ctx, cid, 0)
+    assert (await campaign(pool, cid))["sent"] == 5
+    assert len(fake_resend.counts) == 5 and set(fake_resend.counts.values()) == {1}
