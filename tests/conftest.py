@@ -142,7 +142,9 @@ def settings(database_url, redis_url, redis_prefix, tmp_path) -> Settings:
         redis_url=redis_url,
         # MAILGENIUS_TEST_BROKER_URL=amqp://guest:guest@127.0.0.1:5672/ runs the suites on RabbitMQ
         broker_url=os.environ.get("MAILGENIUS_TEST_BROKER_URL") or redis_url,
-        redis_prefix=redis_prefix,
+        # one namespace per test (under the session's, so its clean-up still finds every key):
+        # queued messages, worker heartbeats and caches a test leaves behind never reach the next
+        redis_prefix=f"{redis_prefix}-{uuid.uuid4().hex[:6]}",
         upload_dir=str(tmp_path / "uploads"),
         sink_dir=str(tmp_path / "sink"),
         data_dir=str(tmp_path / "var"),
