@@ -73,6 +73,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from mailgenius import metrics as m
+from mailgenius.health import consume_outcome
 from mailgenius.queues import worker_count
 
 from .brokers import queue_stats
@@ -389,13 +390,6 @@ def default_sources() -> list[Source]:
 REFRESH_TIMEOUT = 5.0
 
 
-def _consume_result(task: asyncio.Task) -> None:
-    """Done callback of refresh tasks: a task abandoned past its deadline still has its outcome
-    retrieved (no "exception was never retrieved" at garbage collection)."""
-    if not task.cancelled():
-        task.exception()
-
-
 @dataclass
 class SourceState:
     data: Any = None
@@ -447,7 +441,7 @@ class Refresher:
         if task is None or task.done():
             self._inflight.pop(source.name, None)
             task = asyncio.get_running_loop().create_task(source.refresh(self.ctx), name=f"refresh-{source.name}")
-            task.add_done_callback(_consume_result)
+            task.add_done_callback(consume_outcome)
         try:
             done, _ = await asyncio.wait({task}, timeout=timeout)
         except asyncio.CancelledError:  # the refresh loop is stopping: so does this refresh
@@ -459,8 +453,7 @@ class Refresher:
             err = f"TimeoutError: refresh took more than {timeout:g} s"
         elif task.cancelled():
             err = "CancelledError: refresh cancelled after its deadline"
-        elif task.exception() is not None:
-            exc = task.exception()
+        elif (exc := task.exception()) is not None:
             err = f"{type(exc).__name__}: {exc}"[:300] if str(exc) else type(exc).__name__
         else:
             st = self.states[source.name]

@@ -14,6 +14,7 @@ import time
 import asyncpg
 
 from .db import fetchrow_read
+from .health import consume_outcome
 
 #: every scope a key may hold
 SCOPES = ("read", "send", "import", "admin")
@@ -21,6 +22,8 @@ SCOPES = ("read", "send", "import", "admin")
 AUTH_CACHE_TTL = 5.0
 #: cache entries above which the cache is emptied (bogus keys must not grow it without bound)
 AUTH_CACHE_MAX = 10_000
+#: marks the in-flight lookups kept in the cache dict beside the entries
+_PENDING = object()
 
 
 def hash_key(key: str) -> str:
@@ -84,14 +87,10 @@ async def lookup_hash(pool: asyncpg.Pool, digest: str, cache: dict) -> frozenset
     task = cache.get(pending)
     if task is None:
         task = asyncio.ensure_future(_fetch(pool, digest, cache, pending))
-        task.add_done_callback(_retrieve)
+        task.add_done_callback(consume_outcome)
         cache[pending] = task
     # shielded: a caller that goes away does not cancel the lookup the others wait for
     return await asyncio.shield(task)
-
-
-#: marks the in-flight lookups kept in the cache dict beside the entries
-_PENDING = object()
 
 
 async def _fetch(pool: asyncpg.Pool, digest: str, cache: dict, pending: tuple) -> frozenset[str] | None:
@@ -108,13 +107,6 @@ async def _fetch(pool: asyncpg.Pool, digest: str, cache: dict, pending: tuple) -
     finally:
         if cache.get(pending) is asyncio.current_task():
             del cache[pending]
-
-
-def _retrieve(task: asyncio.Task) -> None:
-    """The waiters re-raise a failed lookup; this only keeps a lookup nobody waits for any more
-    from logging "exception was never retrieved"."""
-    if not task.cancelled():
-        task.exception()
 
 
 def allows(scopes: frozenset[str], needed: str | None) -> bool:

@@ -122,7 +122,7 @@ class HealthRegistry:
         inflight = self._inflight.get(key)
         if inflight is None or inflight.done():
             inflight = asyncio.ensure_future(self._run_and_keep(key, names, now))
-            inflight.add_done_callback(_consume)  # nobody may be waiting for it (busy mode)
+            inflight.add_done_callback(consume_outcome)  # nobody may be waiting for it (busy mode)
             self._inflight[key] = inflight
         if busy and last is not None and now - last[0] < STALE_SECONDS:
             return last[1]
@@ -154,14 +154,17 @@ async def _bounded(coro, timeout: float):
     done, _ = await asyncio.wait({task}, timeout=timeout)
     if not done:
         task.cancel()
-        task.add_done_callback(_consume)
+        task.add_done_callback(consume_outcome)
         raise TimeoutError
     return task.result()
 
 
-def _consume(task: asyncio.Task) -> None:
+def consume_outcome(task: asyncio.Task) -> None:
+    """Done callback for a task nobody may await any more (abandoned past its deadline, or
+    shared by waiters that all went away): its exception is retrieved, so asyncio does not log
+    "exception was never retrieved" when it is garbage collected."""
     if not task.cancelled():
-        task.exception()  # retrieved: no "exception was never retrieved" noise
+        task.exception()
 
 
 # -- reusable checks ---------------------------------------------------------------------------

@@ -8,8 +8,6 @@ from aiohttp import ClientSession, web
 HTTP = web.AppKey("monitoring_page_http", ClientSession)
 #: the Jinja2 environment of the templates/ folder
 JINJA = web.AppKey("monitoring_page_jinja", object)
-#: key_hash -> (expires monotonic, scopes | None): revocation is noticed within mailgenius.auth.AUTH_CACHE_TTL seconds
-KEY_CACHE = web.AppKey("monitoring_page_key_cache", dict)
 #: range name -> (expires monotonic, body): one Prometheus round per range and period, however
 #: many operators have the page open
 SERIES_CACHE = web.AppKey("monitoring_page_series_cache", dict)

@@ -124,7 +124,8 @@ async def read_logs(redis, prefix: str, flt: LogFilter, *, after: str | None = N
             scanned += len(raw)
             if len(raw) < CHUNK:
                 break
-            end = "(" + _entry(*raw[-1])["id"]
+            last_id = raw[-1][0]
+            end = "(" + (last_id.decode() if isinstance(last_id, bytes) else last_id)
         picked.reverse()
         return picked, newest
     last = after

@@ -273,7 +273,6 @@ def setup_monitoring_page(app: web.Application) -> None:
         loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
-    app[keys.KEY_CACHE] = {}
     app[keys.SERIES_CACHE] = {}
     app.cleanup_ctx.append(_http_ctx())
     add_routes(app, routes())

@@ -19,8 +19,6 @@ from mailgenius import auth
 from mailgenius import keys as kernel_keys
 from mailgenius.cache import rkey
 
-from . import keys
-
 #: the session cookie
 COOKIE = "mg_monitoring_session"
 #: seconds a session lives after login (a working day); log in again afterwards
@@ -45,7 +43,7 @@ async def delete_session(app: web.Application, token: str) -> None:
 
 async def key_scopes(app: web.Application, key_hash: str) -> frozenset[str] | None:
     """Scopes of the active key with this hash, or None (unknown or revoked); cached briefly."""
-    return await auth.lookup_hash(app[kernel_keys.DB], key_hash, app[keys.KEY_CACHE])
+    return await auth.lookup_hash(app[kernel_keys.DB], key_hash, app[kernel_keys.AUTH_CACHE])
 
 
 async def session_scopes(request: web.Request) -> frozenset[str] | None:
