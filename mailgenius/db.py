@@ -128,31 +128,23 @@ class TimeoutSafeConnection(asyncpg.Connection):
 
     __slots__ = ()
 
-    def _terminate_on_timeout(self, exc: BaseException) -> None:
-        if isinstance(exc, TimeoutError) and not self.is_closed():
-            log.warning("Postgres statement timed out; connection discarded")
-            self.terminate()
+    async def _discard_on_timeout(self, call):
+        try:
+            return await call
+        except TimeoutError:
+            if not self.is_closed():
+                log.warning("Postgres statement timed out; connection discarded")
+                self.terminate()
+            raise
 
     async def _execute(self, *args, **kwargs):
-        try:
-            return await super()._execute(*args, **kwargs)
-        except TimeoutError as exc:
-            self._terminate_on_timeout(exc)
-            raise
+        return await self._discard_on_timeout(super()._execute(*args, **kwargs))
 
     async def execute(self, *args, **kwargs):
-        try:
-            return await super().execute(*args, **kwargs)
-        except TimeoutError as exc:
-            self._terminate_on_timeout(exc)
-            raise
+        return await self._discard_on_timeout(super().execute(*args, **kwargs))
 
     async def _executemany(self, *args, **kwargs):
-        try:
-            return await super()._executemany(*args, **kwargs)
-        except TimeoutError as exc:
-            self._terminate_on_timeout(exc)
-            raise
+        return await self._discard_on_timeout(super()._executemany(*args, **kwargs))
 
 
 class ServiceConnection(TimeoutSafeConnection):

@@ -56,11 +56,6 @@ c AS (
 SELECT extract(epoch FROM now() - min(u.retry_since))::float8 AS failing_for FROM u
 """
 
-#: rows that reached a final state: a later retry-failed starts a fresh budget
-CLEAR_RETRY_SQL = """
-UPDATE messages SET retry_since = NULL WHERE id = ANY($1::bigint[]) AND retry_since IS NOT NULL
-"""
-
 #: atomically extend (never shorten) the fleet-wide provider pause: KEYS[1] pause key,
 #: ARGV[1] milliseconds from now
 PAUSE_LUA = """
@@ -187,9 +182,8 @@ async def _deliver(ctx: SendContext, conn, campaign_id: int | None, emails: list
                 for i in retry_ids:
                     failed[i] = (err.reason, f"gave up after {failing_for:.0f} s of provider errors "
                                              f"(retry budget {config.SEND_RETRY_BUDGET:.0f} s): {err.message}"[:500])
+        # (recording clears retry_since of every row it finalises: retry-failed starts a fresh budget)
         await _record(ctx, conn, provider.name, campaign_id, result.accepted, failed, [], outcome)
-        if failed:
-            await conn.execute(CLEAR_RETRY_SQL, list(failed))
         if not retry_ids or exhausted:
             return
         pending = [e for e in pending if e.message_id in retry_ids]

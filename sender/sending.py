@@ -18,7 +18,6 @@ place a crash can duplicate a message.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import aiohttp
 from mailgenius.cache import rkey
 
 from . import templates
-from .delivery import _deliver, backoff, idempotency_key  # noqa: F401  (re-exported)
+from .delivery import _deliver
 from .email_settings import RateLimiter, SettingsCache
 from .metrics import SenderMetrics
 from .providers import OutEmail, ResendProvider, SmtpProvider
@@ -68,12 +67,13 @@ LEFT JOIN (SELECT cl.id, cl.email, l.id AS lead_id, l.first_name, l.last_name, l
 RECORD_SQL = """
 WITH s AS (
     UPDATE messages m SET status = 'sent', provider = $6, provider_message_id = v.pid,
-           sent_at = now(), updated_at = now(), last_error = NULL
+           sent_at = now(), updated_at = now(), last_error = NULL, retry_since = NULL
     FROM unnest($1::bigint[], $2::text[]) AS v(id, pid)
     WHERE m.id = v.id AND m.status = 'sending'
     RETURNING m.id, v.pid),
 f AS (
-    UPDATE messages m SET status = v.st, provider = $6, last_error = v.err, updated_at = now()
+    UPDATE messages m SET status = v.st, provider = $6, last_error = v.err, updated_at = now(),
+           retry_since = NULL  -- a final state: a later retry-failed starts a fresh budget
     FROM unnest($3::bigint[], $4::text[], $5::text[]) AS v(id, err, st)
     WHERE m.id = v.id AND m.status = 'sending'
     RETURNING m.id, m.campaign_id, m.status),
@@ -125,8 +125,6 @@ class SendContext:
     http: aiohttp.ClientSession | None = None
     settings_cache: SettingsCache | None = None
     limiter: RateLimiter | None = None
-    #: monotonic time before which no batch of this process calls the provider (after a 429)
-    provider_pause_until: float = 0.0
     _providers: dict = field(default_factory=dict)
     _compiled: dict = field(default_factory=dict)
     #: per-minute [sent, failed] not yet written to Redis, and the task that will write them
@@ -257,31 +255,6 @@ async def _record(ctx: SendContext, conn, provider: str, campaign_id: int | None
     await ctx.count_stats(n_sent, n_failed)
 
 
-def _attributes(raw) -> dict:
-    if isinstance(raw, str):  # asyncpg returns jsonb as text
-        if raw == "{}":
-            return {}
-        try:
-            raw = json.loads(raw)
-        except ValueError:
-            return {}
-    return raw if isinstance(raw, dict) else {}
-
-
-def _recipient_context(r, campaign_view: dict, unsubscribe_url: str, click_url) -> dict:
-    """templates.lead_context for one claimed row, built in one pass (no intermediate dicts:
-    this runs once per email). The lists and dicts are fresh per row already."""
-    view = {"id": r["lead_id"], "email": r["email"], "first_name": r["first_name"],
-            "last_name": r["last_name"], "company": r["company"], "phone": r["phone"],
-            "tags": r["tags"] or [], "attributes": _attributes(r["attributes"])}
-    ctx = view.copy()
-    ctx["lead"] = view
-    ctx["campaign"] = campaign_view
-    ctx["unsubscribe_url"] = unsubscribe_url
-    ctx["click_url"] = click_url
-    return ctx
-
-
 async def send_campaign_batch(ctx: SendContext, campaign_id: int, batch: int) -> Outcome:
     outcome = Outcome()
     async with ctx.pool.acquire() as conn:
@@ -304,7 +277,7 @@ async def send_campaign_batch(ctx: SendContext, campaign_id: int, batch: int) ->
             emails: list[OutEmail] = []
             failed: dict[int, tuple[str, str]] = {}
             cancelled: list[int] = []
-            render, add_pixel = templates.render, templates.add_open_pixel
+            render, add_pixel, lead_context = templates.render, templates.add_open_pixel, templates.lead_context
             click = tracker.click_url
             for r in rows:
                 mid = r["id"]
@@ -312,8 +285,8 @@ async def send_campaign_batch(ctx: SendContext, campaign_id: int, batch: int) ->
                     cancelled.append(mid)  # unsubscribed / bounced / deleted since the ledger was written
                     continue
                 unsub = tracker.unsubscribe_url(mid)
-                ctx_vars = _recipient_context(r, campaign_view, unsub,
-                                              lambda link_id, _m=mid: click(_m, int(link_id)))
+                ctx_vars = lead_context(r, lead_id=r["lead_id"], campaign=campaign_view, unsubscribe_url=unsub,
+                                        click_url=lambda link_id, _m=mid: click(_m, int(link_id)))
                 try:
                     subject, html, text = render(compiled, ctx_vars)
                 except templates.RenderError as exc:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextvars
 import html as htmllib
+import json
 import re
 import secrets
 import time
@@ -309,12 +310,32 @@ def sample_context() -> dict:
                         click_url=lambda link_id: f"https://example.invalid/t/c/{link_id}")
 
 
-def lead_context(lead: dict, *, campaign: dict, unsubscribe_url: str,
-                 click_url: Callable[[int], str]) -> dict:
-    view = {k: lead.get(k) for k in ("id", "email", "first_name", "last_name", "company", "phone")}
-    view["tags"] = list(lead.get("tags") or [])
-    view["attributes"] = dict(lead.get("attributes") or {})
-    ctx = dict(view)
+def _attributes(raw) -> dict:
+    if isinstance(raw, str):  # asyncpg returns jsonb as text
+        if raw == "{}":
+            return {}
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            return {}
+        return raw if isinstance(raw, dict) else {}
+    return dict(raw) if isinstance(raw, dict) else {}
+
+
+_MISSING = object()
+
+
+def lead_context(lead, *, campaign: dict, unsubscribe_url: str, click_url: Callable[[int], str],
+                 lead_id=_MISSING) -> dict:
+    """The variables a template sees for one recipient: the lead's fields (also under ``lead``),
+    ``campaign``, ``unsubscribe_url`` and ``click_url``. ``lead`` is a dict or a claimed row
+    (asyncpg Record, jsonb attributes as text; pass ``lead_id`` when its ``id`` is the message's).
+    Runs once per email: built in one pass, lists and dicts fresh so no template sees another's."""
+    get = lead.get
+    view = {"id": get("id") if lead_id is _MISSING else lead_id, "email": get("email"),
+            "first_name": get("first_name"), "last_name": get("last_name"), "company": get("company"),
+            "phone": get("phone"), "tags": list(get("tags") or []), "attributes": _attributes(get("attributes"))}
+    ctx = view.copy()
     ctx["lead"] = view
     ctx["campaign"] = campaign
     ctx["unsubscribe_url"] = unsubscribe_url
