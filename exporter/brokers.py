@@ -18,13 +18,7 @@ import asyncio
 from dataclasses import dataclass
 
 from mailgenius.broker import dramatiq_namespace
-from mailgenius.queues import (  # noqa: F401 (re-export)
-    QueueStats,
-    broker_queue_stats,
-    rabbitmq_connect,
-    rabbitmq_queue_stats,
-    rabbitmq_ready_count,
-)
+from mailgenius.queues import broker_queue_stats, rabbitmq_connect, rabbitmq_ready_count
 
 #: messages moved per Lua call: bounds how long one admin batch blocks Redis
 ADMIN_BATCH = 1000
@@ -85,10 +79,8 @@ class AdminResult:
 
 # -- depths --------------------------------------------------------------------------------------
 
-async def queue_stats(settings, redis, queue: str) -> QueueStats:
-    return await broker_queue_stats(settings, redis, queue)
-
-
+#: depths from whichever broker the settings name (the kernel's reading, shared with health checks)
+queue_stats = broker_queue_stats
 
 
 # -- administration ------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from mailgenius.metrics import (
     IMPORT_JOBS,
     IMPORT_ROWS,
     IMPORT_VALIDATION_ERRORS,
+    _bare,
 )
 
 from .reader import DUPLICATE, REASONS, Batch, BatchReader, FileInfo, FileProblem, sniff
@@ -78,10 +79,6 @@ class ImportOptions:
         )
 
 
-def _bare(name: str) -> str:
-    return name[: -len("_total")] if name.endswith("_total") else name
-
-
 class ImportMetrics:
     """The worker-side import metrics, on the registry passed in (the default one in workers,
     where ``mailgenius worker`` sets up multiprocess mode)."""
@@ -91,11 +88,11 @@ class ImportMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         registry = REGISTRY if registry is None else registry
-        self.rows = Counter(_bare(IMPORT_ROWS), "Import rows by outcome.", ["outcome"], registry=registry)
+        self.rows = Counter(_bare(IMPORT_ROWS, "_total"), "Import rows by outcome.", ["outcome"], registry=registry)
         self.validation_errors = Counter(
-            _bare(IMPORT_VALIDATION_ERRORS), "Rows rejected or skipped by the importer, by reason.",
+            _bare(IMPORT_VALIDATION_ERRORS, "_total"), "Rows rejected or skipped by the importer, by reason.",
             ["reason"], registry=registry)
-        self.jobs = Counter(_bare(IMPORT_JOBS), "Finished import jobs by status.", ["status"],
+        self.jobs = Counter(_bare(IMPORT_JOBS, "_total"), "Finished import jobs by status.", ["status"],
                             registry=registry)
         self.duration = Histogram(IMPORT_DURATION, "Wall time of finished import jobs.",
                                   buckets=self.DURATION_BUCKETS, registry=registry)
@@ -306,7 +303,6 @@ class ImportJob:
                 raise
             cancelled = True  # the watcher interrupted the statement in flight
         finally:
-            reader.stop.set()
             self.stop_watch.set()
             try:
                 await asyncio.wait_for(asyncio.shield(watcher), 10)
@@ -359,8 +355,7 @@ class ImportJob:
                     self._count(result)
                     if self.options.batch_pause:
                         await asyncio.sleep(self.options.batch_pause)
-                    if self.cancel.is_set():
-                        raise Cancelled()
+                    self._check_cancel()
             finally:
                 reader.stop.set()
                 os.close(fd)

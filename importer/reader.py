@@ -10,6 +10,7 @@ CSV text ready for ``COPY``, and the per-row problems as error rows. Per-row wor
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import csv
 import io
@@ -102,6 +103,12 @@ class FileInfo:
     est_rows: int  #: newline count minus the header: exact unless fields hold newlines
 
 
+def text_encoding(encoding: str) -> str:
+    """The codec the stored bytes are read with: UTF-16 input was transcoded to UTF-8, and the
+    BOM of utf-8-sig is skipped by offset."""
+    return "utf-8" if encoding in ("utf-8", "utf-8-sig", "utf-16") else encoding
+
+
 def _detect_delimiter(first_line: str) -> str:
     counts = {}
     in_quotes = False
@@ -184,7 +191,7 @@ def sniff(path: str) -> FileInfo:
         controls = sum(1 for b in head if b < 9 or 13 < b < 32)
         if controls > len(head) // 20:
             raise FileProblem("the file is binary (too many control characters), not CSV text")
-    text_enc = "utf-8" if encoding in ("utf-8", "utf-8-sig", "utf-16") else encoding
+    text_enc = text_encoding(encoding)
     text = head[start:].decode(text_enc, errors="replace")
     if not text.strip():
         raise FileProblem("the file is empty (only blank lines)")
@@ -257,15 +264,11 @@ class Batch:
 
     def raw_of(self, fd: int, line: int, encoding: str) -> str:
         """The original text of the record starting at ``line`` (for DB-detected duplicates)."""
-        import bisect
-
         i = bisect.bisect_left(self.rec_lines, line)
         if i >= len(self.rec_lines) or self.rec_lines[i] != line:
             return ""
         end = self.rec_starts[i + 1] if i + 1 < len(self.rec_starts) else self.end_offset
-        start = self.rec_starts[i]
-        data = os.pread(fd, min(end - start, MAX_RAW * 4), start)
-        return data.decode(encoding, "replace").rstrip("\r\n")[:MAX_RAW]
+        return _pread(fd, self.rec_starts[i], end, encoding)
 
 
 class BatchReader:
@@ -276,16 +279,14 @@ class BatchReader:
     """
 
     def __init__(self, info: FileInfo, *, offset: int | None = None, line: int | None = None,
-                 batch_rows: int = 25_000, max_field: int = DEFAULT_MAX_FIELD,
-                 extra_tags: bool = True):
+                 batch_rows: int = 25_000, max_field: int = DEFAULT_MAX_FIELD):
         self.info = info
         self.offset = info.body_start if offset is None else offset
         self.line = info.header_lines if line is None else line
         self.batch_rows = batch_rows
         self.max_field = max_field
-        self.text_encoding = "utf-8" if info.encoding in ("utf-8", "utf-8-sig", "utf-16") else info.encoding
+        self.text_encoding = text_encoding(info.encoding)
         self.stop = threading.Event()
-        self.rows_read = 0
         cols = info.columns
         self.optional = [c for c in OPTIONAL if c in cols]
         self.stage_columns = ["line", "email", *self.optional] + (["attributes"] if info.extra else [])
@@ -399,7 +400,6 @@ class BatchReader:
                                 else:
                                     writerow((ln, email))
                     start = end
-                self.rows_read += rows
                 if rows == 0 and done:
                     break
                 yield Batch(buf.getvalue().encode("utf-8"), staged, rows, errors, pos[0],

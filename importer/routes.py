@@ -54,17 +54,25 @@ def _parse_id(request: web.Request) -> int:
     return int(raw)
 
 
-async def _live_processed(request: web.Request, import_id: int) -> int | None:
-    try:
-        raw = await request.app[mkeys.REDIS].get(progress_key(request.app[mkeys.SETTINGS], import_id))
-    except Exception:  # live progress is a nicety; the committed counts still answer
-        return None
+def _parse_progress(raw) -> int | None:
     if not raw:
         return None
     try:
         return int(json.loads(raw)["processed"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+async def _live_processed(request: web.Request, import_ids: list[int]) -> list[int | None]:
+    """Live processed counts of running imports (one MGET); None where there is none."""
+    if not import_ids:
+        return []
+    settings = request.app[mkeys.SETTINGS]
+    try:
+        raws = await request.app[mkeys.REDIS].mget([progress_key(settings, i) for i in import_ids])
+    except Exception:  # live progress is a nicety; the committed counts still answer
+        return [None] * len(import_ids)
+    return [_parse_progress(raw) for raw in raws]
 
 
 def import_view(row, live: int | None = None, now: float | None = None) -> dict:
@@ -216,7 +224,7 @@ async def get_import(request: web.Request) -> web.Response:
     row = await fetchrow_read(request.app[mkeys.DB], _SELECT + " WHERE id = $1", import_id)  # no reset round trip
     if row is None:
         raise errors.NotFound(f"no import with id {import_id}")
-    live = await _live_processed(request, import_id) if row["status"] == "running" else None
+    live = (await _live_processed(request, [import_id]))[0] if row["status"] == "running" else None
     return json_response(import_view(row, live))
 
 
@@ -362,10 +370,9 @@ async def upload_monitoring(request: web.Request) -> web.Response:
         raise errors.Unavailable(f"the {settings.broker_kind} broker is unavailable: {type(exc).__name__}") from exc
     queue = {"waiting": st.waiting, "delayed": st.delayed, "dead": st.dead,
              "oldest_age_seconds": None if st.oldest_age_seconds is None else round(st.oldest_age_seconds, 1)}
-    active_views = []
-    for r in active:
-        live = await _live_processed(request, r["id"]) if r["status"] == "running" else None
-        active_views.append(import_view(r, live))
+    running = [r["id"] for r in active if r["status"] == "running"]
+    live = dict(zip(running, await _live_processed(request, running), strict=True))
+    active_views = [import_view(r, live.get(r["id"])) for r in active]
     return json_response({
         "upload_dir": os.path.abspath(settings.upload_dir),
         "max_upload_bytes": settings.upload_max_bytes,

@@ -15,6 +15,7 @@ and ``<queue>.XQ`` (:func:`rabbitmq_queue_stats`; no head age there).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -161,7 +162,6 @@ def rabbitmq_queue_stats(url: str, queue: str) -> QueueStats:
     ``<queue>``, ``<queue>.DQ`` and ``<queue>.XQ`` by passive ``queue.declare`` (0 for a queue not
     declared yet). RabbitMQ cannot tell the age of a queue's head without consuming it: None."""
     conn = rabbitmq_connect(url)
-
     try:
         return QueueStats(rabbitmq_ready_count(conn, queue), rabbitmq_ready_count(conn, f"{queue}.DQ"),
                           rabbitmq_ready_count(conn, f"{queue}.XQ"), None)
@@ -172,8 +172,6 @@ def rabbitmq_queue_stats(url: str, queue: str) -> QueueStats:
 async def broker_queue_stats(settings, redis, queue: str) -> QueueStats:
     """Depths from whichever broker ``settings.broker_url`` names."""
     if settings.broker_kind == "rabbitmq":
-        import asyncio
-
         return await asyncio.to_thread(rabbitmq_queue_stats, settings.broker_url, queue)
     return await redis_queue_stats(redis, dramatiq_namespace(settings), queue)
 
