@@ -150,6 +150,8 @@ def poller(pool, pop3):
 
 async def smtp_campaign(api, pool, ctx, relay, n: int) -> tuple[int, dict[str, tuple[int, int, bytes]]]:
     """A campaign sent over SMTP to the local relay; returns {email: (message id, lead id, raw sent)}."""
+    resp = await api.put("/api/settings/email", json={"provider": "smtp"}, headers=api.h)
+    assert resp.status == 200, await resp.text()
     await add_leads(pool, n)
     cid = await make_campaign(api)
     await campaigns.request_send(pool, cid)
