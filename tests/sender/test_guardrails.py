@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from exporter.summary import campaign_figures
+
 from sender import bounces, campaigns, guardrails
 from sender.sending import send_campaign_batch
 
@@ -85,6 +87,9 @@ async def test_complaint_rate_pauses_at_0_3_percent_and_resume_clears_it(api, po
     assert body["pause_reason"].startswith("complaint_rate: 3 complaints of 1000 sent (0.30 %) >= 0.30 %")
     assert body["auto_paused_at"] is not None
     assert paused_metric(api.registry, "complaint_rate") == 1
+    # And the monitoring page's summary lists it with the reason
+    figures, _totals = await campaign_figures(pool)
+    assert [(c["id"], c["pause_reason"]) for c in figures["auto_paused"]] == [(cid, body["pause_reason"])]
     # And its remaining batch sends nothing while paused
     await send_campaign_batch(send_ctx, cid, 10)
     assert (await campaign(pool, cid))["queued"] == 100
@@ -98,6 +103,7 @@ async def test_complaint_rate_pauses_at_0_3_percent_and_resume_clears_it(api, po
     await send_campaign_batch(send_ctx, cid, 10)
     c = await campaign(pool, cid)
     assert (c["status"], c["complained"], c["sent"]) == ("sent", 4, 1100)
+    assert (await campaign_figures(pool))[0]["auto_paused"] == []
     assert paused_metric(api.registry, "complaint_rate") == 1
 
 
