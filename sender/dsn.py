@@ -194,7 +194,16 @@ def _date(msg: Message, *fields: str) -> dt.datetime:
 
 def parse(raw: bytes, secret: bytes | None = None) -> ParsedReport:
     """Read one mailbox message; raises :class:`ReportError` when it is neither a DSN nor an ARF
-    report (an out-of-office reply, spam...)."""
+    report (an out-of-office reply, spam...) or is too broken to read."""
+    try:
+        return _parse(raw, secret)
+    except ReportError:
+        raise
+    except (ValueError, TypeError, LookupError, AttributeError, UnicodeError) as exc:
+        raise ReportError(f"unreadable report: {type(exc).__name__}: {exc}"[:300]) from None
+
+
+def _parse(raw: bytes, secret: bytes | None) -> ParsedReport:
     if len(raw) > MAX_REPORT_BYTES:
         raw = raw[:MAX_REPORT_BYTES]
     msg = email.message_from_bytes(raw, policy=email.policy.compat32)
@@ -235,7 +244,7 @@ def parse(raw: bytes, secret: bytes | None = None) -> ParsedReport:
         event = "complained" if ftype == "abuse" else None
         summary = {"feedback_type": ftype[:40], "user_agent": str(fr.get("User-Agent", ""))[:200],
                    "source_ip": str(fr.get("Source-IP", ""))[:60]}
+        at = _date(fr, "Arrival-Date", "Received-Date") if fr.get("Arrival-Date") else _date(msg, "Date")
         return ParsedReport("arf", key, [Finding(event, True, rcpt, action=ftype[:20])], message_id, matched_by,
-                            _date(fr, "Arrival-Date", "Received-Date") if fr.get("Arrival-Date") else _date(msg, "Date"),
-                            summary)
+                            at, summary)
     raise ReportError(f"unsupported report-type {rtype!r}")

@@ -32,10 +32,14 @@ from mailgenius.cache import create_redis, rkey
 
 from . import dsn
 from .bounces import record_mailbox_message
+from .events import WebhookError
 from .tracking import load_secret
 
 log = logging.getLogger(__name__)
 
+#: poplib refuses lines longer than 2048 bytes (a session error that would stop every later poll
+#: at the same message); reports quote whole messages, whose HTML lines can be longer
+poplib._MAXLINE = max(poplib._MAXLINE, 1 << 20)
 #: messages read per poll (the rest wait for the next one)
 MAX_PER_POLL = 500
 #: seconds of one POP3 conversation step
@@ -148,7 +152,8 @@ class MailboxPoller:
                 res.messages += 1
                 try:
                     applied = await record_mailbox_message(self.pool, self.metrics, raw, self.secret)
-                except dsn.ReportError as exc:
+                except (dsn.ReportError, WebhookError) as exc:
+                    # not a report, or one Postgres refuses to store: left for a person, not retried
                     log.info("bounce mailbox: not a report, left in the mailbox", extra={"uid": uid, "error": str(exc)})
                     self.skipped.add(uid)
                     res.skipped += 1

@@ -43,7 +43,7 @@ def _block(**fields) -> Message:
 
 def make_dsn(original: bytes | None, recipient: str, *, action="failed", status="5.1.1",
              diagnostic="smtp; 550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown in virtual mailbox table",
-             to=BOUNCE_BOX, headers_only=False, msgid=None) -> bytes:
+             to=BOUNCE_BOX, headers_only=False, msgid=None, note="") -> bytes:
     """A Postfix-style non-delivery report (RFC 3464)."""
     report = MIMEMultipart("report", report_type="delivery-status")
     report["From"] = "MAILER-DAEMON@mx.example.org (Mail Delivery System)"
@@ -54,7 +54,7 @@ def make_dsn(original: bytes | None, recipient: str, *, action="failed", status=
     report["Auto-Submitted"] = "auto-replied"
     report.attach(MIMEText("This is the mail system at host mx.example.org.\n\n"
                            "I'm sorry to have to inform you that your message could not\n"
-                           "be delivered to one or more recipients.\n"))
+                           "be delivered to one or more recipients.\n" + note))
     ds = MIMEBase("message", "delivery-status")
     ds.set_payload([
         _block(Reporting_MTA="dns; mx.example.org", X_Postfix_Queue_ID="4Qx1", Arrival_Date=report["Date"]),
@@ -257,7 +257,8 @@ async def test_verp_return_path_matches_and_cannot_be_forged(api, pool, smtp_ctx
     (_a, (ma, la, _ra)), (_b, (mb, lb, _rb)), (c, (mc, lc, rc)) = sorted(sent.items())
     verp = dsn.verp_address(SECRET, ma, "news.example.com")
     assert dsn.parse_verp(SECRET, verp.upper()) == ma  # an MTA that folds case keeps it valid
-    pop3.deliver(make_dsn(None, "forwarded@elsewhere.example", to=verp))
+    # (with a 5,000-character line in its text, longer than poplib accepts by default)
+    pop3.deliver(make_dsn(None, "forwarded@elsewhere.example", to=verp, note="x" * 5000 + "\n"))
     # And one to a VERP address with a forged mac, for another message
     forged = f"bounces+{mb}-{'0' * 16}@news.example.com"
     assert dsn.parse_verp(SECRET, forged) is None
