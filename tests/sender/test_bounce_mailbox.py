@@ -25,7 +25,7 @@ from sender.sending import SendContext
 from sender.sink import start_sink
 from tests.conftest import free_port
 
-from .conftest import add_leads, campaign, drain, make_campaign
+from .conftest import add_leads, campaign, drain, make_campaign, wait_for
 from .pop3_server import Pop3Server
 
 SECRET = b"test-verp-secret"
@@ -286,3 +286,25 @@ def test_dsn_classification_follows_rfc3463():
     assert dsn.classify("delivered", "2.0.0") == ("delivered", False)
     with pytest.raises(dsn.ReportError):
         dsn.parse(out_of_office())
+
+
+async def test_the_sender_worker_polls_the_mailbox(api, pool, smtp_ctx, relay, pop3, workers):
+    # Given a bounce in the mailbox for a message sent over SMTP
+    cid, sent = await smtp_campaign(api, pool, smtp_ctx, relay, 2)
+    (a, (ma, la, ra)), _b = sorted(sent.items())
+    pop3.deliver(make_dsn(ra, a))
+    # When a real sender worker runs with the mailbox configured
+    workers.start(processes=1, threads=1, MAILGENIUS_BOUNCE_MAILBOX_HOST="127.0.0.1",
+                  MAILGENIUS_BOUNCE_MAILBOX_PORT=str(pop3.port), MAILGENIUS_BOUNCE_MAILBOX_USER="bounces",
+                  MAILGENIUS_BOUNCE_MAILBOX_PASSWORD="secret", MAILGENIUS_BOUNCE_MAILBOX_TLS="none",
+                  MAILGENIUS_BOUNCE_MAILBOX_INTERVAL="1")
+
+    # Then its poller applies the bounce and empties the mailbox
+    async def done():
+        return pop3.maildrop == {} and await state(pool, ma, la) == ("bounced", "bounced")
+
+    try:
+        await wait_for(done, 30, what="the worker's mailbox poll")
+    except AssertionError:
+        raise AssertionError(workers.logs()) from None
+    assert (await campaign(pool, cid))["bounced"] == 1
