@@ -48,11 +48,8 @@ class Thresholds:
     complaint_ratio: float
 
 
-_cached: Thresholds | None = None
-
-
 def load_thresholds(path: Path = RULES_PATH) -> Thresholds:
-    """The guard-rail numbers of ``alerting/rules.yml``; a missing one is an error at start."""
+    """The guard-rail numbers of ``alerting/rules.yml``; a missing one is an error."""
     t = yaml.safe_load(path.read_text())["thresholds"]
     try:
         return Thresholds(
@@ -66,11 +63,13 @@ def load_thresholds(path: Path = RULES_PATH) -> Thresholds:
         raise RuntimeError(f"{path}: thresholds.{exc.args[0]} is missing") from None
 
 
+#: read when the sender starts (API and workers import this module): a rules.yml without these
+#: numbers stops the service at once rather than the first campaign that needs them
+_THRESHOLDS = load_thresholds()
+
+
 def thresholds() -> Thresholds:
-    global _cached
-    if _cached is None:
-        _cached = load_thresholds()
-    return _cached
+    return _THRESHOLDS
 
 
 #: a finished campaign (the send path just moved it to sent/failed) takes its outcome by ratio;

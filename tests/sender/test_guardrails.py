@@ -11,7 +11,6 @@ import time
 import pytest
 
 from exporter.summary import campaign_figures
-
 from sender import bounces, campaigns, guardrails
 from sender.sending import send_campaign_batch
 
