@@ -254,7 +254,8 @@ CAMPAIGN_SCHEMA = {"type": "object", "required": ["id", "status", *campaigns.COU
                    "properties": {"id": {"type": "integer"}, "name": {"type": "string"},
                                   "status": {"type": "string", "enum": ["draft", "queued", "sending", "paused",
                                                                         "sent", "failed", "cancelled"]},
-                                  "pause_reason": {"type": ["string", "null"]},
+                                  "pause_reason": {"type": "string", "nullable": True},
+                                  "auto_paused_at": {"type": "string", "format": "date-time", "nullable": True},
                                   **COUNTS_PROPS}}
 CREATE_SCHEMA = {
     "type": "object", "required": ["name", "subject", "from_email"], "additionalProperties": False,
