@@ -308,3 +308,27 @@ async def test_the_sender_worker_polls_the_mailbox(api, pool, smtp_ctx, relay, p
     except AssertionError:
         raise AssertionError(workers.logs()) from None
     assert (await campaign(pool, cid))["bounced"] == 1
+
+
+async def test_postgres_down_mid_poll_deletes_nothing_it_did_not_commit(api, pool, smtp_ctx, relay, pop3, poller,
+                                                                        database_url):
+    # Given a hard bounce in the mailbox, and Postgres unreachable for the poller
+    import asyncpg
+
+    cid, sent = await smtp_campaign(api, pool, smtp_ctx, relay, 1)
+    (a, (ma, la, ra)), = sent.items()
+    pop3.deliver(make_dsn(ra, a))
+    dead = await asyncpg.create_pool(database_url, min_size=0, max_size=1)
+    await dead.close()
+    poller.pool = dead
+    # When it polls
+    with pytest.raises(asyncpg.exceptions.InterfaceError):
+        await poller.poll_once()
+    # Then the session ended cleanly (QUIT) but the report is still in the mailbox
+    assert pop3.quits == 1 and len(pop3.maildrop) == 1
+    assert await state(pool, ma, la) == (None, "active")
+    # And once Postgres is back the next poll applies it and only then deletes it
+    poller.pool = pool
+    res = await poller.poll_once()
+    assert (res.applied, res.deleted) == (1, 1) and pop3.maildrop == {}
+    assert await state(pool, ma, la) == ("bounced", "bounced")
