@@ -5,8 +5,9 @@ The numbers live in ``alerting/rules.yml`` (``thresholds:``), the one source of 
 alert compares with; this module reads them from there, so the campaign that pauses itself and
 the alerts that watch the same ratios cannot drift apart:
 
-* ``campaign_failed_share``: a finished campaign whose (failed + bounced) / recipients is above
-  it finishes ``failed`` (and counts so in ``mailgenius_campaigns_finished_total{outcome}``,
+* ``campaign_failed_share``: a finished campaign whose failed / recipients is above it (``failed``
+  counts every recipient refused at send time, synchronous hard bounces included) finishes
+  ``failed`` (and counts so in ``mailgenius_campaigns_finished_total{outcome}``,
   which CampaignFailureRateHigh watches);
 * ``campaign_pause_min_recipients``: no guard-rail judges a campaign before this many of its
   recipients were attempted (sent + failed), so three early bounces never stop a big send;
@@ -77,7 +78,7 @@ def thresholds() -> Thresholds:
 SETTLE_SQL = """
 UPDATE campaigns SET status = CASE
         WHEN sent = 0 AND failed > 0 THEN 'failed'
-        WHEN recipients > 0 AND least(1.0, (failed + bounced)::float8 / recipients) > $2 THEN 'failed'
+        WHEN recipients > 0 AND failed::float8 / recipients > $2 THEN 'failed'
         ELSE 'sent' END,
     updated_at = now()
 WHERE id = $1 AND status IN ('sent', 'failed')
