@@ -115,9 +115,11 @@ class Settings:
     resend_webhook_secret: str = ""
     #: shared secret of the signed bounce/complaint webhook for other ESPs (sender/bounces.py)
     bounce_webhook_secret: str = ""
-    #: the bounce mailbox (POP3) read for DSNs and ARF reports (sender/mailbox.py); "" = off
+    #: the bounce mailbox (POP3 or IMAP) read for DSNs and ARF reports (sender/mailbox.py); "" = off
     bounce_mailbox_host: str = ""
-    bounce_mailbox_port: int = 995
+    bounce_mailbox_protocol: str = "pop3"
+    #: 0 = the protocol's port (995 / 993 with ssl, 110 / 143 otherwise)
+    bounce_mailbox_port: int = 0
     bounce_mailbox_user: str = ""
     bounce_mailbox_password: str = ""
     #: ssl (POP3S, port 995), starttls (STLS on port 110) or none (loopback/tests only)
@@ -187,7 +189,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         resend_webhook_secret=_str(env, "MAILGENIUS_RESEND_WEBHOOK_SECRET", ""),
         bounce_webhook_secret=_str(env, "MAILGENIUS_BOUNCE_WEBHOOK_SECRET", ""),
         bounce_mailbox_host=_str(env, "MAILGENIUS_BOUNCE_MAILBOX_HOST", ""),
-        bounce_mailbox_port=_int(env, "MAILGENIUS_BOUNCE_MAILBOX_PORT", 995, lo=1, hi=65535),
+        bounce_mailbox_protocol=_choice(env, "MAILGENIUS_BOUNCE_MAILBOX_PROTOCOL", "pop3", ("pop3", "imap")),
+        bounce_mailbox_port=_int(env, "MAILGENIUS_BOUNCE_MAILBOX_PORT", 0, lo=0, hi=65535),
         bounce_mailbox_user=_str(env, "MAILGENIUS_BOUNCE_MAILBOX_USER", ""),
         bounce_mailbox_password=_str(env, "MAILGENIUS_BOUNCE_MAILBOX_PASSWORD", ""),
         bounce_mailbox_tls=_choice(env, "MAILGENIUS_BOUNCE_MAILBOX_TLS", "ssl", ("ssl", "starttls", "none")),

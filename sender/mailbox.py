@@ -1,15 +1,15 @@
-"""The bounce mailbox poller: reads DSNs and ARF complaint reports from a POP3 mailbox (the
-mailbox our return path and feedback-loop address deliver to) and records them
+"""The bounce mailbox poller: reads DSNs and ARF complaint reports from a POP3 or IMAP mailbox
+(the mailbox our return path and feedback-loop address deliver to) and records them
 (sender/bounces.py), every ``MAILGENIUS_BOUNCE_MAILBOX_INTERVAL`` seconds.
 
-Exactly once: a message is deleted (``DELE``) only after every finding in it was committed to
-Postgres; the deletions take effect at ``QUIT``. If the connection or Postgres fails midway the
+Exactly once: a message is deleted (POP3 ``DELE``; IMAP ``\\Deleted`` flag) only after every
+finding in it was committed to Postgres; the deletions take effect at ``QUIT`` (IMAP: EXPUNGE). If the connection or Postgres fails midway the
 undeleted messages are read again at the next poll, and their findings, already stored under the
 same key (``email_events``: source + the report's Message-ID + recipient), change nothing.
 Messages that are not reports (out-of-office replies, spam) are left in the mailbox for a
 person to read, and skipped by this process afterwards (remembered by their ``UIDL``).
 
-POP3 is served by stdlib :mod:`poplib` (blocking) in a thread; the parsing and Postgres work run
+POP3 and IMAP are served by stdlib :mod:`poplib` / :mod:`imaplib` (blocking) in a thread; the parsing and Postgres work run
 on the event loop. One poll at a time fleet-wide: a Redis lock per interval (the same pattern as
 the stalled-campaign sweeper), and POP3 servers lock the maildrop per session anyway.
 
@@ -20,6 +20,7 @@ sender/actors.py) when ``MAILGENIUS_BOUNCE_MAILBOX_HOST`` is set.
 from __future__ import annotations
 
 import asyncio
+import imaplib
 import logging
 import poplib
 import ssl
@@ -42,8 +43,10 @@ log = logging.getLogger(__name__)
 poplib._MAXLINE = max(poplib._MAXLINE, 1 << 20)
 #: messages read per poll (the rest wait for the next one)
 MAX_PER_POLL = 500
-#: seconds of one POP3 conversation step
+#: seconds of one POP3 / IMAP conversation step
 POP3_TIMEOUT = 30.0
+#: (protocol, implicit TLS) -> port, when MAILGENIUS_BOUNCE_MAILBOX_PORT is 0
+DEFAULT_PORTS = {("pop3", True): 995, ("pop3", False): 110, ("imap", True): 993, ("imap", False): 143}
 
 
 @dataclass
@@ -64,13 +67,15 @@ class MailboxConfig:
     password: str
     tls: str = "ssl"          # ssl | starttls | none
     interval: float = 60.0
+    protocol: str = "pop3"    # pop3 | imap
 
     @classmethod
     def from_settings(cls, s) -> MailboxConfig | None:
         if not s.bounce_mailbox_host:
             return None
-        return cls(s.bounce_mailbox_host, s.bounce_mailbox_port, s.bounce_mailbox_user, s.bounce_mailbox_password,
-                   s.bounce_mailbox_tls, s.bounce_mailbox_interval)
+        port = s.bounce_mailbox_port or DEFAULT_PORTS[(s.bounce_mailbox_protocol, s.bounce_mailbox_tls == "ssl")]
+        return cls(s.bounce_mailbox_host, port, s.bounce_mailbox_user, s.bounce_mailbox_password,
+                   s.bounce_mailbox_tls, s.bounce_mailbox_interval, s.bounce_mailbox_protocol)
 
 
 class Pop3Mailbox:
@@ -128,6 +133,71 @@ class Pop3Mailbox:
                 self.conn = None
 
 
+class ImapMailbox:
+    """A blocking IMAP session on INBOX, same interface as :class:`Pop3Mailbox`: messages are
+    addressed by UID, "delete" flags ``\\Deleted`` (stored at once by the server) and ``quit``
+    expunges. Only committed messages are ever flagged, so a message flagged but not expunged
+    (the session broke) is already recorded; it is not listed again (``UID SEARCH UNDELETED``)
+    and the next session's EXPUNGE removes it."""
+
+    def __init__(self, cfg: MailboxConfig):
+        self.cfg = cfg
+        self.conn: imaplib.IMAP4 | None = None
+
+    def open(self) -> None:
+        c = self.cfg
+        if c.tls == "ssl":
+            conn = imaplib.IMAP4_SSL(c.host, c.port, ssl_context=ssl.create_default_context(), timeout=POP3_TIMEOUT)
+        else:
+            conn = imaplib.IMAP4(c.host, c.port, timeout=POP3_TIMEOUT)
+            if c.tls == "starttls":
+                conn.starttls(ssl.create_default_context())
+        try:
+            conn.login(c.user, c.password)
+            typ, data = conn.select("INBOX")
+            if typ != "OK":
+                raise imaplib.IMAP4.error(f"SELECT INBOX: {data!r}")
+        except BaseException:
+            conn.shutdown()
+            raise
+        self.conn = conn
+
+    def listing(self) -> list[tuple[int, str]]:
+        typ, data = self.conn.uid("SEARCH", None, "UNDELETED")
+        if typ != "OK":
+            raise imaplib.IMAP4.error(f"UID SEARCH: {data!r}")
+        return [(int(u), u.decode()) for u in (data[0] or b"").split()]
+
+    def retrieve(self, num: int) -> bytes:
+        typ, data = self.conn.uid("FETCH", str(num), "(BODY.PEEK[])")
+        if typ != "OK":
+            raise imaplib.IMAP4.error(f"UID FETCH {num}: {data!r}")
+        for item in data:
+            if isinstance(item, tuple) and len(item) == 2:
+                return item[1]
+        raise dsn.ReportError(f"UID {num} vanished from the mailbox")
+
+    def delete(self, num: int) -> None:
+        typ, data = self.conn.uid("STORE", str(num), "+FLAGS", "(\\Deleted)")
+        if typ != "OK":
+            raise imaplib.IMAP4.error(f"UID STORE {num}: {data!r}")
+
+    def quit(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.expunge()
+                self.conn.logout()
+            finally:
+                self.conn = None
+
+    def abort(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.shutdown()
+            finally:
+                self.conn = None
+
+
 @dataclass
 class MailboxPoller:
     cfg: MailboxConfig
@@ -139,7 +209,7 @@ class MailboxPoller:
 
     async def poll_once(self) -> PollResult:
         res = PollResult()
-        box = Pop3Mailbox(self.cfg)
+        box = ImapMailbox(self.cfg) if self.cfg.protocol == "imap" else Pop3Mailbox(self.cfg)
         await asyncio.to_thread(box.open)
         try:
             listing = await asyncio.to_thread(box.listing)

@@ -1,6 +1,6 @@
 """The bounce mailbox: RFC 3464 DSNs and RFC 5965 ARF complaint reports, written as MTAs and
 feedback loops write them (with the email package, around the very messages our SMTP provider
-sent to a local relay), served by a local POP3 server, read by the poller: message, lead,
+sent to a local relay), served by a local POP3 and a local IMAP server, read by the poller: message, lead,
 campaign counters and metrics change exactly once across polls, replays and a mailbox that drops
 the connection mid-poll."""
 
@@ -26,6 +26,7 @@ from sender.sink import start_sink
 from tests.conftest import free_port
 
 from .conftest import add_leads, campaign, drain, make_campaign, wait_for
+from .imap_server import ImapServer
 from .pop3_server import Pop3Server
 
 SECRET = b"test-verp-secret"
@@ -132,17 +133,19 @@ async def smtp_ctx(pool, redis_client, ssettings, relay):
     await ctx.close()
 
 
-@pytest.fixture
-async def pop3():
-    server = await Pop3Server().start()
+@pytest.fixture(params=["pop3", "imap"])
+async def box(request):
+    """The bounce mailbox, served over POP3 and over IMAP."""
+    server = await (Pop3Server() if request.param == "pop3" else ImapServer()).start()
+    server.protocol = request.param
     yield server
     await server.stop()
 
 
 @pytest.fixture
-def poller(pool, pop3):
+def poller(pool, box):
     registry = CollectorRegistry()
-    p = MailboxPoller(MailboxConfig("127.0.0.1", pop3.port, "bounces", "secret", "none", 1.0), pool,
+    p = MailboxPoller(MailboxConfig("127.0.0.1", box.port, "bounces", "secret", "none", 1.0, box.protocol), pool,
                       SenderMetrics(registry), SECRET)
     p.registry = registry
     return p
@@ -175,17 +178,17 @@ async def state(pool, mid: int, lead: int) -> tuple:
 
 # -- tests -------------------------------------------------------------------------------------------
 
-async def test_dsn_and_arf_from_pop3_apply_exactly_once(api, pool, smtp_ctx, relay, pop3, poller):
+async def test_dsn_and_arf_from_the_mailbox_apply_exactly_once(api, pool, smtp_ctx, relay, box, poller):
     # Given a campaign sent over SMTP, and a bounce mailbox holding what came back for it
     cid, sent = await smtp_campaign(api, pool, smtp_ctx, relay, 5)
     (a, (ma, la, ra)), (b, (mb, lb, rb)), (c, (mc, lc, rc)), (d, (md, ld, rd)), _e = sorted(sent.items())
     hard = make_dsn(ra, a)                                                       # 5.1.1, whole message returned
-    pop3.deliver(hard)
-    pop3.deliver(make_dsn(rb, b, status="5.2.2", headers_only=True,              # mailbox full: soft
+    box.deliver(hard)
+    box.deliver(make_dsn(rb, b, status="5.2.2", headers_only=True,              # mailbox full: soft
                           diagnostic="smtp; 552 5.2.2 <{rcpt}>: Mailbox full"))
-    pop3.deliver(make_arf(rc, c))                                                # Yahoo abuse report
-    pop3.deliver(make_dsn(rd, "someone-else@example.net"))                       # names another recipient
-    pop3.deliver(out_of_office())                                                # not a report
+    box.deliver(make_arf(rc, c))                                                # Yahoo abuse report
+    box.deliver(make_dsn(rd, "someone-else@example.net"))                       # names another recipient
+    box.deliver(out_of_office())                                                # not a report
     # When the poller reads the mailbox
     res = await poller.poll_once()
     # Then each report changed its message, lead and campaign once
@@ -206,12 +209,12 @@ async def test_dsn_and_arf_from_pop3_apply_exactly_once(api, pool, smtp_ctx, rel
     rows = await pool.fetch("SELECT provider, type, message_id FROM email_events ORDER BY id")
     assert [(r["provider"], r["type"], r["message_id"]) for r in rows] == [
         ("dsn", "dsn.failed", ma), ("dsn", "dsn.failed", mb), ("arf", "arf.abuse", mc), ("dsn", "dsn.failed", None)]
-    assert len(pop3.maildrop) == 1 and b"Out of office" in next(iter(pop3.maildrop.values()))
+    assert len(box.maildrop) == 1 and b"Out of office" in next(iter(box.maildrop.values()))
 
     # When the mailbox is polled again, and then the hard bounce arrives a second time
     res2 = await poller.poll_once()
     assert (res2.messages, res2.deleted) == (0, 0)
-    pop3.deliver(hard)
+    box.deliver(hard)
     res3 = await poller.poll_once()
     # Then the replay is read, recognised and deleted, and changes nothing
     assert (res3.messages, res3.findings, res3.duplicates, res3.applied, res3.deleted) == (1, 1, 1, 0, 1)
@@ -227,45 +230,47 @@ async def test_dsn_and_arf_from_pop3_apply_exactly_once(api, pool, smtp_ctx, rel
 
 
 async def test_a_mailbox_dropping_mid_poll_loses_nothing_and_counts_nothing_twice(api, pool, smtp_ctx, relay,
-                                                                                  pop3, poller):
+                                                                                  box, poller):
     # Given two hard bounces in the mailbox, and a server that drops the session after one RETR
     cid, sent = await smtp_campaign(api, pool, smtp_ctx, relay, 2)
     (a, (ma, _la, ra)), (b, (mb, _lb, rb)) = sorted(sent.items())
-    pop3.deliver(make_dsn(ra, a))
-    pop3.deliver(make_dsn(rb, b))
-    pop3.drop_after_retr = 1
+    box.deliver(make_dsn(ra, a))
+    box.deliver(make_dsn(rb, b))
+    box.drop_after_retr = 1
     # When a poll breaks after the first report was committed
     with pytest.raises(Exception):  # noqa: B017 - poplib raises whatever the broken socket gives
         await poller.poll_once()
-    # Then the first bounce is applied, and nothing was deleted (no QUIT)
+    # Then the first bounce is applied, and nothing was removed (POP3: no QUIT; IMAP: no EXPUNGE)
     assert (await campaign(pool, cid))["bounced"] == 1
-    assert len(pop3.maildrop) == 2
-    # When the next poll reads both again
-    pop3.drop_after_retr = None
+    assert len(box.maildrop) == 2
+    # When the next poll runs
+    box.drop_after_retr = None
     res = await poller.poll_once()
-    # Then the first is a duplicate, the second is applied, both are gone, each counted once
-    assert (res.findings, res.duplicates, res.applied, res.deleted) == (2, 1, 1, 2)
-    assert pop3.maildrop == {}
+    # Then (POP3) both are read again, the first a duplicate; (IMAP) the first, flagged \Deleted
+    # after its commit, is not listed again; both are gone, each counted once
+    expect = (2, 1, 1, 2) if box.protocol == "pop3" else (1, 0, 1, 1)
+    assert (res.findings, res.duplicates, res.applied, res.deleted) == expect
+    assert box.maildrop == {}
     assert (await campaign(pool, cid))["bounced"] == 2
     assert events(poller.registry)["bounced"] == 2
     assert await pool.fetchval("SELECT count(*) FROM messages WHERE delivery = 'bounced'") == 2
 
 
-async def test_verp_return_path_matches_and_cannot_be_forged(api, pool, smtp_ctx, relay, pop3, poller):
+async def test_verp_return_path_matches_and_cannot_be_forged(api, pool, smtp_ctx, relay, box, poller):
     # Given a DSN sent back to our signed VERP address, naming a forwarded address and no message
     cid, sent = await smtp_campaign(api, pool, smtp_ctx, relay, 3)
     (_a, (ma, la, _ra)), (_b, (mb, lb, _rb)), (c, (mc, lc, rc)) = sorted(sent.items())
     verp = dsn.verp_address(SECRET, ma, "news.example.com")
     assert dsn.parse_verp(SECRET, verp.upper()) == ma  # an MTA that folds case keeps it valid
     # (with a 5,000-character line in its text, longer than poplib accepts by default)
-    pop3.deliver(make_dsn(None, "forwarded@elsewhere.example", to=verp, note="x" * 5000 + "\n"))
+    box.deliver(make_dsn(None, "forwarded@elsewhere.example", to=verp, note="x" * 5000 + "\n"))
     # And one to a VERP address with a forged mac, for another message
     forged = f"bounces+{mb}-{'0' * 16}@news.example.com"
     assert dsn.parse_verp(SECRET, forged) is None
-    pop3.deliver(make_dsn(None, "x@elsewhere.example", to=forged))
+    box.deliver(make_dsn(None, "x@elsewhere.example", to=forged))
     # And an abuse report whose recipient is redacted, matched by the Return-Path the receiving
     # MTA wrote into the reported message
-    pop3.deliver(make_arf(rc, None, return_path=dsn.verp_address(SECRET, mc, "news.example.com")))
+    box.deliver(make_arf(rc, None, return_path=dsn.verp_address(SECRET, mc, "news.example.com")))
     # When polled
     await poller.poll_once()
     # Then the signed ones applied, the forged one did not
@@ -288,20 +293,21 @@ def test_dsn_classification_follows_rfc3463():
         dsn.parse(out_of_office())
 
 
-async def test_the_sender_worker_polls_the_mailbox(api, pool, smtp_ctx, relay, pop3, workers):
+async def test_the_sender_worker_polls_the_mailbox(api, pool, smtp_ctx, relay, box, workers):
     # Given a bounce in the mailbox for a message sent over SMTP
     cid, sent = await smtp_campaign(api, pool, smtp_ctx, relay, 2)
     (a, (ma, la, ra)), _b = sorted(sent.items())
-    pop3.deliver(make_dsn(ra, a))
+    box.deliver(make_dsn(ra, a))
     # When a real sender worker runs with the mailbox configured
     workers.start(processes=1, threads=1, MAILGENIUS_BOUNCE_MAILBOX_HOST="127.0.0.1",
-                  MAILGENIUS_BOUNCE_MAILBOX_PORT=str(pop3.port), MAILGENIUS_BOUNCE_MAILBOX_USER="bounces",
+                  MAILGENIUS_BOUNCE_MAILBOX_PROTOCOL=box.protocol,
+                  MAILGENIUS_BOUNCE_MAILBOX_PORT=str(box.port), MAILGENIUS_BOUNCE_MAILBOX_USER="bounces",
                   MAILGENIUS_BOUNCE_MAILBOX_PASSWORD="secret", MAILGENIUS_BOUNCE_MAILBOX_TLS="none",
                   MAILGENIUS_BOUNCE_MAILBOX_INTERVAL="1")
 
     # Then its poller applies the bounce and empties the mailbox
     async def done():
-        return pop3.maildrop == {} and await state(pool, ma, la) == ("bounced", "bounced")
+        return box.maildrop == {} and await state(pool, ma, la) == ("bounced", "bounced")
 
     try:
         await wait_for(done, 30, what="the worker's mailbox poll")
@@ -310,25 +316,25 @@ async def test_the_sender_worker_polls_the_mailbox(api, pool, smtp_ctx, relay, p
     assert (await campaign(pool, cid))["bounced"] == 1
 
 
-async def test_postgres_down_mid_poll_deletes_nothing_it_did_not_commit(api, pool, smtp_ctx, relay, pop3, poller,
+async def test_postgres_down_mid_poll_deletes_nothing_it_did_not_commit(api, pool, smtp_ctx, relay, box, poller,
                                                                         database_url):
     # Given a hard bounce in the mailbox, and Postgres unreachable for the poller
     import asyncpg
 
     cid, sent = await smtp_campaign(api, pool, smtp_ctx, relay, 1)
     (a, (ma, la, ra)), = sent.items()
-    pop3.deliver(make_dsn(ra, a))
+    box.deliver(make_dsn(ra, a))
     dead = await asyncpg.create_pool(database_url, min_size=0, max_size=1)
     await dead.close()
     poller.pool = dead
     # When it polls
     with pytest.raises(asyncpg.exceptions.InterfaceError):
         await poller.poll_once()
-    # Then the session ended cleanly (QUIT) but the report is still in the mailbox
-    assert pop3.quits == 1 and len(pop3.maildrop) == 1
+    # Then the session ended cleanly (QUIT / LOGOUT) but the report is still in the mailbox
+    assert box.quits == 1 and len(box.maildrop) == 1
     assert await state(pool, ma, la) == (None, "active")
     # And once Postgres is back the next poll applies it and only then deletes it
     poller.pool = pool
     res = await poller.poll_once()
-    assert (res.applied, res.deleted) == (1, 1) and pop3.maildrop == {}
+    assert (res.applied, res.deleted) == (1, 1) and box.maildrop == {}
     assert await state(pool, ma, la) == ("bounced", "bounced")
