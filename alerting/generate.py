@@ -25,7 +25,7 @@ from typing import Any
 import jinja2
 import yaml
 
-from mailgenius import metrics
+from mailgenius import contract
 
 HERE = Path(__file__).resolve().parent
 #: the one source of every alert
@@ -146,15 +146,9 @@ def _duration(value: str, where: str) -> str:
     return f"{secs}s"
 
 
-def _expr_env() -> jinja2.Environment:
-    return jinja2.Environment(variable_start_string="[[", variable_end_string="]]",
-                              block_start_string="[%", block_end_string="%]",
-                              undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
-
-
 def metric_names() -> dict[str, str]:
     """The metric-name constants of mailgenius.metrics (and the queue names)."""
-    return {k: v for k, v in vars(metrics).items() if k.isupper() and isinstance(v, str)}
+    return contract.metric_names()
 
 
 @dataclass
@@ -188,22 +182,18 @@ class Model:
 def load(path: Path = SOURCE, *, grafana_url: str | None = None) -> Model:
     """Parse rules.yml, render its expressions and apply the severity defaults."""
     src = yaml.safe_load(path.read_text())
-    env = _expr_env()
-    m = metric_names()
-    t = src["thresholds"]
-    s = src["selectors"]
+    try:
+        c = contract.parse(src, path)
+    except contract.ContractError as exc:
+        raise RulesError(str(exc)) from None
 
     def expr(text: str, where: str) -> str:
         try:
-            return env.from_string(str(text).strip()).render(m=m, t=t, s=s, r=rnames)
-        except jinja2.UndefinedError as exc:
-            raise RulesError(f"{where}: {exc.message}") from None
+            return c.render(text, where)
+        except contract.ContractError as exc:
+            raise RulesError(str(exc)) from None
 
-    rnames: dict[str, str] = {}
-    recording = []
-    for key, rule in src["recording"].items():
-        recording.append({"record": rule["record"], "expr": expr(rule["expr"], f"recording.{key}")})
-        rnames[key] = rule["record"]
+    recording = [{"record": r.series, "expr": r.expr} for r in c.recording.values()]
 
     links = src["links"]
     grafana = (grafana_url or links["grafana_url"]).rstrip("/")
@@ -237,8 +227,9 @@ def load(path: Path = SOURCE, *, grafana_url: str | None = None) -> Model:
                 channels=channels,
                 labels={"severity": sev},
                 annotations={
-                    "summary": row["summary"],
-                    "description": row["description"],
+                    # the texts may interpolate thresholds: [[ t.queue_waiting_messages ]]
+                    "summary": expr(row["summary"], where + ".summary"),
+                    "description": expr(row["description"], where + ".description"),
                     "runbook_url": f"{links['runbook_base_url'].rstrip('/')}/{name}.md",
                     "dashboard_url": f"{grafana}/d/{row['dashboard']}",
                 },
