@@ -122,6 +122,19 @@ class Contract:
         name = self.recorded(key).series
         return f"{name}{{{selector}}}" if selector else name
 
+    def label_values(self, selector: str, label: str) -> frozenset[str]:
+        """The values a selector's ``label="x"`` / ``label=~"a|b"`` matcher accepts, e.g. the
+        providers of ``delivery_reporting`` (the ones with delivery receipts)."""
+        m = re.search(label + r'\s*(=~|=)\s*"([^"]*)"', self.selector(selector))
+        if not m:
+            raise ContractError(f"{self.path}: selector {selector!r} has no {label}= matcher")
+        return frozenset(m.group(2).split("|")) if m.group(1) == "=~" else frozenset([m.group(2)])
+
+    @property
+    def receipt_providers(self) -> frozenset[str]:
+        """Providers that report delivered / delayed / complained (the others cannot know)."""
+        return self.label_values("delivery_reporting", "provider")
+
     def render(self, text: str, where: str = "rules.yml") -> str:
         """Render a ``[[ ]]`` template of rules.yml with m (metrics), t, s and r (recorded series)."""
         return _render(expr_env(), text, where, t=self.thresholds, s=self.selectors,

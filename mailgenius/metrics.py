@@ -54,6 +54,18 @@ IMPORTS = "mailgenius_imports"  #: gauge{status}: queued/running now; completed/
 IMPORT_SUCCESS_RATIO = "mailgenius_import_success_ratio"  #: gauge: completed / (completed + failed), 24 h
 IMPORT_VALIDATION_ERROR_RATIO = "mailgenius_import_validation_error_ratio"  #: gauge: invalid / processed rows, 24 h
 
+#: The label naming a queue on our series. dramatiq's own series (dramatiq_messages_total...)
+#: call it ``queue_name``; the recording rules of alerting/rules.yml map it to ``queue`` once, and
+#: a reader that must query dramatiq's raw series maps it with :func:`as_queue_label`.
+QUEUE_LABEL = "queue"
+DRAMATIQ_QUEUE_LABEL = "queue_name"
+
+
+def as_queue_label(expr: str) -> str:
+    """PromQL: ``expr`` with dramatiq's ``queue_name`` copied to our ``queue`` label."""
+    return f'label_replace({expr}, "{QUEUE_LABEL}", "$1", "{DRAMATIQ_QUEUE_LABEL}", "(.*)")'
+
+
 #: The dramatiq queues of the contract.
 QUEUE_EMAIL = "email-sending"
 QUEUE_IMPORT = "lead-import"
