@@ -17,6 +17,7 @@ scalars (valid YAML), and each rendered file is parsed back before it is returne
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -295,10 +296,15 @@ def _receiver_name(channels: tuple[str, ...]) -> str:
     return "-".join(channels)
 
 
-def render(variant: Variant | None = None, *, source: Path = SOURCE) -> dict[str, str]:
+def default_source() -> Path:
+    """The rules.yml every reader uses: ``$MAILGENIUS_RULES_FILE``, else alerting/rules.yml."""
+    return Path(os.environ.get(contract.ENV) or SOURCE)
+
+
+def render(variant: Variant | None = None, *, source: Path | None = None) -> dict[str, str]:
     """Relative path -> text of every generated file of one variant."""
     variant = variant or Variant()
-    model = load(source, grafana_url=variant.grafana_url)
+    model = load(source or default_source(), grafana_url=variant.grafana_url)
     env = _env()
     src = model.source
     out: dict[str, str] = {}

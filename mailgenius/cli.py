@@ -147,6 +147,12 @@ def cmd_build(args) -> int:
     from pathlib import Path
 
     root = Path(args.root).resolve()
+    # a root with its own alerting/rules.yml builds from it: the alerts and every other reader of
+    # the contract (dashboards...) follow its thresholds and selectors
+    from . import contract
+
+    if not os.environ.get(contract.ENV) and (root / "alerting" / "rules.yml").is_file():
+        os.environ[contract.ENV] = str(root / "alerting" / "rules.yml")
     changed: list[Path] = []
     for name in GENERATORS:
         try:
