@@ -59,6 +59,10 @@ COMPOSE_HOSTS = {
     "alertmanager": "alertmanager",
     "prometheus": "localhost",
 }
+#: jobs whose metrics carry their own ``service`` label (the HTTP metrics of mailgenius.metrics):
+#: Prometheus keeps it (honor_labels) instead of renaming it to ``exported_service`` beside the
+#: target's service=<job>, which has the same value
+SELF_LABELLED_JOBS = ("sender", "importer", "exporter")
 #: jobs that may run as several replicas in docker-compose: discovered by DNS (every A record)
 COMPOSE_REPLICATED = ("sender-worker", "importer-worker")
 
@@ -321,7 +325,8 @@ def render(variant: Variant | None = None, *, source: Path | None = None) -> dic
     # the compose variant lives beside the local one; any other variant is rendered elsewhere
     suffix = ".compose" if variant.name == "compose" else ""
     out[f"prometheus/prometheus{suffix}.yml"] = env.get_template("prometheus.yml.j2").render(
-        header=header, v=variant, jobs=sorted(set(variant.targets) | set(variant.dns_targets)))
+        header=header, v=variant, jobs=sorted(set(variant.targets) | set(variant.dns_targets)),
+        self_labelled=SELF_LABELLED_JOBS)
 
     routing = src["routing"]
     receivers: dict[str, tuple[str, ...]] = {}
