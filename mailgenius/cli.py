@@ -128,6 +128,7 @@ def cmd_worker(args) -> int:
         "dramatiq_prom_db": prom_dir,
         "dramatiq_prom_port": str(args.metrics_port or getattr(settings, port_attr)),
         "dramatiq_prom_host": settings.host,
+        "PROMETHEUS_DISABLE_CREATED_SERIES": "True",
     })
     dramatiq = shutil.which("dramatiq", path=os.path.dirname(sys.executable)) or shutil.which("dramatiq")
     argv = [dramatiq, module, "--queues", queue, "--processes", str(args.processes),

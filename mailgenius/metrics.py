@@ -6,7 +6,11 @@ silently emptying a panel.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# no <counter>_created / <histogram>_created series in any process: they double every counter's
+# series and nothing reads them (see docs/metrics.md)
+disable_created_metrics()
 
 PREFIX = "mailgenius_"
 
