@@ -138,7 +138,7 @@ def cmd_worker(args) -> int:
 
 
 #: generators run by `mailgenius build`: module exposing build(root: Path, check: bool) -> list[Path]
-GENERATORS = ("alerting.generate", "dashboards.generate")
+GENERATORS = ("alerting.generate", "dashboards.generate", "mailgenius.catalogue")
 
 
 def cmd_build(args) -> int:

@@ -128,3 +128,21 @@ def test_recorded_series_follow_the_naming_convention():
             assert not r.by, r
         # every label it aggregates by is named in the level (service rides along with instance)
         assert set(r.by) - {"service"} <= set(level.split("_")), r
+
+
+def test_the_metrics_catalogue_is_generated_from_the_code():
+    # docs/metrics.md is what `mailgenius build` renders from mailgenius/metrics.py and rules.yml
+    from mailgenius import catalogue
+    from mailgenius import metrics as m
+
+    assert catalogue.build(ROOT, check=True) == [], "run `mailgenius build`"
+    text = (ROOT / "docs" / "metrics.md").read_text()
+    names = {v for k, v in vars(m).items() if k.isupper() and isinstance(v, str) and v.startswith(m.PREFIX)
+             and k != "PREFIX"}
+    documented = {e[2] for e in catalogue.entries()}
+    assert documented == names, names ^ documented
+    for name in names:
+        assert f"| `{name}` |" in text, name
+    assert all(e[3] and e[4] for e in catalogue.entries()), "every metric has a type and a meaning"
+    for r in contract.get().recording.values():
+        assert f"`{r.series}`" in text
