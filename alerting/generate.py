@@ -296,6 +296,22 @@ GO_TEMPLATES = {
 }
 
 
+def route_group_interval(cooldown: str, global_interval: str, where: str) -> str | None:
+    """The group_interval a route needs so that a still-firing alert is re-sent every
+    ``cooldown``; None when the global one does.
+
+    Alertmanager re-sends a still-firing group only on a group_interval tick, and only when
+    more than repeat_interval has passed since the last notification was logged (which is a
+    little after the tick it was sent on). With the global 5 min interval, the documented 60 s
+    of DatabaseConnectionsHigh and 1 min of the Watchdog became 5 min; with an interval equal
+    to the cooldown, twice the cooldown. A tick just after the cooldown (cooldown + 5 %, at
+    least 1 s) re-sends at the cooldown, late by that margin only."""
+    secs = _seconds(cooldown, where)
+    if secs >= _seconds(global_interval, "group_interval"):
+        return None
+    return _duration(f"{secs + max(1, secs // 20)}s", where)
+
+
 def _receiver_name(channels: tuple[str, ...]) -> str:
     return "-".join(channels)
 
@@ -331,11 +347,13 @@ def render(variant: Variant | None = None, *, source: Path | None = None) -> dic
     routing = src["routing"]
     receivers: dict[str, tuple[str, ...]] = {}
     routes = []
+    global_interval = _duration(variant.group_interval or routing["group_interval"], "group_interval")
     for a in model.alerts:
         name = _receiver_name(a.channels)
         receivers[name] = a.channels
         routes.append({"alertname": a.name, "severity": a.severity, "receiver": name,
-                       "repeat_interval": a.cooldown})
+                       "repeat_interval": a.cooldown,
+                       "group_interval": route_group_interval(a.cooldown, global_interval, a.key)})
     default_receiver = _receiver_name(tuple(src["severities"]["warning"]["channels"]))
     receivers.setdefault(default_receiver, tuple(src["severities"]["warning"]["channels"]))
     critical_receiver = _receiver_name(tuple(src["severities"]["critical"]["channels"]))
@@ -348,7 +366,7 @@ def render(variant: Variant | None = None, *, source: Path | None = None) -> dic
     out[f"alertmanager/alertmanager{suffix}.yml"] = env.get_template("alertmanager.yml.j2").render(
         header=header, v=variant, routing=routing, go=GO_TEMPLATES,
         group_wait=_duration(variant.group_wait or routing["group_wait"], "group_wait"),
-        group_interval=_duration(variant.group_interval or routing["group_interval"], "group_interval"),
+        group_interval=global_interval,
         resolve_timeout=_duration(routing["resolve_timeout"], "resolve_timeout"),
         default_receiver=default_receiver, critical_receiver=critical_receiver,
         critical_repeat=_duration(src["severities"]["critical"]["cooldown"], "cooldown"),
@@ -433,11 +451,11 @@ def local_variant(*, host: str = "127.0.0.1", ports: dict[str, int] | None = Non
     return Variant(**base)
 
 
-def render_to(out_dir: Path, variant: Variant) -> dict[str, Path]:
+def render_to(out_dir: Path, variant: Variant, *, source: Path | None = None) -> dict[str, Path]:
     """Render one variant into ``out_dir`` (prometheus/..., alertmanager/...); returns the
     written paths by kind: ``prometheus``, ``alertmanager``, ``rules`` (the rules directory)."""
     out_dir = Path(out_dir)
-    files = render(variant)
+    files = render(variant, source=source)
     write(files, out_dir)
     return {
         "prometheus": out_dir / "prometheus" / "prometheus.yml",
