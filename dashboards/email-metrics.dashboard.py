@@ -49,7 +49,7 @@ sent_per_hour = stat(
     description="Emails accepted by the provider over the last hour.",
 )
 delivery_rate = stat(
-    "Delivery rate (range)", [prom(f"({delivered_range}) / ({sent_receipts_range})")], unit="percentunit",
+    "Delivery rate (range)", [prom(f"({delivered_range}) / (({sent_receipts_range}) > 0)")], unit="percentunit",
     decimals=1, thresholds=low_bad(min(1.0, threshold("email_delivery_ratio") + 0.02), threshold("email_delivery_ratio")),
     description="Providers with delivery receipts only (empty over SMTP: unknown, not 0). "
                 + fires("EmailDeliveryRateLow", "below", "email_delivery_ratio"),
@@ -65,7 +65,7 @@ bounce_rate = stat(
 )
 complaint_rate = stat(
     "Complaint rate (range)",
-    [prom(f"({increase(M.EMAIL_EVENTS, event('complained') + ',' + RECEIPTS_SELECTOR)}) / ({sent_receipts_range})")],
+    [prom(f"({increase(M.EMAIL_EVENTS, event('complained') + ',' + RECEIPTS_SELECTOR)}) / (({sent_receipts_range}) > 0)")],
     unit="percentunit", decimals=3,
     thresholds=high_bad(threshold("email_complaint_ratio"), threshold("email_complaint_ratio") * 3),
     description="Providers with delivery receipts only. " + fires("ComplaintRateHigh", "above", "email_complaint_ratio"),
@@ -121,7 +121,7 @@ provider_table = table(
     "Provider performance (range)",
     [prom(increase(M.EMAILS_SENT, P, "provider"), instant=True, fmt="table"),
      prom(f"{increase(M.EMAIL_EVENTS, event('delivered') + ',' + RECEIPTS_SELECTOR, 'provider')}"
-          f" / {increase(M.EMAILS_SENT, P + ',' + RECEIPTS_SELECTOR, 'provider')}", instant=True, fmt="table")],
+          f" / ({increase(M.EMAILS_SENT, P + ',' + RECEIPTS_SELECTOR, 'provider')} > 0)", instant=True, fmt="table")],
     description="Value #A: sent; Value #B: delivery rate (providers with delivery receipts only: "
                 "no value for SMTP, which cannot know it).",
 )

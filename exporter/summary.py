@@ -54,6 +54,10 @@ def scalar_queries(c: contract.Contract | None = None) -> dict[str, str]:
         "bounce_rate": f"100 * {c.series('email_bounce_ratio_all')}",
         "open_rate": f"100 * {c.series('email_open_ratio_all')}",
         "click_rate": f"100 * {c.series('email_click_ratio_all')}",
+        # host resources: the recorded series of HighCPUUsage, HighMemoryUsage and DiskSpaceLow
+        "cpu_usage": f"100 * max({c.series('cpu_utilisation')})",
+        "memory_usage": f"100 * max({c.series('memory_utilisation')})",
+        "disk_usage": f"100 * max({c.series('disk_usage')})",
         "lead_growth": _ratio(f"sum({m.LEADS}) - sum({m.LEADS} offset 1d)", f"sum({m.LEADS} offset 1d)"),
     }
 
@@ -135,6 +139,8 @@ RESPONSE_SCHEMA = {
         "campaign_metrics": {"type": "object", "properties": {
             "active_campaigns": _NUM, "completed_campaigns": _NUM, "by_status": {"type": "object"},
             "avg_open_rate": _NUM, "avg_click_rate": _NUM}},
+        "resources": {"type": "object", "properties": {"cpu_usage": _NUM, "memory_usage": _NUM,
+                                                       "disk_usage": _NUM, "unit": {"type": "string"}}},
         "incidents": {"type": "object", "properties": {
             "open": {"type": "object"}, "mttr_seconds": _NUM, "mtbf_seconds": _NUM}},
     },
@@ -175,7 +181,7 @@ def provider_performance(vectors: dict, receipts: frozenset[str]) -> dict[str, d
     """Per provider that sent in the last hour: what it can know, and null (listed under
     ``not_reported``) for what it cannot: an SMTP relay gives no delivery receipts, so its
     delivery rate, complaint rate and delivery time are unknown, never 0."""
-    providers = {p for p, v in vectors["provider_sent"].items() if v} | set(vectors["provider_delivery"])
+    providers = {p for p, v in vectors["provider_sent"].items() if v}
     out = {}
     for p in sorted(providers):
         row = {
@@ -377,4 +383,7 @@ async def operator_summary(ctx: Context, session: aiohttp.ClientSession) -> dict
         "lead_metrics": lead,
         "campaign_metrics": campaigns,
         "incidents": inc,
+        # beyond the guide: the busiest host's CPU and memory, the fullest watched filesystem
+        "resources": {"cpu_usage": scalars["cpu_usage"], "memory_usage": scalars["memory_usage"],
+                      "disk_usage": scalars["disk_usage"], "unit": "percent"},
     }
