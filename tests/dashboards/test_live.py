@@ -56,6 +56,12 @@ EXPECTED_EMPTY: dict[str, str] = {
         "only the Watchdog fires in a healthy stack, and the annotation leaves it out",
     "queue-health/annotation: Firing alerts/annotation":
         "only the Watchdog fires in a healthy stack, and the annotation leaves it out",
+    # provider-aware KPIs: the workload sends over SMTP, which gives no delivery receipts, so the
+    # figures only receipt providers (Resend) can know are unknown (empty), never 0 % or Inf
+    "email-metrics/Delivery rate (range)/A": "SMTP sends only: no provider with delivery receipts sent",
+    "email-metrics/Complaint rate (range)/A": "SMTP sends only: no provider with delivery receipts sent",
+    "email-metrics/Delivery and bounce ratios/A": "SMTP sends only: no provider with delivery receipts sent",
+    "email-metrics/Provider performance (range)/B": "SMTP sends only: no provider with delivery receipts sent",
 }
 
 #: On RabbitMQ (MAILGENIUS_TEST_BROKER_URL=amqp://...) the exporter cannot peek at a queue's head
