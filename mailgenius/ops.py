@@ -1203,7 +1203,8 @@ async def collect_report(prom: Prometheus, kind: str, *, now: float | None = Non
                     ("delivery rate", _pct(_ratio(delivered, sent_receipts)) if sent_receipts else "not reported (no receipts)"),
                     ("bounce rate", _pct(_ratio((ev.get("bounced") or 0.0) + refused, (sent or 0.0) + refused))),
                     ("open rate", _pct(_ratio(ev.get("opened"), sent))), ("click rate", _pct(_ratio(ev.get("clicked"), sent))),
-                    ("delivery rate, last hour", _pct(now_rates["delivery"], 2)),
+                    ("delivery rate, last hour", _pct(now_rates["delivery"], 2) if now_rates["delivery"] is not None
+                     else "not reported (no sends with delivery receipts)"),
                     ("bounce rate, last hour", _pct(now_rates["bounce"], 2)),
                     ("open rate, last hour", _pct(now_rates["open"], 2)),
                     ("click rate, last hour", _pct(now_rates["click"], 2))],
