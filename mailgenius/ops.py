@@ -1012,10 +1012,6 @@ def report_thresholds(c: contract.Contract | None = None) -> dict:
 #: the guide's thresholds, used for the recommendations (read from alerting/rules.yml)
 THRESHOLDS = report_thresholds()
 
-_HTTP_REQ = "mailgenius_http_requests_total"
-_HTTP_DUR = "mailgenius_http_request_duration_seconds_bucket"
-_HTTP_5XX = 'mailgenius_http_requests_total{status=~"5.."}'
-
 
 @dataclass
 class ChartSeries:
@@ -1146,7 +1142,10 @@ async def collect_report(prom: Prometheus, kind: str, *, now: float | None = Non
     c = contract.get()
     _FS = c.selector("filesystems")
     _API = c.selector("api_requests")
+    # API traffic as the alerts and the summary count it: Prometheus' scrapes of /metrics left out
     _HTTP_DUR = f"mailgenius_http_request_duration_seconds_bucket{{{_API}}}"
+    _HTTP_REQ = f"mailgenius_http_requests_total{{{_API}}}"
+    _HTTP_5XX = f'mailgenius_http_requests_total{{{_API},{c.selector("http_5xx")}}}'
     s = {}
     # -- system performance
     total_req = await prom.scalar(counted(_HTTP_REQ, R))
@@ -1179,7 +1178,7 @@ async def collect_report(prom: Prometheus, kind: str, *, now: float | None = Non
         "table": {"headers": ["alert that fired", "severity"], "rows": [list(a) for a in alerts_fired]},
         "charts": [
             await rng("Error rate (5xx share of requests) by service", "%",
-                [(f'(sum by (service) (rate({_HTTP_REQ}{{status=~"5.."}}[{win}])) or sum by (service) (rate({_HTTP_REQ}[{win}])) * 0)'
+                [(f'(sum by (service) (rate({_HTTP_5XX}[{win}])) or sum by (service) (rate({_HTTP_REQ}[{win}])) * 0)'
                   f" / sum by (service) (rate({_HTTP_REQ}[{win}]))", "errors", ("service",))], scale=100),
             await rng("Firing alerts by severity", "alerts",
                 [('count by (severity) (ALERTS{alertstate="firing"})', "firing", ("severity",))]),
