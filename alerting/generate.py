@@ -17,6 +17,7 @@ scalars (valid YAML), and each rendered file is parsed back before it is returne
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 import jinja2
 import yaml
 
-from mailgenius import metrics
+from mailgenius import contract
 
 HERE = Path(__file__).resolve().parent
 #: the one source of every alert
@@ -58,6 +59,10 @@ COMPOSE_HOSTS = {
     "alertmanager": "alertmanager",
     "prometheus": "localhost",
 }
+#: jobs whose metrics carry their own ``service`` label (the HTTP metrics of mailgenius.metrics):
+#: Prometheus keeps it (honor_labels) instead of renaming it to ``exported_service`` beside the
+#: target's service=<job>, which has the same value
+SELF_LABELLED_JOBS = ("sender", "importer", "exporter")
 #: jobs that may run as several replicas in docker-compose: discovered by DNS (every A record)
 COMPOSE_REPLICATED = ("sender-worker", "importer-worker")
 
@@ -146,15 +151,9 @@ def _duration(value: str, where: str) -> str:
     return f"{secs}s"
 
 
-def _expr_env() -> jinja2.Environment:
-    return jinja2.Environment(variable_start_string="[[", variable_end_string="]]",
-                              block_start_string="[%", block_end_string="%]",
-                              undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
-
-
 def metric_names() -> dict[str, str]:
     """The metric-name constants of mailgenius.metrics (and the queue names)."""
-    return {k: v for k, v in vars(metrics).items() if k.isupper() and isinstance(v, str)}
+    return contract.metric_names()
 
 
 @dataclass
@@ -188,22 +187,18 @@ class Model:
 def load(path: Path = SOURCE, *, grafana_url: str | None = None) -> Model:
     """Parse rules.yml, render its expressions and apply the severity defaults."""
     src = yaml.safe_load(path.read_text())
-    env = _expr_env()
-    m = metric_names()
-    t = src["thresholds"]
-    s = src["selectors"]
+    try:
+        c = contract.parse(src, path)
+    except contract.ContractError as exc:
+        raise RulesError(str(exc)) from None
 
     def expr(text: str, where: str) -> str:
         try:
-            return env.from_string(str(text).strip()).render(m=m, t=t, s=s, r=rnames)
-        except jinja2.UndefinedError as exc:
-            raise RulesError(f"{where}: {exc.message}") from None
+            return c.render(text, where)
+        except contract.ContractError as exc:
+            raise RulesError(str(exc)) from None
 
-    rnames: dict[str, str] = {}
-    recording = []
-    for key, rule in src["recording"].items():
-        recording.append({"record": rule["record"], "expr": expr(rule["expr"], f"recording.{key}")})
-        rnames[key] = rule["record"]
+    recording = [{"record": r.series, "expr": r.expr} for r in c.recording.values()]
 
     links = src["links"]
     grafana = (grafana_url or links["grafana_url"]).rstrip("/")
@@ -237,8 +232,9 @@ def load(path: Path = SOURCE, *, grafana_url: str | None = None) -> Model:
                 channels=channels,
                 labels={"severity": sev},
                 annotations={
-                    "summary": row["summary"],
-                    "description": row["description"],
+                    # the texts may interpolate thresholds: [[ t.queue_waiting_messages ]]
+                    "summary": expr(row["summary"], where + ".summary"),
+                    "description": expr(row["description"], where + ".description"),
                     "runbook_url": f"{links['runbook_base_url'].rstrip('/')}/{name}.md",
                     "dashboard_url": f"{grafana}/d/{row['dashboard']}",
                 },
@@ -300,14 +296,35 @@ GO_TEMPLATES = {
 }
 
 
+def route_group_interval(cooldown: str, global_interval: str, where: str) -> str | None:
+    """The group_interval a route needs so that a still-firing alert is re-sent every
+    ``cooldown``; None when the global one does.
+
+    Alertmanager re-sends a still-firing group only on a group_interval tick, and only when
+    more than repeat_interval has passed since the last notification was logged (which is a
+    little after the tick it was sent on). With the global 5 min interval, the documented 60 s
+    of DatabaseConnectionsHigh and 1 min of the Watchdog became 5 min; with an interval equal
+    to the cooldown, twice the cooldown. A tick just after the cooldown (cooldown + 5 %, at
+    least 1 s) re-sends at the cooldown, late by that margin only."""
+    secs = _seconds(cooldown, where)
+    if secs >= _seconds(global_interval, "group_interval"):
+        return None
+    return _duration(f"{secs + max(1, secs // 20)}s", where)
+
+
 def _receiver_name(channels: tuple[str, ...]) -> str:
     return "-".join(channels)
 
 
-def render(variant: Variant | None = None, *, source: Path = SOURCE) -> dict[str, str]:
+def default_source() -> Path:
+    """The rules.yml every reader uses: ``$MAILGENIUS_RULES_FILE``, else alerting/rules.yml."""
+    return Path(os.environ.get(contract.ENV) or SOURCE)
+
+
+def render(variant: Variant | None = None, *, source: Path | None = None) -> dict[str, str]:
     """Relative path -> text of every generated file of one variant."""
     variant = variant or Variant()
-    model = load(source, grafana_url=variant.grafana_url)
+    model = load(source or default_source(), grafana_url=variant.grafana_url)
     env = _env()
     src = model.source
     out: dict[str, str] = {}
@@ -324,16 +341,19 @@ def render(variant: Variant | None = None, *, source: Path = SOURCE) -> dict[str
     # the compose variant lives beside the local one; any other variant is rendered elsewhere
     suffix = ".compose" if variant.name == "compose" else ""
     out[f"prometheus/prometheus{suffix}.yml"] = env.get_template("prometheus.yml.j2").render(
-        header=header, v=variant, jobs=sorted(set(variant.targets) | set(variant.dns_targets)))
+        header=header, v=variant, jobs=sorted(set(variant.targets) | set(variant.dns_targets)),
+        self_labelled=SELF_LABELLED_JOBS)
 
     routing = src["routing"]
     receivers: dict[str, tuple[str, ...]] = {}
     routes = []
+    global_interval = _duration(variant.group_interval or routing["group_interval"], "group_interval")
     for a in model.alerts:
         name = _receiver_name(a.channels)
         receivers[name] = a.channels
         routes.append({"alertname": a.name, "severity": a.severity, "receiver": name,
-                       "repeat_interval": a.cooldown})
+                       "repeat_interval": a.cooldown,
+                       "group_interval": route_group_interval(a.cooldown, global_interval, a.key)})
     default_receiver = _receiver_name(tuple(src["severities"]["warning"]["channels"]))
     receivers.setdefault(default_receiver, tuple(src["severities"]["warning"]["channels"]))
     critical_receiver = _receiver_name(tuple(src["severities"]["critical"]["channels"]))
@@ -346,7 +366,7 @@ def render(variant: Variant | None = None, *, source: Path = SOURCE) -> dict[str
     out[f"alertmanager/alertmanager{suffix}.yml"] = env.get_template("alertmanager.yml.j2").render(
         header=header, v=variant, routing=routing, go=GO_TEMPLATES,
         group_wait=_duration(variant.group_wait or routing["group_wait"], "group_wait"),
-        group_interval=_duration(variant.group_interval or routing["group_interval"], "group_interval"),
+        group_interval=global_interval,
         resolve_timeout=_duration(routing["resolve_timeout"], "resolve_timeout"),
         default_receiver=default_receiver, critical_receiver=critical_receiver,
         critical_repeat=_duration(src["severities"]["critical"]["cooldown"], "cooldown"),
@@ -431,11 +451,11 @@ def local_variant(*, host: str = "127.0.0.1", ports: dict[str, int] | None = Non
     return Variant(**base)
 
 
-def render_to(out_dir: Path, variant: Variant) -> dict[str, Path]:
+def render_to(out_dir: Path, variant: Variant, *, source: Path | None = None) -> dict[str, Path]:
     """Render one variant into ``out_dir`` (prometheus/..., alertmanager/...); returns the
     written paths by kind: ``prometheus``, ``alertmanager``, ``rules`` (the rules directory)."""
     out_dir = Path(out_dir)
-    files = render(variant)
+    files = render(variant, source=source)
     write(files, out_dir)
     return {
         "prometheus": out_dir / "prometheus" / "prometheus.yml",

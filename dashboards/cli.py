@@ -19,6 +19,7 @@ def cmd_list(args) -> int:
 
 def cmd_check(args) -> int:
     from dashboards.queries import check_prometheus, load_json
+    from mailgenius.prom import PrometheusError
     from mailgenius.settings import load_settings
 
     url = args.prometheus_url or load_settings().prometheus_url
@@ -29,7 +30,7 @@ def cmd_check(args) -> int:
         return 2
     try:
         results = check_prometheus(url, dashboards)
-    except OSError as exc:
+    except PrometheusError as exc:
         print(f"mailgenius: cannot query Prometheus at {url}: {exc}", file=sys.stderr)
         return 1
     counts = {"ok": 0, "empty": 0, "ERROR": 0}

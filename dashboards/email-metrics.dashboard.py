@@ -2,11 +2,14 @@
 and real-time throughput."""
 
 from dashboards.helpers import (
+    CONTRACT,
+    RECEIPTS_SELECTOR,
     Section,
     alerts_annotation,
     bargauge,
     build_dashboard,
     campaign_var,
+    fires,
     high_bad,
     increase,
     low_bad,
@@ -16,13 +19,16 @@ from dashboards.helpers import (
     quantile,
     rate,
     ratio,
+    recorded,
     stat,
     table,
+    threshold,
     timeseries,
 )
 from mailgenius import metrics as M
 
 P = 'provider=~"$provider"'
+CONTRACT_REFUSED = CONTRACT.selector("refused")
 
 
 def event(name: str) -> str:
@@ -30,7 +36,12 @@ def event(name: str) -> str:
 
 
 sent_range = increase(M.EMAILS_SENT, P)
-delivered_range = increase(M.EMAIL_EVENTS, event("delivered"))
+#: provider-aware: delivered over the sends of providers with delivery receipts only (an SMTP
+#: relay gives none: over it the rate is empty, not 0 %)
+sent_receipts_range = increase(M.EMAILS_SENT, f"{P},{RECEIPTS_SELECTOR}")
+delivered_range = increase(M.EMAIL_EVENTS, f'{event("delivered")},{RECEIPTS_SELECTOR}')
+#: bounces every provider can tell: refusals at submission (SMTP 5xx at RCPT/DATA) + receipts
+refused_range = increase(M.EMAIL_SEND_FAILURES, f'{P},{CONTRACT_REFUSED}')
 
 sent_stat = stat("Sent (range)", [prom(sent_range)], decimals=0, graph=True)
 sent_per_hour = stat(
@@ -38,16 +49,26 @@ sent_per_hour = stat(
     description="Emails accepted by the provider over the last hour.",
 )
 delivery_rate = stat(
-    "Delivery rate (range)", [prom(ratio(delivered_range, sent_range))], unit="percentunit",
-    decimals=1, thresholds=low_bad(0.97, 0.95), description="EmailDeliveryRateLow fires below 95 %.",
+    "Delivery rate (range)", [prom(f"({delivered_range}) / (({sent_receipts_range}) > 0)")], unit="percentunit",
+    decimals=1, thresholds=low_bad(min(1.0, threshold("email_delivery_ratio") + 0.02), threshold("email_delivery_ratio")),
+    description="Providers with delivery receipts only (empty over SMTP: unknown, not 0). "
+                + fires("EmailDeliveryRateLow", "below", "email_delivery_ratio"),
 )
 bounce_rate = stat(
-    "Bounce rate (range)", [prom(ratio(increase(M.EMAIL_EVENTS, event("bounced")), sent_range))],
-    unit="percentunit", decimals=2, thresholds=high_bad(0.03, 0.05), description="BounceRateHigh fires above 5 %.",
+    "Bounce rate (range)",
+    [prom(f"(({increase(M.EMAIL_EVENTS, event('bounced'))} or vector(0)) + ({refused_range} or vector(0)))"
+          f" / (({sent_range}) + ({refused_range} or vector(0)))")],
+    unit="percentunit", decimals=2,
+    thresholds=high_bad(threshold("email_bounce_ratio") * 0.6, threshold("email_bounce_ratio")),
+    description="Refused at submission + bounce receipts, over all submitted. "
+                + fires("BounceRateHigh", "above", "email_bounce_ratio"),
 )
 complaint_rate = stat(
-    "Complaint rate (range)", [prom(ratio(increase(M.EMAIL_EVENTS, event("complained")), sent_range))],
-    unit="percentunit", decimals=3, thresholds=high_bad(0.001, 0.003),
+    "Complaint rate (range)",
+    [prom(f"({increase(M.EMAIL_EVENTS, event('complained') + ',' + RECEIPTS_SELECTOR)}) / (({sent_receipts_range}) > 0)")],
+    unit="percentunit", decimals=3,
+    thresholds=high_bad(threshold("email_complaint_ratio"), threshold("email_complaint_ratio") * 3),
+    description="Providers with delivery receipts only. " + fires("ComplaintRateHigh", "above", "email_complaint_ratio"),
 )
 failures_stat = stat(
     "Send failures (range)", [prom(f"{increase(M.EMAIL_SEND_FAILURES, P)} or vector(0)")], decimals=0,
@@ -59,20 +80,21 @@ events_ts = timeseries(
 )
 delivery_ratio_ts = timeseries(
     "Delivery and bounce ratios",
-    [prom(ratio(rate(M.EMAIL_EVENTS, event("delivered"), "", "1h"), rate(M.EMAILS_SENT, P, "", "1h")), "delivered / sent"),
-     prom(ratio(rate(M.EMAIL_EVENTS, event("bounced"), "", "1h"), rate(M.EMAILS_SENT, P, "", "1h")), "bounced / sent")],
-    unit="percentunit", thresholds=[(None, "green"), (0.95, "red")],
+    [prom(recorded("email_delivery_ratio", P), "{{provider}} delivered / sent"),
+     prom(recorded("email_bounce_ratio", P), "{{provider}} bounced / submitted")],
+    unit="percentunit", thresholds=[(None, "green"), (threshold("email_delivery_ratio"), "red")],
+    description="The alerts' recorded series (last hour, per provider).",
 )
 
 open_rate = stat(
     "Open rate (range)",
-    [prom(ratio(increase(M.EMAIL_EVENTS, event("opened")), delivered_range))],
-    unit="percentunit", decimals=1, description="Opened / delivered.",
+    [prom(f"({increase(M.EMAIL_EVENTS, event('opened'))} or vector(0)) / ({sent_range})")],
+    unit="percentunit", decimals=1, description="Opens seen by our tracking pixel / emails accepted (every provider).",
 )
 click_rate = stat(
     "Click rate (range)",
-    [prom(ratio(increase(M.EMAIL_EVENTS, event("clicked")), delivered_range))],
-    unit="percentunit", decimals=1, description="Clicked / delivered.",
+    [prom(f"({increase(M.EMAIL_EVENTS, event('clicked'))} or vector(0)) / ({sent_range})")],
+    unit="percentunit", decimals=1, description="Clicks through our redirects / emails accepted (every provider).",
 )
 engagement_ts = timeseries(
     "Opens and clicks per minute",
@@ -98,9 +120,10 @@ delivery_latency = timeseries(
 provider_table = table(
     "Provider performance (range)",
     [prom(increase(M.EMAILS_SENT, P, "provider"), instant=True, fmt="table"),
-     prom(ratio(increase(M.EMAIL_EVENTS, event("delivered"), "provider"), increase(M.EMAILS_SENT, P, "provider")),
-          instant=True, fmt="table")],
-    description="Value #A: sent; Value #B: delivery rate.",
+     prom(f"{increase(M.EMAIL_EVENTS, event('delivered') + ',' + RECEIPTS_SELECTOR, 'provider')}"
+          f" / ({increase(M.EMAILS_SENT, P + ',' + RECEIPTS_SELECTOR, 'provider')} > 0)", instant=True, fmt="table")],
+    description="Value #A: sent; Value #B: delivery rate (providers with delivery receipts only: "
+                "no value for SMTP, which cannot know it).",
 )
 failures_ts = timeseries(
     "Send failures by reason",
@@ -127,7 +150,8 @@ campaigns_finished = stat(
 campaign_failure = stat(
     "Campaign failure rate (range)",
     [prom(ratio(increase(M.CAMPAIGNS_FINISHED, 'outcome="failed"'), increase(M.CAMPAIGNS_FINISHED)))],
-    unit="percentunit", thresholds=high_bad(0.01, 0.02), description="CampaignFailureRateHigh fires above 2 %.",
+    unit="percentunit", thresholds=high_bad(threshold("campaign_failure_ratio") / 2, threshold("campaign_failure_ratio")),
+    description=fires("CampaignFailureRateHigh", "above", "campaign_failure_ratio"),
 )
 campaign_messages = table(
     "Recent campaigns: messages by status",
@@ -151,7 +175,8 @@ throughput_now = stat(
 )
 email_queue = stat(
     "Email queue waiting", [prom(f'sum({M.QUEUE_MESSAGES}{{queue="{M.QUEUE_EMAIL}",state="waiting"}})')],
-    thresholds=[(None, "green"), (500, "orange"), (1000, "red")], links=[panel_link("queue-health")],
+    thresholds=[(None, "green"), (threshold("queue_waiting_messages") / 2, "orange"),
+                (threshold("queue_waiting_messages"), "red")], links=[panel_link("queue-health")],
 )
 
 dashboard = build_dashboard(

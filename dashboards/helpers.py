@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import attr
 from grafanalib import core as g
 
+from mailgenius import contract
 from mailgenius import metrics as M
 
 #: Grafana dashboard JSON schema version we emit (Grafana 10.x reads it without migration).
@@ -52,9 +53,32 @@ TAG = "mailgenius"
 HTTP_SERVICES = ("sender", "importer", "exporter")
 #: Job names of the dramatiq worker groups.
 WORKER_JOBS = ("sender-worker", "importer-worker")
-#: Filesystems worth watching (not tmpfs, overlays or pseudo filesystems): the same selector as
-#: the DiskSpaceLow alert (alerting/rules.yml), so the gauge and the alert agree.
-FS_SELECTOR = 'fstype!~"tmpfs|ramfs|overlay|squashfs|nsfs|fuse.*|devtmpfs",mountpoint!~"/(run|proc|sys)(/.*)?"'
+#: The contract (alerting/rules.yml, through mailgenius.contract): thresholds, selectors and the
+#: recorded series the alerts use, so a panel's colours and figures follow the alerts.
+CONTRACT = contract.get()
+#: Filesystems worth watching (not tmpfs, overlays or pseudo filesystems): the DiskSpaceLow selector.
+FS_SELECTOR = CONTRACT.selector("filesystems")
+#: API traffic (Prometheus' scrapes of /metrics excluded), as the alerts and the summary count it.
+API_SELECTOR = CONTRACT.selector("api_requests")
+#: Providers with delivery receipts (delivered / complained are unknown for the others).
+RECEIPTS_SELECTOR = CONTRACT.selector("delivery_reporting")
+
+
+def threshold(name: str) -> float:
+    """A threshold of the contract (the alerts' own number)."""
+    return CONTRACT.threshold(name)
+
+
+def recorded(key: str, selector: str = "") -> str:
+    """The recorded series of the contract (what the alerts and every other reader show)."""
+    return CONTRACT.series(key, selector)
+
+
+def fires(alert: str, word: str, name: str, fmt: str = "pct", what: str = "") -> str:
+    """Panel description naming the alert and its threshold, e.g. "QueueDepthHigh fires above
+    1000 waiting messages." (fmt: pct, ms or num, as the alert texts)."""
+    value = {"pct": contract.percent, "ms": contract.milliseconds, "num": contract.number}[fmt](threshold(name))
+    return f"{alert} fires {word} {value}{(' ' + what) if what else ''}."
 
 
 # -- queries ---------------------------------------------------------------------------------
@@ -143,7 +167,15 @@ def _datasource_of(targets: Sequence) -> dict:
 
 def _thresholds(steps: Sequence[tuple[float | None, str]] | None) -> list[dict]:
     steps = steps or [(None, "green")]
-    return [{"color": color, "value": value} for value, color in steps]
+    return [{"color": color, "value": _clean(value)} for value, color in steps]
+
+
+def _clean(value: float | None) -> float | int | None:
+    """A threshold as JSON shows it best: 500.0 -> 500, 0.020000000000000004 -> 0.02."""
+    if value is None:
+        return None
+    value = round(float(value), 9)
+    return int(value) if value.is_integer() else value
 
 
 #: Traffic-light thresholds for ratios where high is bad (values are fractions, 0..1).

@@ -6,6 +6,7 @@ from dashboards.helpers import (
     alerts_annotation,
     bargauge,
     build_dashboard,
+    fires,
     high_bad,
     increase,
     low_bad,
@@ -16,6 +17,7 @@ from dashboards.helpers import (
     rate,
     ratio,
     stat,
+    threshold,
     timeseries,
 )
 from mailgenius import metrics as M
@@ -95,8 +97,8 @@ validation_ratio = stat(
 job_failure = stat(
     "Import job failure rate (range)",
     [prom(ratio(increase(M.IMPORT_JOBS, 'status="failed"'), increase(M.IMPORT_JOBS)))],
-    unit="percentunit", thresholds=high_bad(0.02, 0.05),
-    description="ImportFailureRateHigh fires above 5 %.",
+    unit="percentunit", thresholds=high_bad(threshold("import_failure_ratio") * 0.4, threshold("import_failure_ratio")),
+    description=fires("ImportFailureRateHigh", "above", "import_failure_ratio"),
 )
 upload_errors = timeseries(
     "Upload API errors",

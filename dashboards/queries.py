@@ -4,14 +4,15 @@ each against a live Prometheus (``mailgenius dashboards check``; the live tests 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from mailgenius.prom import Prometheus, PrometheusError
 
 #: Grafana's built-in interval variables, as a live check substitutes them (1 s scrapes in tests,
 #: so a 1 m window holds enough samples for rate(); the range is what a fresh stack has seen).
@@ -132,45 +133,46 @@ def logql_labels(expr: str) -> set[str]:
     return labels
 
 
-# -- live check ------------------------------------------------------------------------------
+# -- live check (through the kernel's Prometheus client) ---------------------------------------
 
-def _get(url: str, timeout: float = 10.0) -> tuple[int, dict]:
+async def _query(prom: Prometheus, expr: str) -> tuple[bool, list | str]:
+    """Instant query: (True, result list) or (False, Prometheus' error message); raises
+    PrometheusError when Prometheus is unreachable."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        body = exc.read()
-        try:
-            return exc.code, json.loads(body)
-        except ValueError:
-            return exc.code, {"status": "error", "error": body.decode(errors="replace")[:300]}
+        return True, await prom.query(expr)
+    except PrometheusError as exc:
+        if exc.unreachable:
+            raise
+        return False, str(exc)
+
+
+async def _label_values(prom: Prometheus, metric: str, label: str) -> list[str]:
+    data = await prom.get(f"/api/v1/label/{urllib.parse.quote(label)}/values", {"match[]": metric})
+    return sorted(data)
 
 
 def prometheus_query(base_url: str, expr: str) -> tuple[bool, list | str]:
     """Instant query: (True, result list) or (False, Prometheus' error message)."""
-    status, data = _get(base_url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
-    if status != 200 or data.get("status") != "success":
-        return False, f"{data.get('errorType', status)}: {data.get('error', '')}"
-    return True, data["data"]["result"]
+    async def run():
+        async with Prometheus(base_url, timeout=10.0) as prom:
+            return await _query(prom, expr)
+
+    return asyncio.run(run())
 
 
 def label_values(base_url: str, metric: str, label: str) -> list[str]:
     """Values of ``label`` on the series of ``metric`` (Grafana's ``label_values(metric, label)``)."""
-    url = (base_url.rstrip("/") + f"/api/v1/label/{urllib.parse.quote(label)}/values?"
-           + urllib.parse.urlencode({"match[]": metric}))
-    status, data = _get(url)
-    if status != 200 or data.get("status") != "success":
-        raise RuntimeError(f"label values of {label} on {metric}: {data}")
-    return sorted(data["data"])
+    async def run():
+        async with Prometheus(base_url, timeout=10.0) as prom:
+            return await _label_values(prom, metric, label)
+
+    return asyncio.run(run())
 
 
 _LABEL_VALUES = re.compile(r"^label_values\(\s*([^,]+?)\s*,\s*(\w+)\s*\)$")
 
 
-def variable_values(base_url: str, dash: dict) -> dict[str, str]:
-    """Grafana-style values of a dashboard's Prometheus variables, from the live Prometheus:
-    every current value of the variable, formatted as Grafana formats a multi-value selection
-    for a regex matcher (``(a|b)``). A variable with no values yet raises LookupError."""
+async def _variable_values(prom: Prometheus, dash: dict) -> dict[str, str]:
     values: dict[str, str] = {}
     for var in dash.get("templating", {}).get("list", []):
         query = var.get("query")
@@ -180,12 +182,23 @@ def variable_values(base_url: str, dash: dict) -> dict[str, str]:
         m = _LABEL_VALUES.match(query or "")
         if not m:
             raise ValueError(f"{dash['uid']}: variable {var['name']}: unsupported query {query!r}")
-        found = label_values(base_url, m.group(1), m.group(2))
+        found = await _label_values(prom, m.group(1), m.group(2))
         if not found:
             raise LookupError(f"{dash['uid']}: variable ${var['name']} has no values ({query})")
         escaped = [re.sub(r"([\\.^$*+?()\[\]{}|])", r"\\\\\1", v) for v in found]
         values[var["name"]] = "(" + "|".join(escaped) + ")" if len(escaped) > 1 else escaped[0]
     return values
+
+
+def variable_values(base_url: str, dash: dict) -> dict[str, str]:
+    """Grafana-style values of a dashboard's Prometheus variables, from the live Prometheus:
+    every current value of the variable, formatted as Grafana formats a multi-value selection
+    for a regex matcher (``(a|b)``). A variable with no values yet raises LookupError."""
+    async def run():
+        async with Prometheus(base_url, timeout=10.0) as prom:
+            return await _variable_values(prom, dash)
+
+    return asyncio.run(run())
 
 
 @dataclass
@@ -197,28 +210,34 @@ class Result:
     error: str = ""
 
 
+async def _check(base_url: str, dashboards: dict[str, dict], uids: Iterable[str] | None) -> list[Result]:
+    results = []
+    async with Prometheus(base_url, timeout=10.0) as prom:
+        for uid in (uids or sorted(dashboards)):
+            dash = dashboards[uid]
+            queries = [q for q in iter_queries(dash) if q.datasource == "prometheus"]
+            if not queries:
+                continue
+            try:
+                values = await _variable_values(prom, dash)
+            except LookupError as exc:
+                values = None
+                missing = str(exc)
+            for q in queries:
+                if values is None:
+                    results.append(Result(q, q.expr, False, 0, missing))
+                    continue
+                expr = substitute(q.expr, values)
+                ok, res = await _query(prom, expr)
+                if ok:
+                    results.append(Result(q, expr, True, len(res)))
+                else:
+                    results.append(Result(q, expr, False, 0, str(res)))
+    return results
+
+
 def check_prometheus(base_url: str, dashboards: dict[str, dict],
                      uids: Iterable[str] | None = None) -> list[Result]:
-    """Run every Prometheus query of the dashboards as an instant query, variables substituted."""
-    results = []
-    for uid in (uids or sorted(dashboards)):
-        dash = dashboards[uid]
-        queries = [q for q in iter_queries(dash) if q.datasource == "prometheus"]
-        if not queries:
-            continue
-        try:
-            values = variable_values(base_url, dash)
-        except LookupError as exc:
-            values = None
-            missing = str(exc)
-        for q in queries:
-            if values is None:
-                results.append(Result(q, q.expr, False, 0, missing))
-                continue
-            expr = substitute(q.expr, values)
-            ok, res = prometheus_query(base_url, expr)
-            if ok:
-                results.append(Result(q, expr, True, len(res)))
-            else:
-                results.append(Result(q, expr, False, 0, str(res)))
-    return results
+    """Run every Prometheus query of the dashboards as an instant query, variables substituted.
+    Raises mailgenius.prom.PrometheusError when Prometheus is unreachable."""
+    return asyncio.run(_check(base_url, dashboards, uids))

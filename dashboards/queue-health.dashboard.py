@@ -7,6 +7,7 @@ from dashboards.helpers import (
     Section,
     alerts_annotation,
     build_dashboard,
+    fires,
     high_bad,
     increase,
     panel_link,
@@ -16,6 +17,7 @@ from dashboards.helpers import (
     ratio,
     stat,
     table,
+    threshold,
     timeseries,
     zero_fill,
 )
@@ -28,12 +30,13 @@ WORKER_SEL = 'job=~"{}"'.format("|".join(WORKER_JOBS))
 
 waiting = stat(
     "Waiting messages", [prom(f'sum by (queue) ({M.QUEUE_MESSAGES}{{{Q},state="waiting"}})', "{{queue}}")],
-    thresholds=[(None, "green"), (500, "orange"), (1000, "red")], text_mode="value_and_name",
-    description="QueueDepthHigh fires above 1000 waiting messages.",
+    thresholds=[(None, "green"), (threshold("queue_waiting_messages") / 2, "orange"),
+                (threshold("queue_waiting_messages"), "red")], text_mode="value_and_name",
+    description=fires("QueueDepthHigh", "above", "queue_waiting_messages", "num", "waiting messages"),
 )
 depth = timeseries(
     "Queue depth by state", [prom(f"sum by (queue, state) ({M.QUEUE_MESSAGES}{{{Q}}})", "{{queue}} {{state}}")],
-    thresholds=[(None, "green"), (1000, "red")],
+    thresholds=[(None, "green"), (threshold("queue_waiting_messages"), "red")],
 )
 oldest = timeseries(
     "Oldest waiting message age", [prom(f"max by (queue) ({M.QUEUE_OLDEST_AGE}{{{Q}}})", "{{queue}}")],
@@ -103,13 +106,14 @@ failure_ratio = timeseries(
     "Job failure ratio",
     [prom(ratio(rate("dramatiq_message_errors_total", DQ, "queue_name", "5m"),
                 rate("dramatiq_messages_total", DQ, "queue_name", "5m")), "{{queue_name}}")],
-    unit="percentunit", thresholds=[(None, "green"), (0.05, "red")],
-    description="WorkerFailureRateHigh fires above 5 %.",
+    unit="percentunit", thresholds=[(None, "green"), (threshold("worker_error_ratio"), "red")],
+    description=fires("WorkerFailureRateHigh", "above", "worker_error_ratio"),
 )
 failure_stat = stat(
     "Job failure rate (range)",
     [prom(ratio(increase("dramatiq_message_errors_total", DQ), increase("dramatiq_messages_total", DQ)))],
-    unit="percentunit", thresholds=high_bad(0.02, 0.05), links=[panel_link("structured-logs")],
+    unit="percentunit", thresholds=high_bad(threshold("worker_error_ratio") * 0.4, threshold("worker_error_ratio")),
+    links=[panel_link("structured-logs")],
 )
 errors = timeseries(
     "Errors per second by actor",

@@ -2,11 +2,13 @@
 dependencies (Postgres, Redis, host) and capacity planning."""
 
 from dashboards.helpers import (
+    API_SELECTOR,
     FS_SELECTOR,
     UP_DOWN,
     Section,
     alerts_annotation,
     build_dashboard,
+    fires,
     gauge,
     high_bad,
     low_bad,
@@ -15,17 +17,19 @@ from dashboards.helpers import (
     quantile,
     rate,
     ratio,
+    recorded,
     service_var,
     stat,
     status_mapping,
     table,
+    threshold,
     timeseries,
 )
 from mailgenius import metrics as M
 
 SEL = 'service=~"$service"'
 #: the scrape of /metrics itself is not API traffic (the alert rules exclude it too)
-HTTP_SEL = 'service=~"$service",route!="/metrics"'
+HTTP_SEL = 'service=~"$service",' + API_SELECTOR
 
 overall = stat(
     "Overall status",
@@ -97,8 +101,8 @@ latency = timeseries(
     [prom(quantile(0.5, M.HTTP_REQUEST_DURATION, HTTP_SEL), "p50"),
      prom(quantile(0.95, M.HTTP_REQUEST_DURATION, HTTP_SEL), "p95"),
      prom(quantile(0.99, M.HTTP_REQUEST_DURATION, HTTP_SEL), "p99")],
-    unit="s", thresholds=[(None, "green"), (0.5, "red")],
-    description="HighAPILatency fires when p95 stays above 500 ms.",
+    unit="s", thresholds=[(None, "green"), (threshold("api_latency_p95_seconds"), "red")],
+    description=fires("HighAPILatency", "when p95 stays above", "api_latency_p95_seconds", "ms"),
 )
 latency_by_service = timeseries(
     "Mean response time by service",
@@ -106,7 +110,8 @@ latency_by_service = timeseries(
 )
 p95_stat = stat(
     "API p95 now", [prom(quantile(0.95, M.HTTP_REQUEST_DURATION, HTTP_SEL))], unit="s",
-    thresholds=[(None, "green"), (0.35, "orange"), (0.5, "red")], graph=True,
+    thresholds=[(None, "green"), (threshold("api_latency_p95_seconds") * 0.7, "orange"),
+                (threshold("api_latency_p95_seconds"), "red")], graph=True,
 )
 request_rate = timeseries(
     "Request rate by service", [prom(rate(M.HTTP_REQUESTS, HTTP_SEL, "service"), "{{service}}")],
@@ -116,8 +121,8 @@ error_rate = timeseries(
     "5xx error ratio by service",
     [prom(ratio(rate(M.HTTP_REQUESTS, HTTP_SEL + ',status=~"5.."', "service"),
                 rate(M.HTTP_REQUESTS, HTTP_SEL, "service")), "{{service}}")],
-    unit="percentunit", thresholds=[(None, "green"), (0.01, "red")],
-    description="ErrorRateHigh fires above 1 %.",
+    unit="percentunit", thresholds=[(None, "green"), (threshold("http_error_ratio"), "red")],
+    description=fires("ErrorRateHigh", "above", "http_error_ratio"),
 )
 slow_routes = table(
     "Slowest routes (p95)",
@@ -130,15 +135,14 @@ db_connections = timeseries(
     "Database connections",
     [prom("sum(pg_stat_activity_count)", "connections"),
      prom("max(pg_settings_max_connections)", "max_connections")],
-    thresholds=[(None, "green"), (80, "red")],
-    description="DatabaseConnectionsHigh fires above 80 connections.",
+    thresholds=[(None, "green"), (threshold("postgres_connections"), "red")],
+    description=fires("DatabaseConnectionsHigh", "above", "postgres_connections", "num", "connections"),
 )
 db_cache = gauge(
     "Database cache hit ratio",
-    [prom("sum(rate(pg_stat_database_blks_hit[$__rate_interval])) / "
-          "(sum(rate(pg_stat_database_blks_hit[$__rate_interval])) + "
-          "sum(rate(pg_stat_database_blks_read[$__rate_interval])))")],
-    thresholds=low_bad(0.95, 0.9), description="DatabaseCacheHitRatioLow fires below 90 %.",
+    [prom(f"min({recorded('pg_cache_hit_ratio')})")],
+    thresholds=low_bad(min(1.0, threshold("postgres_cache_hit_ratio") + 0.05), threshold("postgres_cache_hit_ratio")),
+    description=fires("DatabaseCacheHitRatioLow", "below", "postgres_cache_hit_ratio"),
 )
 db_tx = timeseries(
     "Database transactions",
@@ -148,10 +152,10 @@ db_tx = timeseries(
 )
 redis_memory = gauge(
     "Redis memory used",
-    [prom("max(redis_memory_used_bytes / (redis_memory_max_bytes > 0) or "
-          "redis_memory_used_bytes / on () group_left () max(node_memory_MemTotal_bytes))")],
-    thresholds=high_bad(0.6, 0.75),
-    description="Of `maxmemory` when set, else of the host's memory. RedisMemoryHigh fires above 75 %.",
+    [prom(f"max({recorded('redis_memory')})")],
+    thresholds=high_bad(threshold("redis_memory_ratio") * 0.8, threshold("redis_memory_ratio")),
+    description="Of `maxmemory` when set, else of the host's memory. "
+                + fires("RedisMemoryHigh", "above", "redis_memory_ratio"),
 )
 redis_clients = timeseries(
     "Redis clients and commands",
@@ -159,23 +163,26 @@ redis_clients = timeseries(
      prom("sum(rate(redis_commands_processed_total[$__rate_interval]))", "commands/s")],
 )
 cpu = gauge(
-    "CPU", [prom('1 - avg(rate(node_cpu_seconds_total{mode="idle"}[$__rate_interval]))')],
-    thresholds=high_bad(0.7, 0.8), description="HighCPUUsage fires above 80 %.",
+    "CPU", [prom(f"max({recorded('cpu_utilisation')})")],
+    thresholds=high_bad(threshold("cpu_utilisation_ratio") - 0.1, threshold("cpu_utilisation_ratio")),
+    description="Busiest host, over 5 minutes. " + fires("HighCPUUsage", "above", "cpu_utilisation_ratio"),
 )
 memory = gauge(
-    "Memory", [prom("1 - sum(node_memory_MemAvailable_bytes) / sum(node_memory_MemTotal_bytes)")],
-    thresholds=high_bad(0.75, 0.85), description="HighMemoryUsage fires above 85 %.",
+    "Memory", [prom(f"max({recorded('memory_utilisation')})")],
+    thresholds=high_bad(threshold("memory_utilisation_ratio") - 0.1, threshold("memory_utilisation_ratio")),
+    description=fires("HighMemoryUsage", "above", "memory_utilisation_ratio"),
 )
 disk = gauge(
     "Disk (fullest filesystem)",
-    [prom(f"max(1 - node_filesystem_avail_bytes{{{FS_SELECTOR}}} / node_filesystem_size_bytes{{{FS_SELECTOR}}})")],
-    thresholds=high_bad(0.8, 0.9), description="DiskSpaceLow fires above 90 %.",
+    [prom(f"max({recorded('disk_usage')})")],
+    thresholds=high_bad(threshold("disk_usage_warning_ratio"), threshold("disk_usage_critical_ratio")),
+    description=fires("DiskSpaceLow", "above", "disk_usage_critical_ratio"),
 )
 resources = timeseries(
     "Host resources",
     [prom('1 - avg(rate(node_cpu_seconds_total{mode="idle"}[$__rate_interval]))', "CPU"),
      prom("1 - sum(node_memory_MemAvailable_bytes) / sum(node_memory_MemTotal_bytes)", "memory"),
-     prom(f"max(1 - node_filesystem_avail_bytes{{{FS_SELECTOR}}} / node_filesystem_size_bytes{{{FS_SELECTOR}}})", "disk")],
+     prom(f"max({recorded('disk_usage')})", "disk")],
     unit="percentunit",
 )
 
@@ -204,8 +211,8 @@ queue_forecast = timeseries(
     [prom(f'sum by (queue) ({M.QUEUE_MESSAGES}{{state="waiting"}})', "{{queue}} now"),
      prom(f'sum by (queue) (predict_linear({M.QUEUE_MESSAGES}{{state="waiting"}}[1h], 3600))',
           "{{queue}} +1h")],
-    thresholds=[(None, "green"), (1000, "red")], min_zero=False,
-    description="QueueDepthHigh fires above 1000 waiting messages.",
+    thresholds=[(None, "green"), (threshold("queue_waiting_messages"), "red")], min_zero=False,
+    description=fires("QueueDepthHigh", "above", "queue_waiting_messages", "num", "waiting messages"),
 )
 
 dashboard = build_dashboard(

@@ -16,6 +16,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from mailgenius import keys as k
+from mailgenius.procmetrics import service_registry
 from mailgenius.settings import Settings
 from mailgenius.web import add_routes, base_app
 
@@ -80,7 +81,7 @@ def health_loop_ctx(config):
 
 
 def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:
-    registry = registry if registry is not None else CollectorRegistry()
+    registry = registry if registry is not None else service_registry()
     app = base_app(settings, "exporter", registry=registry)
     config = load_config(settings)
     app[ek.CONFIG] = config

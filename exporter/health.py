@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import aiohttp
 
+from mailgenius import contract
 from mailgenius import metrics as m
 from mailgenius.health import DEGRADED, HEALTHY, UNHEALTHY, CheckResult, HealthRegistry
 from mailgenius.queues import worker_count
@@ -15,15 +16,18 @@ from mailgenius.queues import worker_count
 from .brokers import queue_stats
 from .config import ExporterConfig
 
-#: waiting messages above which the queue check reports degraded (QueueDepthHigh's threshold)
-QUEUE_DEPTH_DEGRADED = 1000
+
+def queue_depth_degraded() -> float:
+    """Waiting messages above which the queue check reports degraded: QueueDepthHigh's
+    threshold, from the contract (alerting/rules.yml)."""
+    return contract.get().threshold("queue_waiting_messages")
 
 
-def service_check(get_session, base_url: str, timeout: float):
-    """Another MailGenius service's own aggregated health, relayed."""
+def service_check(get_session, base_url: str, timeout: float, path: str = "/api/health"):
+    """Another MailGenius service's own aggregated health (or one of its checks), relayed."""
 
     async def check():
-        url = base_url.rstrip("/") + "/api/health"
+        url = base_url.rstrip("/") + path
         async with get_session().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             try:
                 body = await resp.json(content_type=None)
@@ -55,11 +59,13 @@ def http_up_check(get_session, url: str, timeout: float):
 def queues_check(get_redis, settings):
     async def check():
         parts, status = [], HEALTHY
+        limit = queue_depth_degraded()
         for q in m.QUEUES:
             st = await queue_stats(settings, get_redis(), q)
             parts.append(f"{q}: {st.waiting} waiting, {st.delayed} delayed, {st.dead} dead")
-            if st.waiting > QUEUE_DEPTH_DEGRADED:
+            if st.waiting > limit:
                 status = DEGRADED
+                parts[-1] += f" (more than {limit:g})"
         return CheckResult(status, "; ".join(parts))
 
     return check
@@ -93,6 +99,12 @@ def add_checks(health: HealthRegistry, *, settings, config: ExporterConfig, get_
     health.add("workers", all_workers_check(get_redis, settings, config), critical=False)
     health.add("sender", service_check(get_session, settings.sender_url, t), critical=False, timeout=t + 0.5)
     health.add("importer", service_check(get_session, settings.importer_url, t), critical=False, timeout=t + 0.5)
+    # the operations guide's /api/health/email and /api/health/upload, answered here too: the
+    # sender's email-provider check and the importer's upload-directory check, relayed
+    health.add("email", service_check(get_session, settings.sender_url, t, "/api/health/email"),
+               critical=False, timeout=t + 0.5)
+    health.add("upload", service_check(get_session, settings.importer_url, t, "/api/health/upload"),
+               critical=False, timeout=t + 0.5)
     health.add("prometheus", http_up_check(get_session, settings.prometheus_url.rstrip("/") + "/-/healthy", t),
                critical=False, timeout=t + 0.5)
     health.add("alertmanager", http_up_check(get_session, settings.alertmanager_url.rstrip("/") + "/-/healthy", t),

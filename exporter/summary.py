@@ -16,7 +16,9 @@ from typing import Any
 
 import aiohttp
 
+from mailgenius import contract
 from mailgenius import metrics as m
+from mailgenius.prom import Prometheus, PrometheusError, finite
 
 from .brokers import queue_stats
 from .collectors import ACTIVE_CAMPAIGN_STATUSES, Context, LeadCounts, import_stats, incident_stats
@@ -25,9 +27,6 @@ log = logging.getLogger(__name__)
 
 _HTTP = m.HTTP_REQUESTS
 _HTTP_DUR = m.HTTP_REQUEST_DURATION
-#: scrapes of /metrics are not API traffic: leave them out of latency and rates
-_API = 'route!="/metrics"'
-_LAT = f"sum by (le) (rate({_HTTP_DUR}_bucket{{{_API}}}[5m]))"
 
 
 def _ratio(num: str, den: str) -> str:
@@ -36,50 +35,65 @@ def _ratio(num: str, den: str) -> str:
     return f"100 * (({num}) or vector(0)) / ({den})"
 
 
-def _ratio_by(num: str, den: str) -> str:
-    return f"100 * ({num}) / ({den})"
+def scalar_queries(c: contract.Contract | None = None) -> dict[str, str]:
+    """name -> PromQL (scalar results). Figures other readers show too are the recorded series
+    of the contract (alerting/rules.yml), so the summary, the page, the report, the dashboards
+    and the alerts all show the same number."""
+    c = c or contract.get()
+    api = c.selector("api_requests")
+    lat = f"sum by (le) (rate({_HTTP_DUR}_bucket{{{api}}}[5m]))"
+    return {
+        "api_p50": f"1000 * histogram_quantile(0.50, {lat})",
+        "api_p95": f"1000 * {c.series('api_latency_p95_all')}",
+        "api_p99": f"1000 * histogram_quantile(0.99, {lat})",
+        "req_current": f"60 * sum(rate({_HTTP}{{{api}}}[5m]))",
+        "req_average": f"60 * sum(rate({_HTTP}{{{api}}}[1h]))",
+        "err_current": f"100 * {c.series('http_error_ratio_all')}",
+        "sent_per_hour": f"sum(increase({m.EMAILS_SENT}[1h]))",
+        "delivery_rate": f"100 * {c.series('email_delivery_ratio_all')}",
+        "bounce_rate": f"100 * {c.series('email_bounce_ratio_all')}",
+        "open_rate": f"100 * {c.series('email_open_ratio_all')}",
+        "click_rate": f"100 * {c.series('email_click_ratio_all')}",
+        # host resources: the recorded series of HighCPUUsage, HighMemoryUsage and DiskSpaceLow
+        "cpu_usage": f"100 * max({c.series('cpu_utilisation')})",
+        "memory_usage": f"100 * max({c.series('memory_utilisation')})",
+        "disk_usage": f"100 * max({c.series('disk_usage')})",
+        "lead_growth": _ratio(f"sum({m.LEADS}) - sum({m.LEADS} offset 1d)", f"sum({m.LEADS} offset 1d)"),
+    }
 
 
-_SENT_24H = f"sum(increase({m.EMAILS_SENT}[24h]))"
+def vector_queries(c: contract.Contract | None = None) -> dict[str, tuple[str, str]]:
+    """name -> (PromQL, label naming the series)."""
+    c = c or contract.get()
+    q = m.QUEUE_LABEL
+    processed = m.as_queue_label("increase(dramatiq_messages_total[24h])")
+    errors = m.as_queue_label("increase(dramatiq_message_errors_total[24h])")
+    return {
+        "queue_active": (c.series("queue_active"), q),
+        "queue_rate": (f"60 * {c.series('queue_processing_rate')}", q),
+        "queue_completed": (f"sum by ({q}) ({processed}) - (sum by ({q}) ({errors}) or sum by ({q}) ({processed}) * 0)", q),
+        "queue_errors": (f"sum by ({q}) ({errors})", q),
+        "provider_sent": (f"sum by (provider) (increase({m.EMAILS_SENT}[1h]))", "provider"),
+        "provider_delivery": (f"100 * {c.series('email_delivery_ratio')}", "provider"),
+        "provider_bounce": (f"100 * {c.series('email_bounce_ratio')}", "provider"),
+        "provider_complaint": (f"100 * {c.series('email_complaint_ratio')}", "provider"),
+        "provider_open": (f"100 * {c.series('email_open_ratio')}", "provider"),
+        "provider_click": (f"100 * {c.series('email_click_ratio')}", "provider"),
+        "provider_latency": (f"sum by (provider) (rate({m.EMAIL_DELIVERY_LATENCY}_sum[1h]))"
+                             f" / sum by (provider) (rate({m.EMAIL_DELIVERY_LATENCY}_count[1h]))", "provider"),
+    }
 
 
-def _events_24h(event: str) -> str:
-    return f'sum(increase({m.EMAIL_EVENTS}{{event="{event}"}}[24h]))'
-
-
-#: name -> PromQL (scalar results)
-SCALAR_QUERIES: dict[str, str] = {
-    "api_p50": f"1000 * histogram_quantile(0.50, {_LAT})",
-    "api_p95": f"1000 * histogram_quantile(0.95, {_LAT})",
-    "api_p99": f"1000 * histogram_quantile(0.99, {_LAT})",
-    "req_current": f"60 * sum(rate({_HTTP}{{{_API}}}[5m]))",
-    "req_average": f"60 * sum(rate({_HTTP}{{{_API}}}[1h]))",
-    "err_current": _ratio(f'sum(rate({_HTTP}{{{_API},status=~"5.."}}[5m]))', f"sum(rate({_HTTP}{{{_API}}}[5m]))"),
-    "sent_per_hour": f"sum(increase({m.EMAILS_SENT}[1h]))",
-    "delivery_rate": _ratio(_events_24h("delivered"), _SENT_24H),
-    "bounce_rate": _ratio(_events_24h("bounced"), _SENT_24H),
-    "open_rate": _ratio(_events_24h("opened"), _events_24h("delivered")),
-    "click_rate": _ratio(_events_24h("clicked"), _events_24h("delivered")),
-    "lead_growth": _ratio(f"sum({m.LEADS}) - sum({m.LEADS} offset 1d)", f"sum({m.LEADS} offset 1d)"),
-}
-#: name -> (PromQL, label naming the series)
-VECTOR_QUERIES: dict[str, tuple[str, str]] = {
-    "queue_active": ("sum by (queue_name) (dramatiq_messages_inprogress)", "queue_name"),
-    "queue_rate": ("60 * sum by (queue_name) (rate(dramatiq_messages_total[5m]))", "queue_name"),
-    "queue_completed": ("sum by (queue_name) (increase(dramatiq_messages_total[24h]))"
-                        " - sum by (queue_name) (increase(dramatiq_message_errors_total[24h]))", "queue_name"),
-    "queue_errors": ("sum by (queue_name) (increase(dramatiq_message_errors_total[24h]))", "queue_name"),
-    "provider_delivery": (_ratio_by(f'sum by (provider) (increase({m.EMAIL_EVENTS}{{event="delivered"}}[24h]))',
-                                 f"sum by (provider) (increase({m.EMAILS_SENT}[24h]))"), "provider"),
-    "provider_latency": (f"sum by (provider) (rate({m.EMAIL_DELIVERY_LATENCY}_sum[1h]))"
-                         f" / sum by (provider) (rate({m.EMAIL_DELIVERY_LATENCY}_count[1h]))", "provider"),
-}
+#: the guide's names of the queues in ``queue_health`` (the project's queue names stay too)
+GUIDE_QUEUE_KEYS = {m.QUEUE_EMAIL: "email_queue", m.QUEUE_IMPORT: "import_queue"}
+#: provider figures only providers with delivery receipts can know
+RECEIPT_FIGURES = ("delivery_rate", "complaint_rate", "avg_delivery_time")
 
 _NUM = {"type": "number", "nullable": True}
 RESPONSE_SCHEMA = {
     "type": "object",
     "required": ["generated_at", "prometheus", "api_latency", "request_rate", "error_rate",
-                 "database", "email_stats", "queue_health", "lead_metrics", "campaign_metrics",
+                 "database", "email_stats", "provider_performance", "queue_health", "lead_metrics", "campaign_metrics",
                  "incidents"],
     "properties": {
         "generated_at": {"type": "string", "format": "date-time"},
@@ -101,8 +115,20 @@ RESPONSE_SCHEMA = {
         "email_stats": {"type": "object", "properties": {
             "sent_per_hour": _NUM, "delivery_rate": _NUM, "bounce_rate": _NUM, "open_rate": _NUM,
             "click_rate": _NUM, "provider_performance": {"type": "object"},
-            "source": {"type": "string", "enum": ["prometheus", "postgres"]}}},
-        "queue_health": {"type": "object", "description": "per queue: waiting, delayed, dead, "
+            "source": {"type": "string", "enum": ["prometheus", "postgres"]},
+            "window": {"type": "string", "description": "the period the rates cover (1h: the "
+                       "recorded series the alerts use; 30d: the campaigns' counters)"},
+            "delivery_rate_providers": {"type": "array", "items": {"type": "string"},
+                                        "description": "providers with delivery receipts"},
+            "not_reported": {"type": "object", "description": "figure -> why it is null (a "
+                             "provider that cannot know it), never a 0"}}},
+        "provider_performance": {"type": "object", "description": "per provider that sent in the "
+                                 "last hour: sent_per_hour, delivery_rate, bounce_rate, complaint_rate, "
+                                 "open_rate, click_rate (percent), avg_delivery_time (s), "
+                                 "delivery_receipts; figures it cannot know are null and listed in "
+                                 "not_reported"},
+        "queue_health": {"type": "object", "description": "per queue (by its name, and as the "
+                         "guide's email_queue / import_queue): waiting, delayed, dead, "
                          "oldest_age_seconds, workers, active, completed, failed, processing_rate; "
                          "or an 'error' string when the broker is unreachable",
                          "properties": {"error": {"type": "string"}},
@@ -115,65 +141,68 @@ RESPONSE_SCHEMA = {
             "auto_paused": {"type": "array", "description": "campaigns paused by a guard-rail: id, name, "
                             "pause_reason, auto_paused_at", "items": {"type": "object"}},
             "avg_open_rate": _NUM, "avg_click_rate": _NUM}},
+        "resources": {"type": "object", "properties": {"cpu_usage": _NUM, "memory_usage": _NUM,
+                                                       "disk_usage": _NUM, "unit": {"type": "string"}}},
         "incidents": {"type": "object", "properties": {
             "open": {"type": "object"}, "mttr_seconds": _NUM, "mtbf_seconds": _NUM}},
     },
 }
 
 
-class PrometheusUnreachable(Exception):
-    pass
-
-
-async def prom_query(session: aiohttp.ClientSession, base_url: str, expr: str, timeout: float) -> list[dict]:
-    """One instant query; the result vector. Raises PrometheusUnreachable when Prometheus does
-    not answer, ValueError when it rejects the query."""
-    url = base_url.rstrip("/") + "/api/v1/query"
-    try:
-        async with session.get(url, params={"query": expr},
-                               timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            body = await resp.json(content_type=None)
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise PrometheusUnreachable(f"{type(exc).__name__}: {exc}"[:300]) from None
-    except ValueError:
-        raise PrometheusUnreachable("Prometheus answered something that is not JSON") from None
-    if body.get("status") != "success":
-        raise ValueError(body.get("error", "query failed"))
-    return body["data"]["result"]
-
-
 def _num(v) -> float | None:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    if x != x or x in (float("inf"), float("-inf")):  # NaN / Inf (e.g. 0/0): no data
-        return None
-    return round(x, 3)
+    x = finite(v)
+    return None if x is None else round(x, 3)
 
 
 async def prometheus_figures(session, base_url: str, timeout: float) -> tuple[dict, dict, str | None]:
     """(scalars, vectors, error): every query at once; on an unreachable Prometheus all None."""
-    names = list(SCALAR_QUERIES) + list(VECTOR_QUERIES)
-    exprs = list(SCALAR_QUERIES.values()) + [q for q, _ in VECTOR_QUERIES.values()]
-    results = await asyncio.gather(*(prom_query(session, base_url, e, timeout) for e in exprs),
-                                   return_exceptions=True)
-    scalars: dict[str, float | None] = dict.fromkeys(SCALAR_QUERIES)
-    vectors: dict[str, dict[str, float | None]] = {k: {} for k in VECTOR_QUERIES}
+    sq, vq = scalar_queries(), vector_queries()
+    prom = Prometheus(base_url, session=session, timeout=timeout)
+    names = list(sq) + list(vq)
+    exprs = list(sq.values()) + [q for q, _ in vq.values()]
+    results = await asyncio.gather(*(prom.query(e) for e in exprs), return_exceptions=True)
+    scalars: dict[str, float | None] = dict.fromkeys(sq)
+    vectors: dict[str, dict[str, float | None]] = {k: {} for k in vq}
     error = None
     for name, res in zip(names, results, strict=True):
-        if isinstance(res, PrometheusUnreachable):
+        if isinstance(res, PrometheusError) and res.unreachable:
             error = str(res)
             continue
         if isinstance(res, BaseException):
             log.warning("prometheus query failed", extra={"query": name, "error": str(res)})
             continue
-        if name in SCALAR_QUERIES:
+        if name in sq:
             scalars[name] = _num(res[0]["value"][1]) if res else None
         else:
-            label = VECTOR_QUERIES[name][1]
+            label = vq[name][1]
             vectors[name] = {r["metric"].get(label, ""): _num(r["value"][1]) for r in res}
     return scalars, vectors, error
+
+
+def provider_performance(vectors: dict, receipts: frozenset[str]) -> dict[str, dict]:
+    """Per provider that sent in the last hour: what it can know, and null (listed under
+    ``not_reported``) for what it cannot: an SMTP relay gives no delivery receipts, so its
+    delivery rate, complaint rate and delivery time are unknown, never 0."""
+    providers = {p for p, v in vectors["provider_sent"].items() if v}
+    out = {}
+    for p in sorted(providers):
+        row = {
+            "sent_per_hour": vectors["provider_sent"].get(p),
+            "delivery_rate": vectors["provider_delivery"].get(p),
+            "bounce_rate": vectors["provider_bounce"].get(p),
+            "complaint_rate": vectors["provider_complaint"].get(p),
+            "open_rate": vectors["provider_open"].get(p),
+            "click_rate": vectors["provider_click"].get(p),
+            "avg_delivery_time": vectors["provider_latency"].get(p),
+            "avg_delivery_time_unit": "s",
+            "delivery_receipts": p in receipts,
+        }
+        if p not in receipts:
+            for k in RECEIPT_FIGURES:
+                row[k] = None
+            row["not_reported"] = list(RECEIPT_FIGURES)
+        out[p] = row
+    return out
 
 
 async def database_figures(pool, slow_seconds: float) -> dict:
@@ -211,7 +240,8 @@ async def database_figures(pool, slow_seconds: float) -> dict:
             "unit": "ms",
         },
         "cache_hit_ratio": {"current": _num(100.0 * hit / (hit + read)) if hit + read else None,
-                            "threshold": 90.0, "unit": "percent"},
+                            "threshold": _num(100 * contract.get().threshold("postgres_cache_hit_ratio")),
+                            "unit": "percent"},
     }
 
 
@@ -240,12 +270,16 @@ async def campaign_figures(pool) -> tuple[dict, dict]:
         "active_campaigns": sum(by_status.get(s, 0) for s in ACTIVE_CAMPAIGN_STATUSES),
         "completed_campaigns": by_status.get("sent", 0),
         "by_status": by_status,
-        "avg_open_rate": pct(int(t["opened"]), delivered),
-        "avg_click_rate": pct(int(t["clicked"]), delivered),
+        "avg_open_rate": pct(int(t["opened"]), sent),
+        "avg_click_rate": pct(int(t["clicked"]), sent),
         "avg_conversion_rate": None,  # no conversion events exist in this product
     }
-    totals = {"delivery_rate": pct(delivered, sent), "bounce_rate": pct(int(t["bounced"]), sent),
-              "open_rate": pct(int(t["opened"]), delivered), "click_rate": pct(int(t["clicked"]), delivered)}
+    # as the recorded series define them: opens and clicks (our tracking) per accepted email; a
+    # delivery rate only when delivery receipts were recorded (an SMTP relay sends none: unknown,
+    # not 0 %)
+    totals = {"delivery_rate": pct(delivered, sent) if delivered else None,
+              "bounce_rate": pct(int(t["bounced"]), sent),
+              "open_rate": pct(int(t["opened"]), sent), "click_rate": pct(int(t["clicked"]), sent)}
     return campaigns, totals
 
 
@@ -305,30 +339,40 @@ async def operator_summary(ctx: Context, session: aiohttp.ClientSession) -> dict
     if isinstance(lead, dict) and "error" not in lead:
         lead["growth_rate"] = scalars["lead_growth"]
     if isinstance(queue, dict) and "error" not in queue:
-        for q, row in queue.items():
+        for q in list(queue):
+            row = queue[q]
             row["active"] = vectors["queue_active"].get(q)
             row["completed"] = vectors["queue_completed"].get(q)
             row["errors_24h"] = vectors["queue_errors"].get(q)
             row["processing_rate"] = vectors["queue_rate"].get(q)
             row["processing_rate_unit"] = "messages/min"
+            row["queue"] = q
+            # the operations guide's names of the same rows
+            queue[GUIDE_QUEUE_KEYS[q]] = row
     email: dict[str, Any] = {k: scalars[k] for k in ("sent_per_hour", "delivery_rate", "bounce_rate",
                                                      "open_rate", "click_rate")}
     email["source"] = "prometheus"
+    email["window"] = "1h"
+    receipts = contract.get().receipt_providers
+    providers = provider_performance(vectors, receipts)
     if isinstance(camp, tuple):
         campaigns, totals = camp
-        if prom_error is not None or email["delivery_rate"] is None:
+        if prom_error is not None or not email["sent_per_hour"]:
             # no Prometheus (or no sends in its window): the campaigns' exact counters instead
             for k, v in totals.items():
                 if email.get(k) is None:
                     email[k] = v
             email["source"] = "postgres"
+            email["window"] = "30d"
     else:
         campaigns = camp
-    providers = set(vectors["provider_delivery"]) | set(vectors["provider_latency"])
-    email["provider_performance"] = {
-        p: {"delivery_rate": vectors["provider_delivery"].get(p),
-            "avg_delivery_time": vectors["provider_latency"].get(p)} for p in sorted(providers)
-    }
+    if email["delivery_rate"] is None:
+        # say why it is null: no provider with delivery receipts sent anything in the window
+        without = sorted(p for p in providers if p not in receipts) or ["smtp"]
+        email["not_reported"] = {"delivery_rate": f"no delivery receipts from {', '.join(without)}; "
+                                                  f"only {', '.join(sorted(receipts))} report deliveries"}
+    email["delivery_rate_providers"] = sorted(receipts)
+    email["provider_performance"] = providers
     return {
         "generated_at": dt.datetime.now(dt.UTC),
         "prometheus": {"reachable": prom_error is None, "url": settings.prometheus_url,
@@ -337,11 +381,17 @@ async def operator_summary(ctx: Context, session: aiohttp.ClientSession) -> dict
                         "p99": scalars["api_p99"], "unit": "ms"},
         "request_rate": {"current": scalars["req_current"], "average": scalars["req_average"],
                          "unit": "req/min"},
-        "error_rate": {"current": scalars["err_current"], "threshold": 1.0, "unit": "percent"},
+        "error_rate": {"current": scalars["err_current"],
+                       "threshold": _num(100 * contract.get().threshold("http_error_ratio")), "unit": "percent"},
         "database": db,
         "email_stats": email,
+        # where the operations guide puts it (also inside email_stats, where it was first)
+        "provider_performance": providers,
         "queue_health": queue,
         "lead_metrics": lead,
         "campaign_metrics": campaigns,
         "incidents": inc,
+        # beyond the guide: the busiest host's CPU and memory, the fullest watched filesystem
+        "resources": {"cpu_usage": scalars["cpu_usage"], "memory_usage": scalars["memory_usage"],
+                      "disk_usage": scalars["disk_usage"], "unit": "percent"},
     }

@@ -12,6 +12,7 @@ from mailgenius import keys as mkeys
 from mailgenius.broker import build_broker
 from mailgenius.health import disk_check
 from mailgenius.metrics import QUEUE_IMPORT, UPLOAD_BYTES, _bare
+from mailgenius.procmetrics import service_registry
 from mailgenius.queues import queue_check, workers_check
 from mailgenius.settings import Settings
 from mailgenius.web import add_routes, base_app
@@ -38,7 +39,7 @@ def broker_ctx(settings: Settings):
 
 
 def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:
-    registry = registry if registry is not None else CollectorRegistry()
+    registry = registry if registry is not None else service_registry()
     # uploads are streamed to disk with request.multipart(), so client_max_size only matters
     # for the small JSON bodies; it is raised to the cap anyway so no code path reads less
     app = base_app(settings, "importer", registry=registry,

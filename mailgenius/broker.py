@@ -35,11 +35,11 @@ def build_broker(settings: Settings, *, worker: bool = False) -> dramatiq.Broker
         )
     broker.add_middleware(AsyncIO())
     if worker:
-        from dramatiq.middleware.prometheus import Prometheus
-
+        from .procmetrics import worker_middleware
         from .queues import WorkerHeartbeat
 
-        broker.add_middleware(Prometheus())
+        # dramatiq's Prometheus middleware, its exposition adding every worker process's process_*
+        broker.add_middleware(worker_middleware())
         broker.add_middleware(WorkerHeartbeat(redis_url=settings.redis_url, prefix=settings.redis_prefix))
     return broker
 

@@ -128,6 +128,7 @@ def cmd_worker(args) -> int:
         "dramatiq_prom_db": prom_dir,
         "dramatiq_prom_port": str(args.metrics_port or getattr(settings, port_attr)),
         "dramatiq_prom_host": settings.host,
+        "PROMETHEUS_DISABLE_CREATED_SERIES": "True",
     })
     dramatiq = shutil.which("dramatiq", path=os.path.dirname(sys.executable)) or shutil.which("dramatiq")
     argv = [dramatiq, module, "--queues", queue, "--processes", str(args.processes),
@@ -137,7 +138,7 @@ def cmd_worker(args) -> int:
 
 
 #: generators run by `mailgenius build`: module exposing build(root: Path, check: bool) -> list[Path]
-GENERATORS = ("alerting.generate", "dashboards.generate")
+GENERATORS = ("alerting.generate", "dashboards.generate", "mailgenius.catalogue")
 
 
 def cmd_build(args) -> int:
@@ -147,6 +148,12 @@ def cmd_build(args) -> int:
     from pathlib import Path
 
     root = Path(args.root).resolve()
+    # a root with its own alerting/rules.yml builds from it: the alerts and every other reader of
+    # the contract (dashboards...) follow its thresholds and selectors
+    from . import contract
+
+    if not os.environ.get(contract.ENV) and (root / "alerting" / "rules.yml").is_file():
+        os.environ[contract.ENV] = str(root / "alerting" / "rules.yml")
     changed: list[Path] = []
     for name in GENERATORS:
         try:

@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlparse
 
+from . import contract
+from .prom import Prometheus, PrometheusError
 from .settings import Settings, SettingsError, load_settings
 
 # -- the components of the local stack --------------------------------------------------------
@@ -995,79 +997,20 @@ def cmd_demo(args) -> int:
 
 #: report kind -> (period in seconds, its PromQL duration, number of chart points wanted)
 REPORT_PERIODS = {"daily": (86400, "24h", 240), "weekly": (7 * 86400, "7d", 336)}
-#: the guide's thresholds, used for the recommendations (same numbers as alerting/rules.yml)
-THRESHOLDS = {"p95_seconds": 0.5, "error_ratio": 0.01, "delivery_ratio": 0.95, "bounce_ratio": 0.05,
-              "queue_waiting": 1000, "cpu_percent": 80, "memory_percent": 85, "disk_percent": 90,
-              "cache_hit_ratio": 0.90, "db_connections": 80, "worker_failure_ratio": 0.05}
+def report_thresholds(c: contract.Contract | None = None) -> dict:
+    """The thresholds the recommendations use: the alerts' own, from the contract."""
+    t = (c or contract.get()).threshold
+    return {"p95_seconds": t("api_latency_p95_seconds"), "error_ratio": t("http_error_ratio"),
+            "delivery_ratio": t("email_delivery_ratio"), "bounce_ratio": t("email_bounce_ratio"),
+            "queue_waiting": t("queue_waiting_messages"), "cpu_percent": round(100 * t("cpu_utilisation_ratio"), 6),
+            "memory_percent": round(100 * t("memory_utilisation_ratio"), 6),
+            "disk_percent": round(100 * t("disk_usage_critical_ratio"), 6),
+            "cache_hit_ratio": t("postgres_cache_hit_ratio"), "db_connections": t("postgres_connections"),
+            "worker_failure_ratio": t("worker_error_ratio")}
 
-_HTTP_REQ = "mailgenius_http_requests_total"
-_HTTP_DUR = "mailgenius_http_request_duration_seconds_bucket"
-_HTTP_5XX = 'mailgenius_http_requests_total{status=~"5.."}'
-_FS = 'fstype!~"tmpfs|overlay|squashfs|ramfs|nsfs|fuse.*"'
 
-
-class Prom:
-    """A minimal client of Prometheus's HTTP API (instant and range queries)."""
-
-    def __init__(self, url: str, timeout: float = 10.0):
-        self.url = url.rstrip("/")
-        self.timeout = timeout
-        self.queries: list[str] = []
-
-    def _get(self, path: str, params: dict) -> Any:
-        import urllib.error
-        import urllib.request
-
-        full = f"{self.url}{path}?{urlencode(params)}"
-        try:
-            with urllib.request.urlopen(full, timeout=self.timeout) as resp:
-                body = json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            try:
-                msg = json.loads(exc.read()).get("error", "")
-            except ValueError:
-                msg = ""
-            raise OpsError(f"Prometheus rejected {params.get('query', path)!r}: HTTP {exc.code} {msg}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise OpsError(f"Prometheus at {self.url} is unreachable ({exc}); is the stack running? "
-                           "(set MAILGENIUS_PROMETHEUS_URL)") from None
-        if body.get("status") != "success":
-            raise OpsError(f"Prometheus query failed: {body.get('error')}")
-        return body["data"]
-
-    def instant(self, expr: str, at: float | None = None) -> list[dict]:
-        self.queries.append(expr)
-        params = {"query": expr}
-        if at is not None:
-            params["time"] = f"{at:.3f}"
-        return self._get("/api/v1/query", params)["result"]
-
-    def scalar(self, expr: str, at: float | None = None) -> float | None:
-        res = self.instant(expr, at)
-        if not res:
-            return None
-        value = float(res[0]["value"][1])
-        return None if math.isnan(value) or math.isinf(value) else value
-
-    def by(self, expr: str, label: str, at: float | None = None) -> dict[str, float]:
-        out = {}
-        for r in self.instant(expr, at):
-            v = float(r["value"][1])
-            if not (math.isnan(v) or math.isinf(v)):
-                out[r["metric"].get(label, "")] = v
-        return out
-
-    def range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
-        self.queries.append(expr)
-        return self._get("/api/v1/query_range", {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}",
-                                                  "step": f"{step:.3f}"})["result"]
-
-    def head_min_time(self) -> float | None:
-        try:
-            data = self._get("/api/v1/status/tsdb", {})
-            return data["headStats"]["minTime"] / 1000.0
-        except (OpsError, KeyError, TypeError):
-            return None
+#: the guide's thresholds, used for the recommendations (read from alerting/rules.yml)
+THRESHOLDS = report_thresholds()
 
 
 @dataclass
@@ -1094,12 +1037,12 @@ def _series_label(metric: dict, label_keys: tuple[str, ...], default: str) -> st
     return " ".join(parts) or default
 
 
-def range_chart(prom: Prom, title: str, unit: str, queries: list[tuple[str, str, tuple[str, ...]]],
-                start: float, end: float, step: float, scale: float = 1.0) -> Chart:
+async def range_chart(prom: Prometheus, title: str, unit: str, queries: list[tuple[str, str, tuple[str, ...]]],
+                      start: float, end: float, step: float, scale: float = 1.0) -> Chart:
     """queries: (expr, default series name, labels naming the series)."""
     series = []
     for expr, name, keys in queries:
-        for r in prom.range(expr, start, end, step):
+        for r in await prom.query_range(expr, start, end, step):
             pts = []
             for t, v in r["values"]:
                 fv = float(v)
@@ -1179,12 +1122,12 @@ def counted(selector: str, window: str, by: str = "") -> str:
     return f"(({old} + {born}) or {old} or {born})"
 
 
-def collect_report(prom: Prom, kind: str, *, now: float | None = None, db_rows: dict | None = None) -> dict:
+async def collect_report(prom: Prometheus, kind: str, *, now: float | None = None, db_rows: dict | None = None) -> dict:
     """Query Prometheus for every section of the guide's report; return the template context."""
     period, R, npoints = REPORT_PERIODS[kind]
     end = now or time.time()
     start = end - period
-    first = prom.head_min_time()
+    first = await prom.head_min_time()
     # an empty TSDB reports an "infinite" minimum time: then there is no data to zoom onto
     data_since = max(start, first) if first and first < end - 1 else start
     step = max((end - data_since) / npoints, 5.0)
@@ -1193,105 +1136,131 @@ def collect_report(prom: Prom, kind: str, *, now: float | None = None, db_rows: 
     # evaluate at end, end - step, ...: the newest point is always "now"
     chart_start = end - math.ceil((end - data_since) / step) * step
 
-    def rng(title, unit, queries, scale=1.0):
-        return range_chart(prom, title, unit, queries, chart_start, end, step, scale)
+    async def rng(title, unit, queries, scale=1.0):
+        return await range_chart(prom, title, unit, queries, chart_start, end, step, scale)
 
+    c = contract.get()
+    _FS = c.selector("filesystems")
+    _API = c.selector("api_requests")
+    # API traffic as the alerts and the summary count it: Prometheus' scrapes of /metrics left out
+    _HTTP_DUR = f"mailgenius_http_request_duration_seconds_bucket{{{_API}}}"
+    _HTTP_REQ = f"mailgenius_http_requests_total{{{_API}}}"
+    _HTTP_5XX = f'mailgenius_http_requests_total{{{_API},{c.selector("http_5xx")}}}'
     s = {}
     # -- system performance
-    total_req = prom.scalar(counted(_HTTP_REQ, R))
-    q = {p: prom.scalar(f"histogram_quantile({p}, sum by (le) (increase({_HTTP_DUR}[{R}])))") for p in (0.5, 0.95, 0.99)}
-    per_service = prom.by(counted(_HTTP_REQ, R, "service"), "service")
-    p95_service = prom.by(f"histogram_quantile(0.95, sum by (service, le) (increase({_HTTP_DUR}[{R}])))", "service")
+    total_req = await prom.scalar(counted(_HTTP_REQ, R))
+    q = {p: await prom.scalar(f"histogram_quantile({p}, sum by (le) (increase({_HTTP_DUR}[{R}])))") for p in (0.5, 0.95, 0.99)}
+    # figures "now" are the recorded series the alerts, the summary API and the page show too
+    p95_now = await prom.scalar(c.series("api_latency_p95_all"))
+    per_service = await prom.by(counted(_HTTP_REQ, R, "service"), "service")
+    p95_service = await prom.by(f"histogram_quantile(0.95, sum by (service, le) (increase({_HTTP_DUR}[{R}])))", "service")
     s["performance"] = {
         "figures": [("requests", _num(total_req)), ("requests / min", _num(_ratio(total_req, (end - data_since) / 60), 1)),
-                    ("latency p50", _ms(q[0.5])), ("latency p95", _ms(q[0.95])), ("latency p99", _ms(q[0.99]))],
+                    ("latency p50", _ms(q[0.5])), ("latency p95", _ms(q[0.95])), ("latency p99", _ms(q[0.99])),
+                    ("latency p95 now (5 min)", _ms(p95_now))],
         "table": {"headers": ["service", "requests", "p95"],
                   "rows": [[k, _num(v), _ms(p95_service.get(k))] for k, v in sorted(per_service.items())]},
         "charts": [
-            rng("API latency (all services)", "ms",
+            await rng("API latency (all services)", "ms",
                 [(f"histogram_quantile({p}, sum by (le) (rate({_HTTP_DUR}[{win}])))", f"p{int(p * 100)}", ()) for p in (0.5, 0.95, 0.99)],
                 scale=1000),
-            rng("Requests per second by service", "req/s", [(f"sum by (service) (rate({_HTTP_REQ}[{win}]))", "requests", ("service",))]),
+            await rng("Requests per second by service", "req/s", [(f"sum by (service) (rate({_HTTP_REQ}[{win}]))", "requests", ("service",))]),
         ],
     }
     # -- errors and incidents
-    err_total = prom.scalar(counted(_HTTP_5XX, R)) or 0.0
+    err_total = await prom.scalar(counted(_HTTP_5XX, R)) or 0.0
     err_ratio = _ratio(err_total, total_req)
-    fired = prom.instant(f'count by (alertname, severity) (max_over_time(ALERTS{{alertstate="firing"}}[{R}]))')
+    fired = await prom.query(f'count by (alertname, severity) (max_over_time(ALERTS{{alertstate="firing"}}[{R}]))')
     alerts_fired = sorted((r["metric"].get("alertname", "?"), r["metric"].get("severity", "")) for r in fired)
     s["errors"] = {
         "figures": [("5xx responses", _num(err_total)), ("error rate", _pct(err_ratio, 2)),
                     ("alerts that fired", _num(len(alerts_fired)))],
         "table": {"headers": ["alert that fired", "severity"], "rows": [list(a) for a in alerts_fired]},
         "charts": [
-            rng("Error rate (5xx share of requests) by service", "%",
-                [(f'(sum by (service) (rate({_HTTP_REQ}{{status=~"5.."}}[{win}])) or sum by (service) (rate({_HTTP_REQ}[{win}])) * 0)'
+            await rng("Error rate (5xx share of requests) by service", "%",
+                [(f'(sum by (service) (rate({_HTTP_5XX}[{win}])) or sum by (service) (rate({_HTTP_REQ}[{win}])) * 0)'
                   f" / sum by (service) (rate({_HTTP_REQ}[{win}]))", "errors", ("service",))], scale=100),
-            rng("Firing alerts by severity", "alerts",
+            await rng("Firing alerts by severity", "alerts",
                 [('count by (severity) (ALERTS{alertstate="firing"})', "firing", ("severity",))]),
         ],
         "incidents": (db_rows or {}).get("incidents"),
     }
     # -- email delivery
-    sent = prom.scalar(counted("mailgenius_emails_sent_total", R))
-    failures = prom.scalar(counted("mailgenius_email_send_failures_total", R))
-    ev = prom.by(counted("mailgenius_email_events_total", R, "event"), "event")
-    delivered = ev.get("delivered")
+    # provider-aware (docs/metrics.md "Email KPIs"): delivered over the sends of providers with
+    # delivery receipts only; bounces = refusals at submission + bounce receipts; opens and clicks
+    # from our own tracking, per accepted email
+    receipts = c.selector("delivery_reporting")
+    sent = await prom.scalar(counted("mailgenius_emails_sent_total", R))
+    sent_receipts = await prom.scalar(counted(f"mailgenius_emails_sent_total{{{receipts}}}", R))
+    failures = await prom.scalar(counted("mailgenius_email_send_failures_total", R))
+    refused = await prom.scalar(counted(f'mailgenius_email_send_failures_total{{{c.selector("refused")}}}', R)) or 0.0
+    ev = await prom.by(counted("mailgenius_email_events_total", R, "event"), "event")
+    delivered = (await prom.by(counted(f"mailgenius_email_events_total{{{receipts}}}", R, "event"), "event")).get("delivered")
+    now_rates = {k: await prom.scalar(c.series(f"email_{k}_ratio_all")) for k in ("delivery", "bounce", "open", "click")}
     s["email"] = {
         "figures": [("sent", _num(sent)), ("send failures", _num(failures)),
-                    ("delivery rate", _pct(_ratio(delivered, sent))), ("bounce rate", _pct(_ratio(ev.get("bounced"), sent))),
-                    ("open rate", _pct(_ratio(ev.get("opened"), delivered))), ("click rate", _pct(_ratio(ev.get("clicked"), delivered)))],
+                    ("delivery rate", _pct(_ratio(delivered, sent_receipts)) if sent_receipts else "not reported (no receipts)"),
+                    ("bounce rate", _pct(_ratio((ev.get("bounced") or 0.0) + refused, (sent or 0.0) + refused))),
+                    ("open rate", _pct(_ratio(ev.get("opened"), sent))), ("click rate", _pct(_ratio(ev.get("clicked"), sent))),
+                    ("delivery rate, last hour", _pct(now_rates["delivery"], 2) if now_rates["delivery"] is not None
+                     else "not reported (no sends with delivery receipts)"),
+                    ("bounce rate, last hour", _pct(now_rates["bounce"], 2)),
+                    ("open rate, last hour", _pct(now_rates["open"], 2)),
+                    ("click rate, last hour", _pct(now_rates["click"], 2))],
         "table": {"headers": ["provider event", "count"], "rows": [[k, _num(v)] for k, v in sorted(ev.items())]},
         "charts": [
-            rng("Emails sent per second by provider", "emails/s",
+            await rng("Emails sent per second by provider", "emails/s",
                 [(f"sum by (provider) (rate(mailgenius_emails_sent_total[{win}]))", "sent", ("provider",))]),
-            rng("Provider events per second", "events/s",
+            await rng("Provider events per second", "events/s",
                 [(f"sum by (event) (rate(mailgenius_email_events_total[{win}]))", "events", ("event",))]),
         ],
         "campaigns": (db_rows or {}).get("campaigns"),
     }
     # -- queues
-    processed = prom.scalar(counted("dramatiq_messages_total", R))
-    job_errors = prom.scalar(counted("dramatiq_message_errors_total", R))
-    max_wait = prom.by(f'max by (queue) (max_over_time(mailgenius_queue_messages{{state="waiting"}}[{R}]))', "queue")
+    processed = await prom.scalar(counted("dramatiq_messages_total", R))
+    job_errors = await prom.scalar(counted("dramatiq_message_errors_total", R))
+    max_wait = await prom.by(f'max by (queue) (max_over_time(mailgenius_queue_messages{{state="waiting"}}[{R}]))', "queue")
+    wait_now = await prom.by(f"max by (queue) ({c.series('queue_waiting')})", "queue")
     s["queues"] = {
         "figures": [("jobs processed", _num(processed)), ("job errors", _num(job_errors)),
                     ("job failure rate", _pct(_ratio(job_errors, processed), 2))],
-        "table": {"headers": ["queue", "most waiting"], "rows": [[k, _num(v)] for k, v in sorted(max_wait.items())]},
+        "table": {"headers": ["queue", "most waiting", "waiting now"],
+                  "rows": [[k, _num(v), _num(wait_now.get(k))] for k, v in sorted(max_wait.items())]},
         "charts": [
-            rng("Waiting messages by queue", "messages",
+            await rng("Waiting messages by queue", "messages",
                 [('sum by (queue) (mailgenius_queue_messages{state="waiting"})', "waiting", ("queue",))]),
-            rng("Jobs processed per second by queue", "jobs/s",
+            await rng("Jobs processed per second by queue", "jobs/s",
                 [(f"sum by (queue_name) (rate(dramatiq_messages_total[{win}]))", "processed", ("queue_name",))]),
         ],
     }
     # -- resource use
-    cpu = prom.scalar(f'100 * (1 - avg(rate(node_cpu_seconds_total{{mode="idle"}}[{win}])))')
-    mem = prom.scalar("100 * (1 - sum(node_memory_MemAvailable_bytes) / sum(node_memory_MemTotal_bytes))")
-    disk = prom.scalar(f"100 * max(1 - node_filesystem_avail_bytes{{{_FS}}} / node_filesystem_size_bytes{{{_FS}}})")
-    conns = prom.scalar("sum(pg_stat_activity_count)")
-    max_conns = prom.scalar("max(pg_settings_max_connections)")
-    hit = prom.scalar(f"sum(rate(pg_stat_database_blks_hit[{win}])) / (sum(rate(pg_stat_database_blks_hit[{win}])) + sum(rate(pg_stat_database_blks_read[{win}])))")
-    redis_mem = prom.scalar("sum(redis_memory_used_bytes)")
+    cpu = await prom.scalar(f'100 * (1 - avg(rate(node_cpu_seconds_total{{mode="idle"}}[{win}])))')
+    mem = await prom.scalar("100 * (1 - sum(node_memory_MemAvailable_bytes) / sum(node_memory_MemTotal_bytes))")
+    # the fullest disk among the filesystems DiskSpaceLow watches (its recorded series)
+    disk = await prom.scalar(f"100 * max({c.series('disk_usage')})")
+    conns = await prom.scalar("sum(pg_stat_activity_count)")
+    max_conns = await prom.scalar("max(pg_settings_max_connections)")
+    hit = await prom.scalar(f"sum(rate(pg_stat_database_blks_hit[{win}])) / (sum(rate(pg_stat_database_blks_hit[{win}])) + sum(rate(pg_stat_database_blks_read[{win}])))")
+    redis_mem = await prom.scalar("sum(redis_memory_used_bytes)")
     s["resources"] = {
         "figures": [("CPU", _num(cpu, 1, "%")), ("memory", _num(mem, 1, "%")), ("fullest disk", _num(disk, 1, "%")),
                     ("Postgres connections", f"{_num(conns)} / {_num(max_conns)}"), ("DB cache hit ratio", _pct(hit)),
                     ("Redis memory", _num(None if redis_mem is None else redis_mem / 2**20, 1, "MiB"))],
         "charts": [
-            rng("CPU, memory and disk use", "%", [
+            await rng("CPU, memory and disk use", "%", [
                 (f'100 * (1 - avg(rate(node_cpu_seconds_total{{mode="idle"}}[{win}])))', "CPU", ()),
                 ("100 * (1 - sum(node_memory_MemAvailable_bytes) / sum(node_memory_MemTotal_bytes))", "memory", ()),
                 (f"100 * max(1 - node_filesystem_avail_bytes{{{_FS}}} / node_filesystem_size_bytes{{{_FS}}})", "fullest disk", ()),
             ]),
-            rng("Postgres connections and Redis memory", "count / MiB", [
+            await rng("Postgres connections and Redis memory", "count / MiB", [
                 ("sum(pg_stat_activity_count)", "Postgres connections", ()),
                 ("sum(redis_memory_used_bytes) / 1048576", "Redis MiB", ()),
             ]),
         ],
     }
     # -- trends: this period against the one before
-    def prev(expr):
-        return prom.scalar(expr, at=end - period)
+    async def prev(expr):
+        return await prom.scalar(expr, at=end - period)
 
     trend_rows = []
     for label, expr, fmt in (
@@ -1302,42 +1271,42 @@ def collect_report(prom: Prom, kind: str, *, now: float | None = None, db_rows: 
         ("jobs processed", counted("dramatiq_messages_total", R), _num),
         ("leads", "sum(mailgenius_leads)", _num),
     ):
-        cur, before = prom.scalar(expr), prev(expr)
+        cur, before = await prom.scalar(expr), await prev(expr)
         change = "n/a" if cur is None or not before else f"{(cur - before) / before * 100:+.1f} %"
         trend_rows.append([label, fmt(cur), fmt(before), change])
     s["trends"] = {
         "table": {"headers": ["figure", "this period", "previous period", "change"], "rows": trend_rows},
-        "charts": [rng("Leads by status", "leads", [("sum by (status) (mailgenius_leads)", "leads", ("status",))])],
+        "charts": [await rng("Leads by status", "leads", [("sum by (status) (mailgenius_leads)", "leads", ("status",))])],
     }
     # -- recommendations from the guide's thresholds
     recs = []
-    T = THRESHOLDS
+    T = report_thresholds(c)
     if q[0.95] is not None and q[0.95] > T["p95_seconds"]:
-        recs.append(f"API p95 latency is {_ms(q[0.95])} (> {T['p95_seconds'] * 1000:.0f} ms): look for slow queries "
+        recs.append(f"API p95 latency is {_ms(q[0.95])} (> {contract.milliseconds(T['p95_seconds'])}): look for slow queries "
                     "(`mailgenius slow-queries`), blocking locks, and scale the API processes (runbook HighAPILatency).")
     if err_ratio is not None and err_ratio > T["error_ratio"]:
-        recs.append(f"{_pct(err_ratio, 2)} of requests failed with 5xx (> 1 %): read the services' error logs (runbook ErrorRateHigh).")
-    dr = _ratio(delivered, sent)
+        recs.append(f"{_pct(err_ratio, 2)} of requests failed with 5xx (> {contract.percent(T['error_ratio'])}): read the services' error logs (runbook ErrorRateHigh).")
+    dr = _ratio(delivered, sent_receipts)
     if dr is not None and dr < T["delivery_ratio"]:
-        recs.append(f"Delivery rate {_pct(dr)} is under 95 %: check bounces, SPF/DKIM/DMARC "
+        recs.append(f"Delivery rate {_pct(dr)} is under {contract.percent(T['delivery_ratio'])}: check bounces, SPF/DKIM/DMARC "
                     "(`POST /api/email/test-authentication`) and the provider status (runbook EmailDeliveryRateLow).")
-    br = _ratio(ev.get("bounced"), sent)
+    br = _ratio((ev.get("bounced") or 0.0) + refused, (sent or 0.0) + refused)
     if br is not None and br > T["bounce_ratio"]:
-        recs.append(f"Bounce rate {_pct(br)} is over 5 %: clean the lists that bounce (runbook BounceRateHigh).")
+        recs.append(f"Bounce rate {_pct(br)} is over {contract.percent(T['bounce_ratio'])}: clean the lists that bounce (runbook BounceRateHigh).")
     if max_wait and max(max_wait.values()) > T["queue_waiting"]:
-        recs.append(f"A queue held {max(max_wait.values()):.0f} waiting messages (> 1000): add workers "
+        recs.append(f"A queue held {max(max_wait.values()):.0f} waiting messages (> {contract.number(T['queue_waiting'])}): add workers "
                     "(`mailgenius worker ... --processes`, or more hosts) (runbook QueueDepthHigh).")
     jr = _ratio(job_errors, processed)
     if jr is not None and jr > T["worker_failure_ratio"]:
-        recs.append(f"Job failure rate {_pct(jr, 2)} is over 5 %: see the dead-letter queue and worker logs (runbook WorkerFailureRateHigh).")
+        recs.append(f"Job failure rate {_pct(jr, 2)} is over {contract.percent(T['worker_failure_ratio'])}: see the dead-letter queue and worker logs (runbook WorkerFailureRateHigh).")
     for val, key, what in ((cpu, "cpu_percent", "CPU"), (mem, "memory_percent", "memory"), (disk, "disk_percent", "disk")):
         if val is not None and val > T[key]:
-            recs.append(f"{what} use is {val:.0f} % (> {T[key]} %): plan capacity or move workers to other hosts.")
+            recs.append(f"{what} use is {val:.0f} % (> {contract.number(T[key])} %): plan capacity or move workers to other hosts.")
     if hit is not None and hit < T["cache_hit_ratio"]:
-        recs.append(f"Postgres cache hit ratio {_pct(hit)} is under 90 %: raise shared_buffers or add indexes; "
+        recs.append(f"Postgres cache hit ratio {_pct(hit)} is under {contract.percent(T['cache_hit_ratio'])}: raise shared_buffers or add indexes; "
                     "run `mailgenius db-maintenance`.")
     if conns is not None and conns > T["db_connections"]:
-        recs.append(f"{conns:.0f} Postgres connections (> 80): lower MAILGENIUS_DB_POOL_MAX per process or add PgBouncer.")
+        recs.append(f"{conns:.0f} Postgres connections (> {contract.number(T['db_connections'])}): lower MAILGENIUS_DB_POOL_MAX per process or add PgBouncer.")
     if not recs:
         recs.append("Every figure is within the operations guide's thresholds: no action needed.")
     recs.append("Routine: `mailgenius backup` daily, `mailgenius cleanup-uploads` daily, `mailgenius db-maintenance` weekly.")
@@ -1389,9 +1358,18 @@ def render_report(context: dict) -> str:
 def cmd_report(args) -> int:
     env = ops_env()
     settings = ops_settings(env)
-    prom = Prom(args.prometheus_url or settings.prometheus_url)
-    db_rows = asyncio.run(report_db_rows(settings, REPORT_PERIODS[args.kind][0]))
-    context = collect_report(prom, args.kind, db_rows=db_rows)
+    url = args.prometheus_url or settings.prometheus_url
+
+    async def collect():
+        db_rows = await report_db_rows(settings, REPORT_PERIODS[args.kind][0])
+        async with Prometheus(url, timeout=10.0) as prom:
+            try:
+                return db_rows, await collect_report(prom, args.kind, db_rows=db_rows)
+            except PrometheusError as exc:
+                hint = "; is the stack running? (set MAILGENIUS_PROMETHEUS_URL)" if exc.unreachable else ""
+                raise OpsError(f"{exc}{hint}") from None
+
+    db_rows, context = asyncio.run(collect())
     context["db_error"] = db_rows.get("error")
     html = render_report(context)
     out = Path(args.out)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import dramatiq
 import redis as syncredis
 
+from . import contract
 from .broker import dramatiq_namespace
 from .health import DEGRADED, UNHEALTHY, CheckResult
 
@@ -176,8 +177,11 @@ async def broker_queue_stats(settings, redis, queue: str) -> QueueStats:
     return await redis_queue_stats(redis, dramatiq_namespace(settings), queue)
 
 
-def queue_check(get_redis, settings, queue: str, *, max_waiting: int = 1000):
-    """Health check: the broker answers; degraded when more than ``max_waiting`` wait."""
+def queue_check(get_redis, settings, queue: str, *, max_waiting: float | None = None):
+    """Health check: the broker answers; degraded when more than ``max_waiting`` wait (default:
+    QueueDepthHigh's threshold ``queue_waiting_messages`` of the contract)."""
+    if max_waiting is None:
+        max_waiting = contract.get().threshold("queue_waiting_messages")
 
     async def check():
         if settings.broker_kind != "redis":

@@ -26,6 +26,7 @@ from .cache import redis_ctx
 from .db import pool_ctx
 from .health import UNHEALTHY, HealthRegistry, database_check, redis_check
 from .metrics import HttpMetrics
+from .procmetrics import service_registry
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -471,7 +472,7 @@ def base_app(
     client_max_size: int = 1 << 20,
 ) -> web.Application:
     """An application with the kernel wired in; the service adds its routes and checks."""
-    registry = registry if registry is not None else CollectorRegistry()
+    registry = registry if registry is not None else service_registry()
     http_metrics = HttpMetrics(registry)
     app = web.Application(
         middlewares=[

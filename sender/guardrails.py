@@ -30,12 +30,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from mailgenius import contract
 
 log = logging.getLogger(__name__)
 
-#: alerting/rules.yml, read as data (sender never imports the alerting package)
-RULES_PATH = Path(__file__).resolve().parent.parent / "alerting" / "rules.yml"
+#: alerting/rules.yml, read through the kernel's contract (sender never imports the alerting package)
+RULES_PATH = contract.SOURCE
 #: the reasons a campaign pauses itself (the label of mailgenius_campaigns_auto_paused_total)
 REASONS = ("bounce_rate", "error_rate", "complaint_rate")
 
@@ -49,19 +49,20 @@ class Thresholds:
     complaint_ratio: float
 
 
-def load_thresholds(path: Path = RULES_PATH) -> Thresholds:
-    """The guard-rail numbers of ``alerting/rules.yml``; a missing one is an error."""
-    t = yaml.safe_load(path.read_text())["thresholds"]
+def load_thresholds(path: Path | None = None) -> Thresholds:
+    """The guard-rail numbers of the contract (``alerting/rules.yml``, or ``$MAILGENIUS_RULES_FILE``,
+    or ``path``); a missing one is an error."""
+    c = contract.load(path) if path is not None else contract.get()
     try:
         return Thresholds(
-            failed_share=float(t["campaign_failed_share"]),
-            min_recipients=int(t["campaign_pause_min_recipients"]),
-            bounce_ratio=float(t["campaign_pause_bounce_ratio"]),
-            error_ratio=float(t["campaign_pause_error_ratio"]),
-            complaint_ratio=float(t["campaign_pause_complaint_ratio"]),
+            failed_share=float(c.threshold("campaign_failed_share")),
+            min_recipients=int(c.threshold("campaign_pause_min_recipients")),
+            bounce_ratio=float(c.threshold("campaign_pause_bounce_ratio")),
+            error_ratio=float(c.threshold("campaign_pause_error_ratio")),
+            complaint_ratio=float(c.threshold("campaign_pause_complaint_ratio")),
         )
-    except KeyError as exc:
-        raise RuntimeError(f"{path}: thresholds.{exc.args[0]} is missing") from None
+    except contract.ContractError as exc:
+        raise RuntimeError(str(exc)) from None
 
 
 #: read when the sender starts (API and workers import this module): a rules.yml without these

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from alerting.generate import SELF_LABELLED_JOBS
 from mailgenius.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -288,7 +289,9 @@ class Stack:
         cfg: dict = {
             "global": {"scrape_interval": interval, "evaluation_interval": interval, "scrape_timeout": interval},
             "scrape_configs": [
-                {"job_name": job, "static_configs": [{"targets": [target], "labels": {"service": job}}]}
+                {"job_name": job, "static_configs": [{"targets": [target], "labels": {"service": job}}],
+                 # as the generated config: no clashing service label renamed exported_service
+                 **({"honor_labels": True} if job in SELF_LABELLED_JOBS else {})}
                 for job, target in sorted(jobs.items())
             ],
         }

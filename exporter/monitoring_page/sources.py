@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from mailgenius import errors
+from mailgenius import contract, errors
 from mailgenius import metrics as m
+from mailgenius.prom import Prometheus, PrometheusError, finite
 
 #: seconds to wait for Prometheus / Alertmanager before saying they are unreachable
 BACKEND_TIMEOUT = 3.0
@@ -64,20 +65,17 @@ def _rate(metric: str, selector: str = "", window: str = W, fn: str = "rate") ->
 
 
 def _q(quantile: float) -> str:
-    return f"histogram_quantile({quantile}, sum by (le) ({_rate(m.HTTP_REQUEST_DURATION + '_bucket')}))"
+    return f"histogram_quantile({quantile}, sum by (le) ({_rate(_api(m.HTTP_REQUEST_DURATION + '_bucket'))}))"
 
 
 _5XX = '{status=~"5.."}'
 
 
-#: providers that report deliveries (as ``delivery_reporting`` in alerting/rules.yml): an SMTP
-#: relay gives no delivery receipts, so delivered/sent over it would always read 0 %
-DELIVERY_REPORTING = 'provider="resend"'
-
-
-def _event(event: str) -> str:
-    selector = '{event="' + event + '",' + DELIVERY_REPORTING + "}"
-    return f"sum({_rate(m.EMAIL_EVENTS, selector, R, 'increase')})"
+def _api(metric: str, selector: str = "") -> str:
+    """``metric{<api requests>,selector}``: Prometheus' own scrapes of /metrics are not API
+    traffic (the contract's ``api_requests`` selector, as the alerts and the summary)."""
+    api = contract.get().selector("api_requests")
+    return metric + "{" + ",".join(x for x in (api, selector.strip("{}")) if x) + "}"
 
 
 #: every chart of the page
@@ -86,8 +84,8 @@ CHARTS: tuple[Chart, ...] = (
         Series("p50", _q(0.5)), Series("p95", _q(0.95)), Series("p99", _q(0.99)),
     )),
     Chart("api_traffic", "Requests and 5xx errors", "req/s", (
-        Series("requests", f"sum({_rate(m.HTTP_REQUESTS)})"),
-        Series("5xx", f"sum({_rate(m.HTTP_REQUESTS, _5XX)})"),
+        Series("requests", f"sum({_rate(_api(m.HTTP_REQUESTS))})"),
+        Series("5xx", f"sum({_rate(_api(m.HTTP_REQUESTS, _5XX))})"),
     )),
     Chart("import_rows", "Import rows", "rows/s", (
         Series("{outcome}", f"sum by (outcome) ({_rate(m.IMPORT_ROWS)})"),
@@ -108,25 +106,40 @@ CHARTS: tuple[Chart, ...] = (
 CHART_IDS = {c.id for c in CHARTS}
 
 _SENT = f"sum({_rate(m.EMAILS_SENT, window=R, fn='increase')})"
-_SENT_REPORTING = f"sum({_rate(m.EMAILS_SENT, '{' + DELIVERY_REPORTING + '}', R, 'increase')})"
 _INVALID = '{outcome="invalid"}'
 
-#: instant figures of the page: name -> (unit, expr)
+
+def _recorded(key: str, agg: str = "", selector: str = "") -> str:
+    """The contract's recorded series (what the alerts, the summary and the report show too)."""
+    series = contract.get().series(key, selector)
+    return f"{agg}({series})" if agg else series
+
+
+#: instant figures of the page: name -> (unit, expr). Those other readers show too are the
+#: recording rules' series of the contract (API p95 and error rate over 5 minutes, email rates
+#: over the last hour, provider-aware: the delivery rate covers only providers with delivery
+#: receipts, opens and clicks come from our own tracking for every provider).
 STATS: dict[str, tuple[str, str]] = {
     "api_p50": ("s", _q(0.5)),
-    "api_p95": ("s", _q(0.95)),
+    "api_p95": ("s", _recorded("api_latency_p95_all")),
     "api_p99": ("s", _q(0.99)),
-    "request_rate": ("req/s", f"sum({_rate(m.HTTP_REQUESTS)})"),
-    "error_rate": ("ratio", f"sum({_rate(m.HTTP_REQUESTS, _5XX)}) / sum({_rate(m.HTTP_REQUESTS)})"),
+    "request_rate": ("req/s", f"sum({_rate(_api(m.HTTP_REQUESTS))})"),
+    "error_rate": ("ratio", _recorded("http_error_ratio_all")),
     "emails_sent": ("emails", _SENT),
-    "delivery_rate": ("ratio", f"{_event('delivered')} / {_SENT_REPORTING}"),
-    "bounce_rate": ("ratio", f"{_event('bounced')} / {_SENT_REPORTING}"),
-    "open_rate": ("ratio", f"{_event('opened')} / {_event('delivered')}"),
-    "click_rate": ("ratio", f"{_event('clicked')} / {_event('delivered')}"),
+    "delivery_rate": ("ratio", _recorded("email_delivery_ratio_all")),
+    "bounce_rate": ("ratio", _recorded("email_bounce_ratio_all")),
+    "open_rate": ("ratio", _recorded("email_open_ratio_all")),
+    "click_rate": ("ratio", _recorded("email_click_ratio_all")),
+    "email_queue_waiting": ("messages", _recorded("queue_waiting", "max", f'queue="{m.QUEUE_EMAIL}"')),
+    "import_queue_waiting": ("messages", _recorded("queue_waiting", "max", f'queue="{m.QUEUE_IMPORT}"')),
+    "disk_usage": ("ratio", _recorded("disk_usage", "max")),
     "import_rows_per_second": ("rows/s", f"sum({_rate(m.IMPORT_ROWS)})"),
     "import_invalid_ratio": ("ratio", f"sum({_rate(m.IMPORT_ROWS, _INVALID, R, 'increase')})"
                                       f" / sum({_rate(m.IMPORT_ROWS, window=R, fn='increase')})"),
 }
+#: the window of the stats that are recorded series (the page labels them)
+STAT_WINDOWS = {"api_p95": "5m", "error_rate": "5m", "delivery_rate": "1h", "bounce_rate": "1h",
+                "open_rate": "1h", "click_rate": "1h"}
 
 
 def expand(expr: str, rng: Range, range_name: str = "1h") -> str:
@@ -166,29 +179,21 @@ async def range_series(http, prometheus_url: str, range_name: str, rng: Range, *
     # end at now (not at a step boundary): the newest point is at most a scrape old
     end = math.floor(now or time.time())
     start = end - rng.seconds
-    url = prometheus_url.rstrip("/") + "/api/v1/query_range"
+    prom = Prometheus(prometheus_url, session=http, timeout=BACKEND_TIMEOUT)
     jobs = [(chart, s) for chart in CHARTS for s in chart.series]
 
     async def one(series: Series):
-        params = {"query": expand(series.expr, rng), "start": str(start), "end": str(end), "step": str(rng.step)}
-        status, body = await _get_json(http, url, params)
-        if status != 200 or body.get("status") != "success":
-            raise ValueError(body.get("error", f"HTTP {status}"))
-        return body["data"]["result"]
+        return await prom.query_range(expand(series.expr, rng), start, end, rng.step)
 
     async def stat(expr: str):
-        params = {"query": expand(expr, rng, range_name), "time": str(end)}
-        status, body = await _get_json(http, prometheus_url.rstrip("/") + "/api/v1/query", params)
-        if status != 200 or body.get("status") != "success":
-            raise ValueError(body.get("error", f"HTTP {status}"))
-        result = body["data"]["result"]
-        return _num(result[0]["value"][1]) if result else None
+        result = await prom.query(expand(expr, rng, range_name), at=end)
+        return finite(result[0]["value"][1]) if result else None
 
     results = await asyncio.gather(*(one(s) for _c, s in jobs), *(stat(e) for _u, e in STATS.values()),
                                    return_exceptions=True)
     stat_results = results[len(jobs):]
     results = results[:len(jobs)]
-    down = [r for r in results if isinstance(r, BackendDown)]
+    down = [r for r in results if isinstance(r, PrometheusError) and r.unreachable]
     if down and len(down) == len(results):
         return {"ok": False, "error": f"Prometheus unreachable: {down[0]}", "range": range_name,
                 "charts": [], "stats": {}}
@@ -201,20 +206,19 @@ async def range_series(http, prometheus_url: str, range_name: str, rng: Range, *
             out["errors"].append(f"{series.legend}: {result}"[:200])
             continue
         for item in result:
-            points = [[int(float(t)), _num(v)] for t, v in item.get("values", [])]
+            points = [[int(float(t)), finite(v)] for t, v in item.get("values", [])]
             out["series"].append({"name": _legend(series.legend, item.get("metric", {})), "points": points})
-    stats = {name: {"unit": unit, "value": None if isinstance(v, BaseException) else v}
-             for (name, (unit, _e)), v in zip(STATS.items(), stat_results, strict=True)}
+    stats = {}
+    for (name, (unit, _e)), v in zip(STATS.items(), stat_results, strict=True):
+        stats[name] = {"unit": unit, "value": None if isinstance(v, BaseException) else v}
+        if name in STAT_WINDOWS:
+            stats[name]["window"] = STAT_WINDOWS[name]
+    if stats.get("delivery_rate", {}).get("value") is None:
+        receipts = ", ".join(sorted(contract.get().receipt_providers))
+        stats["delivery_rate"]["not_reported"] = (f"only {receipts} report deliveries; an SMTP relay "
+                                                  "gives no receipts")
     return {"ok": True, "error": None, "range": range_name, "start": start, "end": end, "step": rng.step,
             "charts": list(charts.values()), "stats": stats}
-
-
-def _num(v: str) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 #: severities, most urgent first (unknown ones sort last)

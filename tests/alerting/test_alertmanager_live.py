@@ -63,3 +63,38 @@ def test_a_warning_is_inhibited_while_the_same_alert_is_critical(stack):
         assert status[("warning", "/data")]["state"] == "active"
         assert status[("warning", "/")]["state"] == "suppressed"
         assert status[("warning", "/")]["inhibitedBy"], status
+
+
+def test_a_still_firing_alert_is_renotified_after_its_cooldown_not_the_group_interval(stack):
+    # Given the generated routing from a copy of rules.yml where the Watchdog's cooldown is 3 s
+    # and the global group_interval 1 m (the real ones: 1 min and 5 min; scaled down to stay short)
+    source = generate.SOURCE.read_text()
+    for old, new in (("    cooldown: 1m\n    for: 0s", "    cooldown: 3s\n    for: 0s"),
+                     ("group_interval: 5m ", "group_interval: 1m ")):
+        assert source.count(old) == 1, old
+        source = source.replace(old, new)
+    rules = stack.tmp / "rules.yml"
+    rules.write_text(source)
+    with Recorder() as sink:
+        variant = generate.local_variant(ports={"exporter": sink.port, "smtp": sink.port,
+                                                "alertmanager": stack.ports["alertmanager"]},
+                                         group_wait="1s", secrets_dir=str(stack.tmp))
+        paths = generate.render_to(stack.tmp / "configs", variant, source=rules)
+        stack.start_alertmanager(paths["alertmanager"])
+
+        # When the Watchdog keeps firing (re-sent like Prometheus does)
+        def watchdog_notifications():
+            now = dt.datetime.now(dt.UTC)
+            post_alerts(stack, [{"labels": {"alertname": "Watchdog", "severity": "none"},
+                                 "annotations": {"summary": "heartbeat"}, "startsAt": now.isoformat(),
+                                 "endsAt": (now + dt.timedelta(minutes=5)).isoformat()}])
+            times = [t for t, b in sink.timed()
+                     if any(a["labels"]["alertname"] == "Watchdog" for a in b.get("alerts", []))]
+            return times if len(times) >= 3 else None
+
+        # Then its receiver hears it again every cooldown, not every group_interval (1 m)
+        times = wait_until(watchdog_notifications, 30, interval=0.5, what="three Watchdog notifications")
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        print(f"Watchdog re-notification gaps: {[round(g, 2) for g in gaps]} s (cooldown 3 s)")
+        # (the route's group_interval is cooldown + 1 s: Alertmanager re-sends on its ticks)
+        assert all(3 <= g <= 5 for g in gaps[:2]), gaps

@@ -25,7 +25,7 @@ import pytest
 import redis
 
 from alerting import generate
-from mailgenius import auth
+from mailgenius import auth, contract
 from mailgenius.broker import build_broker
 from mailgenius.metrics import QUEUE_EMAIL
 from mailgenius.worker import enqueue
@@ -139,10 +139,10 @@ def test_alerts_reach_email_slack_pagerduty_and_incidents_and_resolve(e2e):
                  "node_filesystem_size_bytes", "mailgenius_queue_messages", "mailgenius_workers",
                  "mailgenius_http_requests_total", "mailgenius_http_request_duration_seconds_bucket"):
         wait_until(lambda n=name: stack.prom_query(f"count({n})"), 15, what=f"series {name}")
-    for record in ("mailgenius:node_cpu_utilisation:ratio_rate5m", "mailgenius:node_memory_utilisation:ratio",
-                   "mailgenius:node_filesystem_usage:ratio", "mailgenius:redis_memory_utilisation:ratio",
-                   "mailgenius:pg_connections:sum", "mailgenius:pg_cache_hit:ratio_rate5m",
-                   "mailgenius:http_request_duration_seconds:p95_rate5m"):
+    c = contract.get()
+    for record in (c.series(k) for k in ("cpu_utilisation", "memory_utilisation", "disk_usage", "redis_memory",
+                                         "pg_connections", "pg_cache_hit_ratio", "api_latency_p95",
+                                         "api_latency_p95_all", "queue_waiting")):
         wait_until(lambda r=record: stack.prom_query(r), 15, what=f"recording rule {record}")
 
     # Then the Watchdog reaches the dead man's switch (and nothing else)

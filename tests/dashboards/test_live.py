@@ -23,6 +23,7 @@ import re
 import signal
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -55,6 +56,12 @@ EXPECTED_EMPTY: dict[str, str] = {
         "only the Watchdog fires in a healthy stack, and the annotation leaves it out",
     "queue-health/annotation: Firing alerts/annotation":
         "only the Watchdog fires in a healthy stack, and the annotation leaves it out",
+    # provider-aware KPIs: the workload sends over SMTP, which gives no delivery receipts, so the
+    # figures only receipt providers (Resend) can know are unknown (empty), never 0 % or Inf
+    "email-metrics/Delivery rate (range)/A": "SMTP sends only: no provider with delivery receipts sent",
+    "email-metrics/Complaint rate (range)/A": "SMTP sends only: no provider with delivery receipts sent",
+    "email-metrics/Delivery and bounce ratios/A": "SMTP sends only: no provider with delivery receipts sent",
+    "email-metrics/Provider performance (range)/B": "SMTP sends only: no provider with delivery receipts sent",
 }
 
 #: On RabbitMQ (MAILGENIUS_TEST_BROKER_URL=amqp://...) the exporter cannot peek at a queue's head
@@ -448,3 +455,119 @@ def test_the_workload_shows_in_the_import_panels(live):
     assert float(live.prom_query("max(mailgenius_incident_mttr_seconds)")[0]["value"][1]) == pytest.approx(300, abs=5)
 
 
+
+
+# -- one truth: the same figure from every reader ----------------------------------------------
+
+def _page_stats(live, key: str) -> dict:
+    """The monitoring page's data endpoint (its stats), through a real login."""
+    import http.cookiejar
+    import urllib.parse
+
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    base = live.url("exporter") + "/dashboard/monitoring"
+    opener.open(urllib.request.Request(base + "/login", data=urllib.parse.urlencode({"key": key}).encode(),
+                                       method="POST"), timeout=10)
+    with opener.open(base + "/api/series?range=1h", timeout=30) as resp:
+        body = json.loads(resp.read())
+    assert body["ok"], body
+    return body["stats"]
+
+
+def _report_figures(live) -> dict[str, str]:
+    from mailgenius import ops
+    from mailgenius.prom import Prometheus
+
+    async def run():
+        async with Prometheus(live.url("prometheus")) as prom:
+            return await ops.collect_report(prom, "daily")
+
+    ctx = asyncio.run(run())
+    figures = {k: v for sec in ctx["s"].values() if isinstance(sec, dict) for k, v in sec.get("figures", [])}
+    waiting = {row[0]: row[2] for row in ctx["s"]["queues"]["table"]["rows"]}
+    return {**figures, **{f"waiting {q}": v for q, v in waiting.items()}}
+
+
+def _pct_text(text: str) -> float | None:
+    return None if text in ("n/a",) else float(text.replace(" %", ""))
+
+
+def test_every_reader_shows_the_same_figures(live):
+    """After the scripted workload, Prometheus (the recorded series), the summary API, the
+    monitoring page's data endpoint and the report agree, to rounding, on the delivery, bounce,
+    open and click rates, the API p95, queue depth and disk use. (The workload sends over SMTP
+    and posts Resend receipts: the delivery rate is unknown everywhere, never a ratio of Resend
+    events over SMTP sends.) The recorded series are re-evaluated every second while the readers
+    answer one after the other, so each reader's figure is compared with Prometheus' just before
+    and just after it read."""
+    from mailgenius import contract
+    from mailgenius import metrics as m
+
+    c = contract.get()
+    key = _create_key(live.settings.database_url)
+
+    exprs = {
+        "delivery": c.series("email_delivery_ratio_all"),
+        "bounce": c.series("email_bounce_ratio_all"),
+        "open": c.series("email_open_ratio_all"),
+        "click": c.series("email_click_ratio_all"),
+        "p95": c.series("api_latency_p95_all"),
+        "disk": f"max({c.series('disk_usage')})",
+        "email_waiting": f'max({c.series("queue_waiting", f"queue={json.dumps(m.QUEUE_EMAIL)}")})',
+    }
+
+    def span(expr: str, start: float, end: float) -> tuple[float, float] | None:
+        """(lowest, highest) value of a series between two instants (every 0.25 s)."""
+        url = live.url("prometheus") + "/api/v1/query_range?" + urllib.parse.urlencode(
+            {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": "0.25"})
+        res = json.loads(http_get(url, timeout=10)[1])["data"]["result"]
+        values = [float(v) for r in res for _t, v in r["values"]]
+        return (min(values), max(values)) if values else None
+
+    def read(fn):
+        # a reader may evaluate at the last whole second (the page does): from 1 s before it
+        start = time.time() - 1.0
+        value = fn()
+        end = time.time()
+        return {k: span(e, start, end) for k, e in exprs.items()}, value
+
+    def agrees(spans: dict, k: str, got: float | None, scale: float, tol: float) -> None:
+        assert spans[k] is not None, k
+        lo, hi = spans[k]
+        assert got is not None and lo * scale - tol <= got <= hi * scale + tol, (k, got, lo * scale, hi * scale)
+
+    ts, summary = read(lambda: _get_json(live.url("exporter") + "/api/monitoring/metrics", key)[1])
+    tp, page = read(lambda: _page_stats(live, key))
+    tr, report = read(lambda: _report_figures(live))
+    print("truth", ts, "\nsummary", summary["email_stats"], summary["api_latency"], summary["resources"],
+          "\npage", page, "\nreport", report)
+
+    # delivery: SMTP sends, no provider with receipts sent anything: null everywhere, labelled
+    for t in (ts, tp, tr):
+        assert t["delivery"] is None, t
+    assert summary["email_stats"]["delivery_rate"] is None and "delivery_rate" in summary["email_stats"]["not_reported"]
+    assert summary["provider_performance"]["smtp"]["delivery_rate"] is None
+    assert "delivery_rate" in summary["provider_performance"]["smtp"]["not_reported"]
+    assert page["delivery_rate"]["value"] is None and page["delivery_rate"]["not_reported"]
+    assert report["delivery rate, last hour"].startswith("not reported")
+    # bounce, open, click: the same ratio (summary: percent, 3 decimals; report: 2 decimals)
+    for k in ("bounce", "open", "click"):
+        assert ts[k] is not None and ts[k][0] > 0, (k, ts)
+        agrees(ts, k, summary["email_stats"][f"{k}_rate"], 100, 0.0005)
+        agrees(tp, k, page[f"{k}_rate"]["value"], 1, 1e-12)
+        agrees(tr, k, _pct_text(report[f"{k} rate, last hour"]), 100, 0.005)
+    # API p95 (the readers' own requests count in it: compared within the bracket too)
+    agrees(ts, "p95", summary["api_latency"]["p95"], 1000, 0.0005)
+    agrees(tp, "p95", page["api_p95"]["value"], 1, 1e-12)
+    agrees(tr, "p95", float(report["latency p95 now (5 min)"].replace(" ms", "")), 1000, 0.05)
+    # queue depth: the broker (summary) and the exporter's gauge (Prometheus, page, report)
+    assert summary["queue_health"]["email_queue"] is not None
+    assert summary["queue_health"]["email_queue"]["waiting"] == summary["queue_health"][m.QUEUE_EMAIL]["waiting"]
+    agrees(ts, "email_waiting", summary["queue_health"]["email_queue"]["waiting"], 1, 0)
+    agrees(tp, "email_waiting", page["email_queue_waiting"]["value"], 1, 0)
+    agrees(tr, "email_waiting", float(report[f"waiting {m.QUEUE_EMAIL}"]), 1, 0)
+    # disk: the fullest filesystem DiskSpaceLow watches
+    agrees(ts, "disk", summary["resources"]["disk_usage"], 100, 0.0005)
+    agrees(tp, "disk", page["disk_usage"]["value"], 1, 1e-12)
+    agrees(tr, "disk", float(report["fullest disk"].replace(" %", "")), 100, 0.05)

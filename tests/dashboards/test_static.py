@@ -25,6 +25,7 @@ from dashboards.queries import (
     substitute,
     used_variables,
 )
+from mailgenius import contract
 from mailgenius import metrics as M
 from tests.conftest import IN_CI, ROOT
 
@@ -299,6 +300,8 @@ EXTERNAL_NAMES = {"up", "ALERTS", "time"}
 
 def test_metric_names_come_from_the_catalogue_or_a_scraped_component(dashboards):
     catalogue = {v for k, v in vars(M).items() if k.isupper() and isinstance(v, str) and v.startswith(M.PREFIX)}
+    # and the recorded series of the contract (alerting/rules.yml), which the alerts read too
+    catalogue |= {r.series for r in contract.get().recording.values()}
     for uid in UIDS:
         for q in iter_queries(dashboards[uid]):
             if q.datasource != "prometheus":

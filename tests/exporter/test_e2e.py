@@ -8,14 +8,18 @@ import datetime as dt
 import json
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
+from mailgenius import contract
 from mailgenius import metrics as m
 from tests.conftest import bearer
 from tests.stack import ALERTMANAGER, PROMETHEUS, Stack, http_get, require_binaries, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -36,7 +40,9 @@ def start(stack: Stack) -> None:
             {"url": stack.url("exporter") + "/api/alerts/webhook", "send_resolved": True}]}],
     }))
     stack.start_alertmanager(am_config)
-    stack.start_prometheus(jobs={"exporter": stack.target("exporter")})
+    # the recording rules: the summary shows their series (API p95, error rate, email rates)
+    stack.start_prometheus(jobs={"exporter": stack.target("exporter")},
+                           rule_files=[str(REPO / "prometheus" / "rules" / "recording.yml")])
 
 
 def get_json(url: str, key: str | None = None):
@@ -69,6 +75,12 @@ async def test_prometheus_scrapes_the_kpis_and_the_summary_uses_it(stack, pool, 
     # Then the lead KPI in Prometheus equals ground truth
     bounced = stack.prom_query(f'{m.LEADS}{{status="bounced"}}')
     assert bounced[0]["value"][1] == "34"
+    # and the HTTP series carry one service label, the job's (not a clashing exported_service)
+    assert stack.prom_query('count({exported_service!=""})') == []
+    services = stack.prom_query(f"count by (service) ({m.HTTP_REQUESTS})")
+    assert {r["metric"]["service"] for r in services} == {"exporter"}
+    wait_until(lambda: stack.prom_query(contract.get().series("api_latency_p95_all")), 30,
+               what="the recorded API p95")
 
     # And the operator summary is computed from Prometheus
     status, body = get_json(exporter + "/api/monitoring/metrics", key)

@@ -305,6 +305,7 @@
       const v = st ? st.value : null;
       const kind = { ms: "s->ms", pct: "ratio->pct" }[dd.dataset.fmt] || dd.dataset.fmt;
       dd.textContent = fmt(v, kind);
+      dd.title = (st && st.not_reported) || "";
     }
   }
 
