@@ -126,7 +126,7 @@ def test_dashboard_header(dashboards, uid):
     assert "5s" in d["timepicker"]["refresh_intervals"]
     assert d["id"] is None  # provisioning assigns ids; a fixed one would clash
     assert helpers.TAG in d["tags"]
-    assert d["panels"] and not d["rows"]
+    assert d["panels"] and "rows" not in d
 
 
 @pytest.mark.parametrize("uid", UIDS)
@@ -163,17 +163,24 @@ def test_panels_are_builtin_types_with_defined_datasources(dashboards, provision
         assert p["targets"], f"{p['title']} has no query"
         refs = [t["refId"] for t in p["targets"]]
         assert len(refs) == len(set(refs)) and all(refs), p["title"]
+        variables = {v["name"]: v for v in d["templating"]["list"] if v["type"] == "datasource"}
         for ds in [p["datasource"], *(t["datasource"] for t in p["targets"])]:
-            assert ds["uid"] in provisioned_uids, f"{p['title']}: datasource {ds} is not provisioned"
-            assert provisioned_uids[ds["uid"]] == ds["type"]
+            # a datasource variable of the dashboard, of the panel's type (never a fixed uid)
+            name = ds["uid"].removeprefix("${").removesuffix("}")
+            assert name in variables, f"{p['title']}: datasource {ds} is not a variable"
+            assert variables[name]["query"] == ds["type"]
+            # whose default is a datasource the compose stack provisions
+            assert provisioned_names[variables[name]["current"]["value"]] == ds["type"]
         for t in p["targets"]:
             assert t["expr"].strip(), p["title"]
+    variables = {v["name"]: v for v in d["templating"]["list"] if v["type"] == "datasource"}
     for ann in d["annotations"]["list"]:
         if ann.get("expr"):
-            assert ann["datasource"]["uid"] in provisioned_uids
+            assert ann["datasource"]["uid"] == "${datasource}"
     for var in d["templating"]["list"]:
         if var["type"] == "query":
-            assert var["datasource"]["uid"] in provisioned_uids
+            name = var["datasource"]["uid"].removeprefix("${").removesuffix("}")
+            assert variables[name]["query"] == var["datasource"]["type"], var["name"]
 
 
 @pytest.mark.parametrize("uid", UIDS)
