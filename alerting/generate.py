@@ -17,6 +17,7 @@ scalars (valid YAML), and each rendered file is parsed back before it is returne
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -65,6 +66,8 @@ COMPOSE_REPLICATED = ("sender-worker", "importer-worker")
 CHANNELS = ("email", "slack", "pagerduty", "watchdog")
 #: the exporter's Alertmanager webhook path (DESIGN.md "Exporter")
 INCIDENT_WEBHOOK_PATH = "/api/alerts/webhook"
+#: the exporter's built-in monitoring page: where dashboard links go when there is no Grafana
+MONITORING_PAGE_PATH = "/dashboard/monitoring"
 
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d|w|y)$")
 
@@ -106,8 +109,10 @@ class Variant:
     group_interval: str | None = None
     #: replace every alert's `for:` (end-to-end tests only; promtool tests check the real ones)
     for_override: str | None = None
-    #: external URL of Grafana / runbooks; None = rules.yml `links`
+    #: external URL of Grafana; None = rules.yml `links.grafana_url`; "" (or an empty
+    #: links.grafana_url) = no Grafana: dashboard_url points at the built-in monitoring page
     grafana_url: str | None = None
+    monitoring_url: str = f"http://127.0.0.1:9300{MONITORING_PAGE_PATH}"
 
 
 def compose_variant() -> Variant:
@@ -185,7 +190,15 @@ class Model:
         return [a for g in self.groups.values() for a in g]
 
 
-def load(path: Path = SOURCE, *, grafana_url: str | None = None) -> Model:
+def dashboard_link(uid: str, grafana_url: str, monitoring_url: str) -> str:
+    """Grafana's /d/<uid>, or the built-in monitoring page when no Grafana URL is configured."""
+    if grafana_url:
+        return f"{grafana_url.rstrip('/')}/d/{uid}"
+    return f"{monitoring_url}?dashboard={uid}"
+
+
+def load(path: Path = SOURCE, *, grafana_url: str | None = None,
+         monitoring_url: str = Variant.monitoring_url) -> Model:
     """Parse rules.yml, render its expressions and apply the severity defaults."""
     src = yaml.safe_load(path.read_text())
     env = _expr_env()
@@ -206,7 +219,7 @@ def load(path: Path = SOURCE, *, grafana_url: str | None = None) -> Model:
         rnames[key] = rule["record"]
 
     links = src["links"]
-    grafana = (grafana_url or links["grafana_url"]).rstrip("/")
+    grafana = (links.get("grafana_url") or "") if grafana_url is None else grafana_url
     severities = src["severities"]
     groups: dict[str, list[Alert]] = {}
     seen: set[str] = set()
@@ -240,7 +253,7 @@ def load(path: Path = SOURCE, *, grafana_url: str | None = None) -> Model:
                     "summary": row["summary"],
                     "description": row["description"],
                     "runbook_url": f"{links['runbook_base_url'].rstrip('/')}/{name}.md",
-                    "dashboard_url": f"{grafana}/d/{row['dashboard']}",
+                    "dashboard_url": dashboard_link(row["dashboard"], grafana, monitoring_url),
                 },
             )
             if alert.key in seen:
@@ -307,7 +320,7 @@ def _receiver_name(channels: tuple[str, ...]) -> str:
 def render(variant: Variant | None = None, *, source: Path = SOURCE) -> dict[str, str]:
     """Relative path -> text of every generated file of one variant."""
     variant = variant or Variant()
-    model = load(source, grafana_url=variant.grafana_url)
+    model = load(source, grafana_url=variant.grafana_url, monitoring_url=variant.monitoring_url)
     env = _env()
     src = model.source
     out: dict[str, str] = {}
@@ -426,6 +439,9 @@ def local_variant(*, host: str = "127.0.0.1", ports: dict[str, int] | None = Non
         incident_webhook_url=f"http://{host}:{p['exporter']}{INCIDENT_WEBHOOK_PATH}",
         watchdog_url=f"http://{host}:{p['exporter']}{INCIDENT_WEBHOOK_PATH}",
         templates=(REPO_TEMPLATES,),
+        # MAILGENIUS_GRAFANA_URL: links to your Grafana; unset: to the exporter's monitoring page
+        grafana_url=os.environ.get("MAILGENIUS_GRAFANA_URL", ""),
+        monitoring_url=f"http://{host}:{p['exporter']}{MONITORING_PAGE_PATH}",
     )
     base.update(changes)
     return Variant(**base)

@@ -221,7 +221,7 @@ def test_alert_dashboard_urls_land_on_a_dashboard(dashboards):
                 url = rule.get("annotations", {}).get("dashboard_url")
                 if url is None:
                     continue
-                m = re.search(r"/d/([\w-]+)", url)
+                m = re.search(r"(?:/d/|[?&]dashboard=)([\w-]+)", url)
                 assert m and m.group(1) in dashboards, f"{rule['alert']}: {url}"
                 seen += 1
     assert seen > 0
