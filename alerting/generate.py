@@ -437,7 +437,10 @@ def local_variant(*, host: str = "127.0.0.1", ports: dict[str, int] | None = Non
         alertmanager_targets=(f"{host}:{p['alertmanager']}",),
         smarthost=f"{host}:{p['smtp']}",
         incident_webhook_url=f"http://{host}:{p['exporter']}{INCIDENT_WEBHOOK_PATH}",
-        watchdog_url=f"http://{host}:{p['exporter']}{INCIDENT_WEBHOOK_PATH}",
+        # MAILGENIUS_WATCHDOG_URL: an external dead man's switch that must keep receiving the
+        # Watchdog (a heartbeat monitor that pages when the pings stop); unset: the exporter
+        watchdog_url=os.environ.get("MAILGENIUS_WATCHDOG_URL")
+        or f"http://{host}:{p['exporter']}{INCIDENT_WEBHOOK_PATH}",
         templates=(REPO_TEMPLATES,),
         # MAILGENIUS_GRAFANA_URL: links to your Grafana; unset: to the exporter's monitoring page
         grafana_url=os.environ.get("MAILGENIUS_GRAFANA_URL", ""),

@@ -38,6 +38,8 @@ ALERTS = {
     ("EmailProviderFailing", "critical"): (None, None),
     # an early-warning tier (inhibited while the critical one fires)
     ("DiskSpaceLow", "warning"): (None, None),
+    # meta-monitoring (packaging issue): Alertmanager failing to notify
+    ("AlertmanagerNotificationsFailing", "critical"): (None, None),
 }
 
 #: the Watchdog: always firing, only to the dead man's switch, never an incident

@@ -58,7 +58,7 @@ def test_documented_thresholds_appear_in_the_expressions(model):
     by_name = {(a.name, a.severity): a.expr for a in model.alerts}
     recorded = {r["record"]: r["expr"] for r in model.recording}
     wanted = {
-        ("HighAPILatency", "warning"): "> 0.5", ("DatabaseConnectionsHigh", "critical"): "> 80",
+        ("HighAPILatency", "warning"): "> 0.5", ("DatabaseConnectionsHigh", "critical"): "> 0.8",
         ("EmailDeliveryRateLow", "warning"): "< 0.95", ("QueueDepthHigh", "critical"): "> 1000",
         ("HighCPUUsage", "warning"): "> 0.8", ("HighMemoryUsage", "warning"): "> 0.85",
         ("DiskSpaceLow", "critical"): "> 0.9", ("RedisMemoryHigh", "warning"): "> 0.75",
@@ -251,3 +251,18 @@ def test_dashboard_links_follow_mailgenius_grafana_url_or_fall_back_to_the_monit
     rules = generate.render(generate.local_variant(ports={"exporter": 19300}))["prometheus/rules/system.yml"]
     assert "https://grafana.example.com/d/system-health" in rules
     assert "/dashboard/monitoring" not in rules
+
+
+def test_watchdog_feeds_the_dead_mans_switch_named_by_mailgenius_watchdog_url(monkeypatch):
+    def watchdog_hooks(text: str) -> list[str]:
+        cfg = yaml.safe_load(text)
+        route = next(r for r in cfg["route"]["routes"] if 'alertname="Watchdog"' in r.get("matchers", []))
+        (receiver,) = [r for r in cfg["receivers"] if r["name"] == route["receiver"]]
+        return [h["url"] for h in receiver.get("webhook_configs", [])]
+
+    monkeypatch.delenv("MAILGENIUS_WATCHDOG_URL", raising=False)
+    files = generate.render(generate.local_variant(ports={"exporter": 19300}))
+    assert watchdog_hooks(files["alertmanager/alertmanager.yml"]) == ["http://127.0.0.1:19300/api/alerts/webhook"]
+    monkeypatch.setenv("MAILGENIUS_WATCHDOG_URL", "https://hc.example.com/ping/abc")
+    files = generate.render(generate.local_variant(ports={"exporter": 19300}))
+    assert watchdog_hooks(files["alertmanager/alertmanager.yml"]) == ["https://hc.example.com/ping/abc"]

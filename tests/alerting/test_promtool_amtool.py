@@ -76,7 +76,7 @@ def test_every_alert_has_unit_tests_on_both_sides_of_its_threshold_and_for_windo
     ("queue_waiting_messages", 1001),
     ("api_latency_p95_seconds", 0.55),
     ("email_delivery_ratio", 0.93),
-    ("postgres_connections", 79),
+    ("postgres_connections_ratio", 0.79),
 ])
 def test_the_unit_tests_catch_a_moved_threshold(tmp_path, threshold, nudged):
     # Given rules rendered from a rules.yml whose threshold was moved
