@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "rules.yml"
 TEMPLATES = HERE / "templates"
 
-#: scrape job -> default local port (DESIGN.md "Real components"); every target gets service=<job>
+#: scrape job -> default local port (docs/design.md "Processes, ports, dependencies"); every target gets service=<job>
 LOCAL_PORTS = {
     "sender": 8001,
     "importer": 8002,
@@ -64,7 +64,7 @@ COMPOSE_REPLICATED = ("sender-worker", "importer-worker")
 
 #: channel names an alert may list, and the Alertmanager integration each becomes
 CHANNELS = ("email", "slack", "pagerduty", "watchdog")
-#: the exporter's Alertmanager webhook path (DESIGN.md "Exporter")
+#: the exporter's Alertmanager webhook path (docs/design.md "HTTP")
 INCIDENT_WEBHOOK_PATH = "/api/alerts/webhook"
 #: the exporter's built-in monitoring page: where dashboard links go when there is no Grafana
 MONITORING_PAGE_PATH = "/dashboard/monitoring"

@@ -8,7 +8,7 @@
 ``mailgenius report daily|weekly --out FILE.html``   the operations guide's performance report
 ``mailgenius backup | cleanup-uploads | db-maintenance | slow-queries``   maintenance tasks
 
-Every address comes from the environment (DESIGN.md); ``stack-prepare`` also writes the values it
+Every address comes from the environment (docs/design.md); ``stack-prepare`` also writes the values it
 settled on to ``<data dir>/run/stack.env``, and the commands here read that file for whatever the
 environment does not set, so ``mailgenius demo`` in a second terminal finds a stack whose ports
 were moved.

@@ -54,7 +54,7 @@ def test_every_documented_alert_is_defined_with_its_severity_cooldown_and_channe
 
 
 def test_documented_thresholds_appear_in_the_expressions(model):
-    # the number each DESIGN.md condition names, in the rendered PromQL
+    # the number each docs/design.md condition names, in the rendered PromQL
     by_name = {(a.name, a.severity): a.expr for a in model.alerts}
     recorded = {r["record"]: r["expr"] for r in model.recording}
     wanted = {

@@ -33,7 +33,7 @@ UIDS = sorted(helpers.DASHBOARDS)
 BUILTIN_PANEL_TYPES = {"row", "timeseries", "stat", "gauge", "bargauge", "table", "logs", "text",
                        "alertlist", "alertGroups", "state-timeline", "barchart", "heatmap", "piechart", "histogram"}
 PROMTOOL = "/usr/bin/promtool"
-#: the operations guide we implement (a copy of shared/operations-guide.md, so a clone is self-contained)
+#: the operations guide we implement (a copy of the guide, so a clone is self-contained)
 GUIDE = ROOT / "docs" / "operations-guide.md"
 #: The operations guide's dashboard sections (a copy, for when the guide is not beside the repo).
 GUIDE_BULLETS = {
