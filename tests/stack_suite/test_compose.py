@@ -21,16 +21,16 @@ ROOT = Path(__file__).resolve().parents[2]
 #: the compose service names every config of the repository relies on (shared contract)
 SERVICES = {"postgres", "redis", "migrate", "sender", "sender-worker", "importer", "importer-worker", "exporter",
             "smtp-sink", "prometheus", "alertmanager", "postgres-exporter", "redis-exporter",
-            "node-exporter", "grafana", "loki", "promtail"}
+            "node-exporter", "grafana", "loki", "alloy"}
 #: host paths (not in the repository) a container may mount, and why
 HOST_MOUNTS = {
     "/": "node-exporter reads the host's filesystems under /host",
-    "/var/run/docker.sock": "promtail discovers the containers whose logs it ships",
+    "/var/lib/docker/containers": "alloy reads the containers' json-file logs (read-only)",
 }
 #: services without a Docker health check, and why
 NO_HEALTHCHECK = {
     "redis-exporter": "its image is FROM scratch: no shell, wget or curl to probe with",
-    "promtail": "its image has no HTTP client; Loki's /ready and Grafana show whether logs arrive",
+    "alloy": "its image has no HTTP client; Loki's /ready and Grafana show whether logs arrive",
     "migrate": "a one-shot job: the others wait for it to exit 0, not for a health state",
 }
 #: the secrets `docker compose up` refuses to start without (no default passwords)
@@ -111,10 +111,10 @@ def test_mounted_configs_are_the_compose_variants(compose):
     home = compose["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     folder, _, fname = home.rpartition("/")
     assert (ROOT / mounts[folder] / fname).exists()
-    # Loki and Promtail are started with the files we mount
-    for svc in ("loki", "promtail"):
-        flag = next(a for a in compose["services"][svc]["command"] if a.startswith("-config.file="))
-        assert flag.split("=", 1)[1] in mounts
+    # Loki and Alloy are started with the files we mount
+    flag = next(a for a in compose["services"]["loki"]["command"] if a.startswith("-config.file="))
+    assert flag.split("=", 1)[1] in mounts
+    assert compose["services"]["alloy"]["command"][-1] in mounts
     # the secrets Alertmanager reads are the ones its compose config names
     am = (ROOT / "alertmanager/alertmanager.compose.yml").read_text()
     wanted = set(re.findall(r"_file: \"?(/etc/alertmanager/secrets/\w+)", am))
@@ -206,8 +206,11 @@ def test_other_compose_configs_name_compose_services(compose):
     assert internal <= SERVICES, f"alertmanager.compose.yml names {internal - SERVICES}"
     ds = yaml.safe_load((ROOT / "dashboards/provisioning/datasources/mailgenius.yml").read_text())
     assert {urlparse(d["url"]).hostname for d in ds["datasources"]} <= SERVICES
-    promtail = yaml.safe_load((ROOT / "dashboards/logging/promtail.yml").read_text())
-    assert {urlparse(c["url"]).hostname for c in promtail["clients"]} <= SERVICES
+    from tests.dashboards.alloy_config import parse
+
+    alloy = parse((ROOT / "dashboards/logging/config.alloy").read_text())
+    urls = [e.attrs["url"] for w in alloy.find("loki.write") for e in w.find("endpoint")]
+    assert urls and {urlparse(u).hostname for u in urls} <= SERVICES
     # the application's own environment points at compose services
     env = compose["services"]["sender"]["environment"]
     app_hosts = {urlparse(v).hostname for k, v in env.items() if isinstance(v, str) and "://" in v and "PUBLIC" not in k}
@@ -358,3 +361,18 @@ def test_docker_compose_config_accepts_the_file_and_refuses_without_secrets(tmp_
     del env["POSTGRES_PASSWORD"]
     res = subprocess.run(base, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert res.returncode != 0 and "POSTGRES_PASSWORD" in res.stderr
+
+
+def test_no_container_mounts_the_docker_socket(compose):
+    # the socket is root on the host: nothing in the stack needs it (Alloy reads log files)
+    for name, svc in compose["services"].items():
+        for vol in svc.get("volumes", []):
+            source = vol.split(":")[0] if isinstance(vol, str) else vol["source"]
+            assert "docker.sock" not in source, f"{name} mounts the Docker socket"
+    # and every host path is mounted read-only
+    for name, svc in compose["services"].items():
+        for vol in svc.get("volumes", []):
+            if isinstance(vol, str) and vol.startswith("/"):
+                assert vol.split(":")[2].startswith("ro"), f"{name} mounts {vol} writable"
+    # the json-file driver copies the compose service label Alloy names streams by
+    assert compose["x-app"]["logging"]["options"]["labels"] == "com.docker.compose.service"
