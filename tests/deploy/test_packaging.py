@@ -48,7 +48,7 @@ def _requirements(*extras: str) -> list[Requirement]:
 def test_lock_pins_every_requirement_exactly_with_hashes(lock, extras):
     pins = _pins(ROOT / "requirements" / lock)
     assert pins, lock
-    for name, (version, hashes) in pins.items():
+    for name, (_version, hashes) in pins.items():
         assert hashes, f"{lock}: {name} has no hash"
     for req in _requirements(*extras):
         name = canonicalize_name(req.name)
