@@ -91,5 +91,5 @@ def test_version_flag_prints_the_project_version():
 def test_licence_is_apache_2_and_the_readme_says_so():
     assert "Apache License" in (ROOT / "LICENSE").read_text().splitlines()[1]
     assert "Version 2.0" in (ROOT / "LICENSE").read_text()
-    assert PROJECT["license"] == {"text": "Apache-2.0"}
+    assert PROJECT["license"] == "Apache-2.0"
     assert "Apache License 2.0" in (ROOT / "README.md").read_text()
