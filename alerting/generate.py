@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "rules.yml"
 TEMPLATES = HERE / "templates"
 
-#: scrape job -> default local port (DESIGN.md "Real components"); every target gets service=<job>
+#: scrape job -> default local port (docs/design.md "Processes, ports, dependencies"); every target gets service=<job>
 LOCAL_PORTS = {
     "sender": 8001,
     "importer": 8002,
@@ -68,8 +68,10 @@ COMPOSE_REPLICATED = ("sender-worker", "importer-worker")
 
 #: channel names an alert may list, and the Alertmanager integration each becomes
 CHANNELS = ("email", "slack", "pagerduty", "watchdog")
-#: the exporter's Alertmanager webhook path (DESIGN.md "Exporter")
+#: the exporter's Alertmanager webhook path (docs/design.md "HTTP")
 INCIDENT_WEBHOOK_PATH = "/api/alerts/webhook"
+#: the exporter's built-in monitoring page: where dashboard links go when there is no Grafana
+MONITORING_PAGE_PATH = "/dashboard/monitoring"
 
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d|w|y)$")
 
@@ -111,8 +113,10 @@ class Variant:
     group_interval: str | None = None
     #: replace every alert's `for:` (end-to-end tests only; promtool tests check the real ones)
     for_override: str | None = None
-    #: external URL of Grafana / runbooks; None = rules.yml `links`
+    #: external URL of Grafana; None = rules.yml `links.grafana_url`; "" (or an empty
+    #: links.grafana_url) = no Grafana: dashboard_url points at the built-in monitoring page
     grafana_url: str | None = None
+    monitoring_url: str = f"http://127.0.0.1:9300{MONITORING_PAGE_PATH}"
 
 
 def compose_variant() -> Variant:
@@ -184,7 +188,15 @@ class Model:
         return [a for g in self.groups.values() for a in g]
 
 
-def load(path: Path = SOURCE, *, grafana_url: str | None = None) -> Model:
+def dashboard_link(uid: str, grafana_url: str, monitoring_url: str) -> str:
+    """Grafana's /d/<uid>, or the built-in monitoring page when no Grafana URL is configured."""
+    if grafana_url:
+        return f"{grafana_url.rstrip('/')}/d/{uid}"
+    return f"{monitoring_url}?dashboard={uid}"
+
+
+def load(path: Path = SOURCE, *, grafana_url: str | None = None,
+         monitoring_url: str = Variant.monitoring_url) -> Model:
     """Parse rules.yml, render its expressions and apply the severity defaults."""
     src = yaml.safe_load(path.read_text())
     try:
@@ -201,7 +213,7 @@ def load(path: Path = SOURCE, *, grafana_url: str | None = None) -> Model:
     recording = [{"record": r.series, "expr": r.expr} for r in c.recording.values()]
 
     links = src["links"]
-    grafana = (grafana_url or links["grafana_url"]).rstrip("/")
+    grafana = (links.get("grafana_url") or "") if grafana_url is None else grafana_url
     severities = src["severities"]
     groups: dict[str, list[Alert]] = {}
     seen: set[str] = set()
@@ -236,7 +248,7 @@ def load(path: Path = SOURCE, *, grafana_url: str | None = None) -> Model:
                     "summary": expr(row["summary"], where + ".summary"),
                     "description": expr(row["description"], where + ".description"),
                     "runbook_url": f"{links['runbook_base_url'].rstrip('/')}/{name}.md",
-                    "dashboard_url": f"{grafana}/d/{row['dashboard']}",
+                    "dashboard_url": dashboard_link(row["dashboard"], grafana, monitoring_url),
                 },
             )
             if alert.key in seen:
@@ -324,7 +336,7 @@ def default_source() -> Path:
 def render(variant: Variant | None = None, *, source: Path | None = None) -> dict[str, str]:
     """Relative path -> text of every generated file of one variant."""
     variant = variant or Variant()
-    model = load(source or default_source(), grafana_url=variant.grafana_url)
+    model = load(source or default_source(), grafana_url=variant.grafana_url, monitoring_url=variant.monitoring_url)
     env = _env()
     src = model.source
     out: dict[str, str] = {}
@@ -444,8 +456,14 @@ def local_variant(*, host: str = "127.0.0.1", ports: dict[str, int] | None = Non
         alertmanager_targets=(f"{host}:{p['alertmanager']}",),
         smarthost=f"{host}:{p['smtp']}",
         incident_webhook_url=f"http://{host}:{p['exporter']}{INCIDENT_WEBHOOK_PATH}",
-        watchdog_url=f"http://{host}:{p['exporter']}{INCIDENT_WEBHOOK_PATH}",
+        # MAILGENIUS_WATCHDOG_URL: an external dead man's switch that must keep receiving the
+        # Watchdog (a heartbeat monitor that pages when the pings stop); unset: the exporter
+        watchdog_url=os.environ.get("MAILGENIUS_WATCHDOG_URL")
+        or f"http://{host}:{p['exporter']}{INCIDENT_WEBHOOK_PATH}",
         templates=(REPO_TEMPLATES,),
+        # MAILGENIUS_GRAFANA_URL: links to your Grafana; unset: to the exporter's monitoring page
+        grafana_url=os.environ.get("MAILGENIUS_GRAFANA_URL", ""),
+        monitoring_url=f"http://{host}:{p['exporter']}{MONITORING_PAGE_PATH}",
     )
     base.update(changes)
     return Variant(**base)

@@ -2,6 +2,7 @@
 notification path through Alertmanager."""
 
 from dashboards.helpers import (
+    PROMETHEUS,
     AlertGroupsPanel,
     AlertListPanel,
     Section,
@@ -128,7 +129,7 @@ dashboard = build_dashboard(
         Section("Notifications", [(notifications, 12, 6), (notification_failures, 6, 6), (notification_ratio, 6, 6)]),
     ],
     annotations=[{
-        "datasource": {"type": "prometheus", "uid": "prometheus"}, "enable": True, "iconColor": "red",
+        "datasource": PROMETHEUS, "enable": True, "iconColor": "red",
         "name": "Firing alerts", "expr": f"ALERTS{{{REAL}}}", "step": "30s", "titleFormat": "{{alertname}}",
         "textFormat": "{{severity}}", "tagKeys": "alertname,severity", "useValueForTime": False,
     }],

@@ -2,8 +2,8 @@
 
 - ``dashboards/json/<uid>.json`` from each ``dashboards/<uid>.dashboard.py`` (its ``dashboard``
   variable), written with sorted keys so diffs stay small and stable;
-- ``dashboards/provisioning/datasources/mailgenius.yml``: Prometheus, Loki and Alertmanager with
-  the fixed uids the panels reference;
+- ``dashboards/provisioning/datasources/mailgenius.yml``: Prometheus, Loki and Alertmanager for
+  the compose stack's Grafana (the dashboards select them through their datasource variables);
 - ``dashboards/provisioning/dashboards/mailgenius.yml``: the file provider that loads the JSON.
 
 docker-compose mounts ``dashboards/provisioning`` on ``/etc/grafana/provisioning`` and
@@ -63,17 +63,52 @@ def load_dashboard(path: Path):
     return dash
 
 
+#: Keys grafanalib still writes that current Grafana no longer has (pre-7 row layout, graph
+#: panel era, Graphite-style targets): dropped, so Grafana loads the JSON without migrating it.
+LEGACY_DASHBOARD_KEYS = {"rows", "hideControls", "sharedCrosshair", "style", "gnetId", "__inputs"}
+LEGACY_PANEL_KEYS = {"span", "height", "minSpan", "error", "editable", "maxPerRow", "repeatDirection",
+                     "hideTimeOverride", "cacheTimeout"}
+LEGACY_TARGET_KEYS = {"metric", "step", "target", "intervalFactor", "query", "hide"}
+LEGACY_VARIABLE_KEYS = {"auto", "auto_count", "auto_min", "tagValuesQuery", "tagsQuery", "useTags"}
+
+
+def modernise(data: dict) -> dict:
+    """Drop :data:`LEGACY_*_KEYS` and null or empty-string settings from panels and targets."""
+    def clean(obj: dict, legacy: set[str]) -> dict:
+        return {k: v for k, v in obj.items() if k not in legacy and v is not None
+                and not (k == "interval" and v == "")}
+
+    def panel(p: dict) -> dict:
+        p = clean(p, LEGACY_PANEL_KEYS)
+        if "targets" in p:
+            p["targets"] = [clean(t, LEGACY_TARGET_KEYS) for t in p["targets"]]
+        if "panels" in p:
+            p["panels"] = [panel(x) for x in p["panels"]]
+        return p
+
+    data = {k: v for k, v in data.items() if k not in LEGACY_DASHBOARD_KEYS}
+    # schema 41 dropped the time picker's fixed choices
+    data["timepicker"] = {k: v for k, v in data.get("timepicker", {}).items()
+                          if k != "time_options" and v is not None}
+    data["panels"] = [panel(p) for p in data.get("panels", [])]
+    templating = data.get("templating", {})
+    templating["list"] = [clean(v, LEGACY_VARIABLE_KEYS) for v in templating.get("list", [])]
+    return data
+
+
 def to_json(dash) -> str:
-    """Grafana JSON of a grafanalib dashboard: sorted keys, two-space indent, final newline."""
+    """Grafana JSON of a grafanalib dashboard in today's shape (:func:`modernise`): sorted keys,
+    two-space indent, final newline."""
     from grafanalib._gen import DashboardEncoder
 
-    data = json.loads(json.dumps(dash.to_json_data(), cls=DashboardEncoder))
+    data = modernise(json.loads(json.dumps(dash.to_json_data(), cls=DashboardEncoder)))
     return json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
 
 
 def render_dashboards(root: Path) -> dict[Path, str]:
     out: dict[Path, str] = {}
     uids: dict[str, str] = {}
+    helpers.configure()  # MAILGENIUS_DASHBOARDS_CONFIG, if set
     for path in source_files(root):
         dash = load_dashboard(path)
         expected = path.name.removesuffix(".dashboard.py")
@@ -90,7 +125,7 @@ def render_dashboards(root: Path) -> dict[Path, str]:
 
 
 def datasources() -> dict:
-    prom, loki, am = (helpers.DATASOURCES[k] for k in ("prometheus", "loki", "alertmanager"))
+    prom, loki, am = ({"type": k, "uid": helpers.PROVISIONED_UIDS[k]} for k in ("prometheus", "loki", "alertmanager"))
     names = helpers.DATASOURCE_NAMES
     return {
         "apiVersion": 1,

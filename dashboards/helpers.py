@@ -3,7 +3,13 @@
 Every dashboard module (``<uid>.dashboard.py``) builds its panels with the functions here and
 hands a list of :class:`Section` to :func:`dashboard`, which lays them out on Grafana's 24-column
 grid, numbers the panels, and applies the house defaults (refresh 5 s, last 24 h, links to the
-other dashboards, datasource uids that ``provisioning/`` defines).
+other dashboards, a datasource variable on each: ``${datasource}`` for Prometheus,
+``${loki_datasource}`` on the dashboards with log panels).
+
+:data:`CONFIG` is the mixin-style configuration: the default datasource each variable selects,
+the regex limiting the datasources offered, and the selectors the queries use. Override it for
+your Grafana with ``MAILGENIUS_DASHBOARDS_CONFIG=<file.yml>`` at build time (a YAML mapping of the
+keys to change), or render elsewhere with :func:`configure`.
 
 PromQL is written with the metric names of :mod:`mailgenius.metrics`, so a renamed metric breaks
 the build instead of silently emptying a panel.
@@ -11,17 +17,21 @@ the build instead of silently emptying a panel.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import attr
+import yaml
 from grafanalib import core as g
 
 from mailgenius import contract
 from mailgenius import metrics as M
 
-#: Grafana dashboard JSON schema version we emit (Grafana 10.x reads it without migration).
-SCHEMA_VERSION = 39
+#: Grafana dashboard JSON schema version we emit: the one Grafana 11.6 and 12 write (41: no
+#: ``timepicker.time_options``), so they load the dashboards without running schema migrations.
+SCHEMA_VERSION = 41
 #: Refresh every 5 s (operations guide: "Atualização a cada 5 segundos").
 REFRESH = "5s"
 #: Default range: the last 24 h (operations guide: "Dados históricos de 24 horas").
@@ -29,12 +39,41 @@ DEFAULT_TIME = g.Time("now-24h", "now")
 #: Refresh choices offered in the picker; 5 s first.
 REFRESH_INTERVALS = ["5s", "10s", "30s", "1m", "5m", "15m", "1h"]
 
-#: Datasource references; provisioning/datasources defines exactly these uids.
-PROMETHEUS = {"type": "prometheus", "uid": "prometheus"}
-LOKI = {"type": "loki", "uid": "loki"}
-ALERTMANAGER = {"type": "alertmanager", "uid": "alertmanager"}
-DATASOURCES = {"prometheus": PROMETHEUS, "loki": LOKI, "alertmanager": ALERTMANAGER}
-#: Their names in Grafana (the alerting panels select a rules / Alertmanager source by name).
+#: The mixin-style configuration (module docstring). ``datasource``: the Prometheus datasource
+#: the ``${datasource}`` variable selects by default (its name; provisioning/ defines it);
+#: ``loki_datasource`` likewise; ``alertmanager_datasource``: the Alertmanager datasource the
+#: alert-group panel reads (by name); ``datasource_regex``: limits the datasources offered (empty:
+#: all of the type).
+DEFAULT_CONFIG = {
+    "datasource": "Prometheus",
+    "loki_datasource": "Loki",
+    "alertmanager_datasource": "Alertmanager",
+    "datasource_regex": "",
+}
+CONFIG: dict = dict(DEFAULT_CONFIG)
+
+
+def configure(overrides: dict | None = None) -> dict:
+    """Set :data:`CONFIG` to the defaults plus ``overrides`` (unknown keys are an error), or,
+    with None, plus the YAML file ``MAILGENIUS_DASHBOARDS_CONFIG`` names (if any)."""
+    if overrides is None:
+        path = os.environ.get("MAILGENIUS_DASHBOARDS_CONFIG")
+        overrides = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+    unknown = set(overrides) - set(DEFAULT_CONFIG)
+    if unknown:
+        raise ValueError(f"unknown dashboards config keys: {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(DEFAULT_CONFIG)})")
+    CONFIG.clear()
+    CONFIG.update(DEFAULT_CONFIG, **overrides)
+    return CONFIG
+
+
+#: Datasource references: the dashboards' variables, never a fixed uid (they work in any Grafana)
+PROMETHEUS = {"type": "prometheus", "uid": "${datasource}"}
+LOKI = {"type": "loki", "uid": "${loki_datasource}"}
+#: The uids provisioning/ gives the datasources of the compose stack.
+PROVISIONED_UIDS = {"prometheus": "prometheus", "loki": "loki", "alertmanager": "alertmanager"}
+#: Their names in the compose stack's Grafana.
 DATASOURCE_NAMES = {"prometheus": "Prometheus", "loki": "Loki", "alertmanager": "Alertmanager"}
 
 #: The six dashboards: stable uid -> title. Alerts' ``dashboard_url`` annotations use /d/<uid>.
@@ -273,7 +312,7 @@ class AlertListPanel(g.Panel):
 
     It reads Prometheus' ``/api/v1/rules`` through Grafana, so it carries no query target."""
 
-    source = attr.ib(default=DATASOURCE_NAMES["prometheus"])
+    source = attr.ib(factory=lambda: CONFIG["datasource"])
 
     def to_json_data(self):
         return self.panel_json({
@@ -295,7 +334,7 @@ class AlertGroupsPanel(g.Panel):
     """Grafana's Alertmanager alert groups, read from the provisioned Alertmanager datasource
     (by name): what Alertmanager holds, grouped as it routes them. No query target."""
 
-    source = attr.ib(default=DATASOURCE_NAMES["alertmanager"])
+    source = attr.ib(factory=lambda: CONFIG["alertmanager_datasource"])
     labels = attr.ib(default="")
 
     def to_json_data(self):
@@ -406,10 +445,27 @@ def panel_link(uid: str, title: str | None = None) -> dict:
             "targetBlank": False}
 
 
+def datasource_var(name: str, label: str, kind: str, default: str) -> dict:
+    """A datasource variable: every panel of that type follows the one picked (``${name}``)."""
+    return {"type": "datasource", "name": name, "label": label, "query": kind,
+            "current": {"selected": False, "text": default, "value": default},
+            "regex": CONFIG["datasource_regex"], "hide": 0, "includeAll": False, "multi": False,
+            "options": [], "refresh": 1, "skipUrlSync": False}
+
+
+def _uses_loki(sections: Sequence[Section]) -> bool:
+    return any(isinstance(p, g.Logs) or any(isinstance(t, LokiTarget) for t in getattr(p, "targets", []) or [])
+               for s in sections for p, _w, _h in s.panels)
+
+
 def build_dashboard(uid: str, description: str, sections: Sequence[Section],
               variables: Sequence[g.Template] = (), annotations: Sequence[dict] = ()) -> g.Dashboard:
     if uid not in DASHBOARDS:
         raise ValueError(f"unknown dashboard uid {uid!r}")
+    sources = [datasource_var("datasource", "Prometheus", "prometheus", CONFIG["datasource"])]
+    if _uses_loki(sections):
+        sources.append(datasource_var("loki_datasource", "Loki", "loki", CONFIG["loki_datasource"]))
+    variables = [*sources, *variables]
     anns = [{
         "builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"}, "enable": True,
         "hide": True, "iconColor": "rgba(0, 211, 255, 1)", "name": "Annotations & Alerts", "type": "dashboard",

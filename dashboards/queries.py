@@ -66,8 +66,11 @@ def iter_panels(dash: dict) -> Iterator[dict]:
 
 
 def _ds_uid(ds) -> str | None:
+    """The datasource of a reference: ``prometheus`` or ``loki`` (a ``${variable}`` reference
+    stands for a datasource of its type)."""
     if isinstance(ds, dict):
-        return ds.get("uid")
+        uid = ds.get("uid")
+        return ds.get("type") if isinstance(uid, str) and uid.startswith("$") else uid
     return ds
 
 

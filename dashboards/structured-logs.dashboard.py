@@ -1,7 +1,7 @@
 """6. Structured Logs (Loki): live logs filtered by service, level and free text, volume by
 level, error rate, and export.
 
-Only ``service`` and ``level`` are Loki labels (logging/promtail.yml promotes them from the
+Only ``service`` and ``level`` are Loki labels (logging/config.alloy promotes them from the
 services' JSON lines); everything else (request_id, import_id, campaign_id, ...) stays in the
 line and is reached with ``| json`` at query time.
 """

@@ -132,11 +132,11 @@ slow_routes = table(
 )
 
 db_connections = timeseries(
-    "Database connections",
-    [prom("sum(pg_stat_activity_count)", "connections"),
-     prom("max(pg_settings_max_connections)", "max_connections")],
-    thresholds=[(None, "green"), (threshold("postgres_connections"), "red")],
-    description=fires("DatabaseConnectionsHigh", "above", "postgres_connections", "num", "connections"),
+    "Database connections (share of max_connections)",
+    [prom(recorded("pg_connections_ratio"), "{{service}}")],
+    unit="percentunit",
+    thresholds=[(None, "green"), (threshold("postgres_connections_ratio"), "red")],
+    description=fires("DatabaseConnectionsHigh", "above", "postgres_connections_ratio", "pct", "of max_connections"),
 )
 db_cache = gauge(
     "Database cache hit ratio",

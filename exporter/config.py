@@ -20,7 +20,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from mailgenius.settings import Settings, SettingsError
+from mailgenius.settings import Settings, SettingsError, with_secret_files
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def _num(env: Mapping[str, str], name: str, default: float, cast=float, lo: floa
 
 def load_config(settings: Settings, environ: Mapping[str, str] | None = None) -> ExporterConfig:
     """Environment first, then ``settings.extra`` (tests put overrides there)."""
-    env = dict(os.environ if environ is None else environ)
+    env = dict(with_secret_files(os.environ if environ is None else environ))
     env.update({k: str(v) for k, v in (settings.extra or {}).items()})
     ignored = env.get("MAILGENIUS_ALERT_IGNORED")
     return ExporterConfig(

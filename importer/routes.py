@@ -1,4 +1,4 @@
-"""HTTP handlers and the route table of the importer API (DESIGN.md "Importer")."""
+"""HTTP handlers and the route table of the importer API (docs/design.md "HTTP")."""
 
 from __future__ import annotations
 

@@ -138,7 +138,8 @@ def cmd_worker(args) -> int:
 
 
 #: generators run by `mailgenius build`: module exposing build(root: Path, check: bool) -> list[Path]
-GENERATORS = ("alerting.generate", "dashboards.generate", "mailgenius.catalogue")
+#: rendered in this order: deploy.k8s reads the rules and dashboards the others wrote
+GENERATORS = ("alerting.generate", "dashboards.generate", "mailgenius.catalogue", "deploy.k8s")
 
 
 def cmd_build(args) -> int:
@@ -178,9 +179,21 @@ def cmd_sink(args) -> int:
     return run_sink(settings)
 
 
+def version() -> str:
+    """The installed distribution's version (pyproject.toml ``version``)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("mailgenius-monitor")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "0+unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailgenius", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mailgenius {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("migrate", help="create the database if needed and apply SQL migrations")

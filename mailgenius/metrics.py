@@ -1,4 +1,4 @@
-"""Metric names of the contract (DESIGN.md "Metrics catalogue") and the shared HTTP metrics.
+"""Metric names of the contract (docs/design.md "Metrics") and the shared HTTP metrics.
 
 Dashboards and alert rules import the names from here, so a rename breaks the build instead of
 silently emptying a panel.

@@ -8,7 +8,7 @@
 ``mailgenius report daily|weekly --out FILE.html``   the operations guide's performance report
 ``mailgenius backup | cleanup-uploads | db-maintenance | slow-queries``   maintenance tasks
 
-Every address comes from the environment (DESIGN.md); ``stack-prepare`` also writes the values it
+Every address comes from the environment (docs/design.md); ``stack-prepare`` also writes the values it
 settled on to ``<data dir>/run/stack.env``, and the commands here read that file for whatever the
 environment does not set, so ``mailgenius demo`` in a second terminal finds a stack whose ports
 were moved.
@@ -490,7 +490,8 @@ async def probe_postgres(settings: Settings) -> Probe:
         row, probe.latency_ms = await _timed(asyncio.wait_for(q(), PROBE_TIMEOUT))
         probe.detail = f"{row['conns']}/{row['max_conns']} connections"
         probe.data = dict(row)
-        if row["conns"] > 0.8 * row["max_conns"]:
+        # DatabaseConnectionsHigh's own threshold (a share of max_connections)
+        if row["conns"] > contract.get().threshold("postgres_connections_ratio") * row["max_conns"]:
             probe.status = DEGRADED
     except Exception as exc:
         probe.status, probe.detail = UNHEALTHY, f"{type(exc).__name__}: {exc}"
@@ -1005,7 +1006,7 @@ def report_thresholds(c: contract.Contract | None = None) -> dict:
             "queue_waiting": t("queue_waiting_messages"), "cpu_percent": round(100 * t("cpu_utilisation_ratio"), 6),
             "memory_percent": round(100 * t("memory_utilisation_ratio"), 6),
             "disk_percent": round(100 * t("disk_usage_critical_ratio"), 6),
-            "cache_hit_ratio": t("postgres_cache_hit_ratio"), "db_connections": t("postgres_connections"),
+            "cache_hit_ratio": t("postgres_cache_hit_ratio"), "db_connections_ratio": t("postgres_connections_ratio"),
             "worker_failure_ratio": t("worker_error_ratio")}
 
 
@@ -1305,8 +1306,9 @@ async def collect_report(prom: Prometheus, kind: str, *, now: float | None = Non
     if hit is not None and hit < T["cache_hit_ratio"]:
         recs.append(f"Postgres cache hit ratio {_pct(hit)} is under {contract.percent(T['cache_hit_ratio'])}: raise shared_buffers or add indexes; "
                     "run `mailgenius db-maintenance`.")
-    if conns is not None and conns > T["db_connections"]:
-        recs.append(f"{conns:.0f} Postgres connections (> {contract.number(T['db_connections'])}): lower MAILGENIUS_DB_POOL_MAX per process or add PgBouncer.")
+    if conns is not None and max_conns and conns / max_conns > T["db_connections_ratio"]:
+        recs.append(f"{conns:.0f} of {max_conns:.0f} Postgres connections in use (> {contract.percent(T['db_connections_ratio'])}): "
+                    "lower MAILGENIUS_DB_POOL_MAX per process or add PgBouncer.")
     if not recs:
         recs.append("Every figure is within the operations guide's thresholds: no action needed.")
     recs.append("Routine: `mailgenius backup` daily, `mailgenius cleanup-uploads` daily, `mailgenius db-maintenance` weekly.")

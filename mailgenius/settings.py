@@ -1,4 +1,4 @@
-"""Settings from the environment, with the documented defaults (DESIGN.md).
+"""Settings from the environment, with the documented defaults (docs/design.md).
 
 A bad value raises :class:`SettingsError` naming the variable; entry points turn it into one
 clear line on stderr and exit 2 (no traceback).
@@ -168,9 +168,39 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
+#: variables that may instead be given as ``<NAME>_FILE``: a path whose content is the value
+#: (Docker / Kubernetes secrets mounted as files; one trailing newline is dropped)
+FILE_VARIABLES = ("DATABASE_URL", "REDIS_URL", "BROKER_URL", "RESEND_API_KEY",
+                  "MAILGENIUS_RESEND_WEBHOOK_SECRET", "MAILGENIUS_TRACKING_SECRET",
+                  "MAILGENIUS_SMTP_PASSWORD", "MAILGENIUS_ALERT_WEBHOOK_TOKEN")
+
+
+def with_secret_files(env: Mapping[str, str]) -> Mapping[str, str]:
+    """``env`` with every ``<NAME>_FILE`` of :data:`FILE_VARIABLES` read into ``<NAME>``."""
+    files = {n: env[n + "_FILE"] for n in FILE_VARIABLES if env.get(n + "_FILE")}
+    if not files:
+        return env
+    out = dict(env)
+    for name, path in files.items():
+        if env.get(name):
+            raise SettingsError(name + "_FILE", f"both {name} and {name}_FILE are set; set one")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                value = fh.read()
+        except OSError as exc:
+            raise SettingsError(name + "_FILE", f"cannot read {path}: {exc.strerror}") from None
+        value = value[:-1] if value.endswith("\n") else value
+        if value.endswith("\r"):
+            value = value[:-1]
+        if not value:
+            raise SettingsError(name + "_FILE", f"{path} is empty")
+        out[name] = value
+    return out
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every variable; raise SettingsError on the first bad one."""
-    env = os.environ if environ is None else environ
+    env = with_secret_files(os.environ if environ is None else environ)
     redis_url = _url(env, "REDIS_URL", DEFAULT_REDIS_URL, ("redis", "rediss", "unix"))
     data_dir = _str(env, "MAILGENIUS_DATA_DIR", "./var")
     return Settings(

@@ -2,7 +2,7 @@
 # Start the whole stack in the foreground from the Procfile (honcho); Ctrl-C stops everything.
 #
 # Every port and address comes from the environment (README "Configuration"; defaults in
-# DESIGN.md). `mailgenius stack-prepare` checks that every port is free (a taken one is reported
+# docs/design.md). `mailgenius stack-prepare` checks that every port is free (a taken one is reported
 # by name, with the variable that moves it), renders the Prometheus and Alertmanager configs for
 # the chosen ports into $MAILGENIUS_DATA_DIR/run/, writes the settled variables to
 # $MAILGENIUS_DATA_DIR/run/stack.env (honcho loads it; `mailgenius status|demo|report` read it)

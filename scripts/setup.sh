@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent machine set-up for `make run` and `make test` on Debian:
 #   1. the Debian packages we need (only the missing ones; apt-get update only when installing),
-#   2. .venv with the project installed (re-installed only when pyproject.toml changed),
+#   2. .venv with the locked dependencies and the project (re-installed only when
+#      requirements/dev.txt or pyproject.toml changed),
 #   3. PostgreSQL and Redis started when nothing answers at the configured URLs,
 #   4. the database created and migrated.
 # Usage: scripts/setup.sh [--test]   (--test adds what the test suites need, e.g. chromium)
@@ -45,12 +46,15 @@ if [ ! -x .venv/bin/python ]; then
   log "creating .venv"
   "$PY" -m venv .venv
 fi
+# exact versions from the lock (requirements/dev.txt, hashes checked), then the project itself;
+# skipped when neither the lock nor pyproject.toml changed since the last install
 stamp=.venv/.installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  log "installing the project into .venv"
-  .venv/bin/pip install -q --upgrade pip >/dev/null
-  .venv/bin/pip install -q -e '.[dev]'
-  touch "$stamp"
+want=$(cat pyproject.toml requirements/dev.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  log "installing the locked dependencies and the project into .venv"
+  .venv/bin/pip install -q --require-hashes -r requirements/dev.txt
+  .venv/bin/pip install -q --no-deps -e .
+  echo "$want" > "$stamp"
 fi
 
 # -- 3. PostgreSQL and Redis ----------------------------------------------------------------
@@ -67,7 +71,7 @@ if ! pg_isready -q -h "$PGH" -p "$PGP" 2>/dev/null; then
   fi
   hba=$(ls /etc/postgresql/"$ver"/main/pg_hba.conf)
   if ! grep -q "mailgenius-local-trust" "$hba"; then
-    # local development cluster: trust loopback connections (DESIGN.md: trust auth on 127.0.0.1)
+    # local development cluster: trust loopback connections (docs/design.md: trust auth on 127.0.0.1)
     $SUDO sed -i '1i host all all 127.0.0.1/32 trust # mailgenius-local-trust\nhost all all ::1/128 trust # mailgenius-local-trust' "$hba"
   fi
   $SUDO pg_ctlcluster --skip-systemctl-redirect "$ver" main start || $SUDO pg_ctlcluster "$ver" main start

@@ -55,3 +55,44 @@ def test_bad_value_stops_startup_with_one_line_and_no_traceback():
     assert len(lines) == 1, proc.stderr
     assert "MAILGENIUS_SENDER_PORT" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+# -- <NAME>_FILE secrets (Docker / Kubernetes secrets mounted as files) -----------------------
+
+def test_secret_files_are_read_and_lose_one_trailing_newline(tmp_path):
+    db = tmp_path / "database_url"
+    db.write_text("postgresql://app:s3cret@db:5432/mailgenius\n")
+    tracking = tmp_path / "tracking"
+    tracking.write_text("x" * 40)
+    s = load_settings({"DATABASE_URL_FILE": str(db), "MAILGENIUS_TRACKING_SECRET_FILE": str(tracking)})
+    assert s.database_url == "postgresql://app:s3cret@db:5432/mailgenius"
+    assert s.tracking_secret == "x" * 40
+    # the value read from a file is validated like the variable itself
+    db.write_text("mysql://nope\n")
+    with pytest.raises(SettingsError) as exc:
+        load_settings({"DATABASE_URL_FILE": str(db)})
+    assert exc.value.variable == "DATABASE_URL"
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "both"])
+def test_bad_secret_file_names_the_variable(tmp_path, case):
+    path = tmp_path / "secret"
+    env = {"RESEND_API_KEY_FILE": str(path)}
+    if case == "empty":
+        path.write_text("")
+    if case == "both":
+        path.write_text("re_123")
+        env["RESEND_API_KEY"] = "re_456"
+    with pytest.raises(SettingsError) as exc:
+        load_settings(env)
+    assert exc.value.variable == "RESEND_API_KEY_FILE"
+    assert {"missing": "cannot read", "empty": "is empty", "both": "set one"}[case] in str(exc.value)
+
+
+def test_exporter_reads_its_webhook_token_from_a_file(tmp_path):
+    from exporter.config import load_config
+
+    token = tmp_path / "token"
+    token.write_text("t" * 32 + "\n")
+    cfg = load_config(load_settings({}), {"MAILGENIUS_ALERT_WEBHOOK_TOKEN_FILE": str(token)})
+    assert cfg.webhook_token == "t" * 32

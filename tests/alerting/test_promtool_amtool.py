@@ -116,7 +116,7 @@ def test_every_alert_has_unit_tests_on_both_sides_of_its_threshold_and_for_windo
     ("queue_waiting_messages", 1001),
     ("api_latency_p95_seconds", 0.55),
     ("email_delivery_ratio", 0.93),
-    ("postgres_connections", 79),
+    ("postgres_connections_ratio", 0.79),
     # issue 14's flaky case: the 80 % failing provider must no longer fire at 85 %
     ("provider_error_ratio", 0.85),
 ])

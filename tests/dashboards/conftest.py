@@ -35,8 +35,11 @@ def provisioned_names() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def promtail() -> dict:
-    return yaml.safe_load((ROOT / "dashboards" / "logging" / "promtail.yml").read_text())
+def alloy():
+    """dashboards/logging/config.alloy, parsed (Grafana Alloy ships the containers' logs)."""
+    from tests.dashboards.alloy_config import parse
+
+    return parse((ROOT / "dashboards" / "logging" / "config.alloy").read_text())
 
 
 @pytest.fixture(scope="session")

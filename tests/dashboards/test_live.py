@@ -404,7 +404,8 @@ def test_the_alert_rules_panel_has_rules_linked_to_dashboards(live, dashboards):
     assert status == 200 and len(rules) >= 10
     for rule in rules:
         url = rule["annotations"].get("dashboard_url", "")
-        assert re.search(r"/d/([\w-]+)", url) and re.search(r"/d/([\w-]+)", url).group(1) in dashboards, rule["name"]
+        m = re.search(r"(?:/d/|[?&]dashboard=)([\w-]+)", url)
+        assert m and m.group(1) in dashboards, rule["name"]
 
 
 def test_cli_check_reports_every_query_with_data(live):

@@ -1,5 +1,5 @@
 """The dashboards as Grafana would load them: generation, JSON validity, layout, datasources,
-links, variables, PromQL syntax (promtool), metric names, LogQL labels against Promtail."""
+links, variables, PromQL syntax (promtool), metric names, LogQL labels against Alloy."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ UIDS = sorted(helpers.DASHBOARDS)
 BUILTIN_PANEL_TYPES = {"row", "timeseries", "stat", "gauge", "bargauge", "table", "logs", "text",
                        "alertlist", "alertGroups", "state-timeline", "barchart", "heatmap", "piechart", "histogram"}
 PROMTOOL = "/usr/bin/promtool"
-#: the operations guide we implement (a copy of shared/operations-guide.md, so a clone is self-contained)
+#: the operations guide we implement (a copy of the guide, so a clone is self-contained)
 GUIDE = ROOT / "docs" / "operations-guide.md"
 #: The operations guide's dashboard sections (a copy, for when the guide is not beside the repo).
 GUIDE_BULLETS = {
@@ -127,7 +127,7 @@ def test_dashboard_header(dashboards, uid):
     assert "5s" in d["timepicker"]["refresh_intervals"]
     assert d["id"] is None  # provisioning assigns ids; a fixed one would clash
     assert helpers.TAG in d["tags"]
-    assert d["panels"] and not d["rows"]
+    assert d["panels"] and "rows" not in d
 
 
 @pytest.mark.parametrize("uid", UIDS)
@@ -164,17 +164,24 @@ def test_panels_are_builtin_types_with_defined_datasources(dashboards, provision
         assert p["targets"], f"{p['title']} has no query"
         refs = [t["refId"] for t in p["targets"]]
         assert len(refs) == len(set(refs)) and all(refs), p["title"]
+        variables = {v["name"]: v for v in d["templating"]["list"] if v["type"] == "datasource"}
         for ds in [p["datasource"], *(t["datasource"] for t in p["targets"])]:
-            assert ds["uid"] in provisioned_uids, f"{p['title']}: datasource {ds} is not provisioned"
-            assert provisioned_uids[ds["uid"]] == ds["type"]
+            # a datasource variable of the dashboard, of the panel's type (never a fixed uid)
+            name = ds["uid"].removeprefix("${").removesuffix("}")
+            assert name in variables, f"{p['title']}: datasource {ds} is not a variable"
+            assert variables[name]["query"] == ds["type"]
+            # whose default is a datasource the compose stack provisions
+            assert provisioned_names[variables[name]["current"]["value"]] == ds["type"]
         for t in p["targets"]:
             assert t["expr"].strip(), p["title"]
+    variables = {v["name"]: v for v in d["templating"]["list"] if v["type"] == "datasource"}
     for ann in d["annotations"]["list"]:
         if ann.get("expr"):
-            assert ann["datasource"]["uid"] in provisioned_uids
+            assert ann["datasource"]["uid"] == "${datasource}"
     for var in d["templating"]["list"]:
         if var["type"] == "query":
-            assert var["datasource"]["uid"] in provisioned_uids
+            name = var["datasource"]["uid"].removeprefix("${").removesuffix("}")
+            assert variables[name]["query"] == var["datasource"]["type"], var["name"]
 
 
 @pytest.mark.parametrize("uid", UIDS)
@@ -215,7 +222,7 @@ def test_alert_dashboard_urls_land_on_a_dashboard(dashboards):
                 url = rule.get("annotations", {}).get("dashboard_url")
                 if url is None:
                     continue
-                m = re.search(r"/d/([\w-]+)", url)
+                m = re.search(r"(?:/d/|[?&]dashboard=)([\w-]+)", url)
                 assert m and m.group(1) in dashboards, f"{rule['alert']}: {url}"
                 seen += 1
     assert seen > 0
@@ -319,46 +326,46 @@ def test_metric_name_extraction():
     assert metric_names(expr) == {"mailgenius_http_requests_total", "foo_bucket", "up"}
 
 
-# -- Loki / Promtail -------------------------------------------------------------------------
+# -- Loki / Alloy ---------------------------------------------------------------------------
 
-def promtail_labels(cfg: dict) -> set[str]:
-    """Labels Promtail attaches to streams: relabel targets, static labels, `labels` stages."""
+def _stages(alloy) -> list:
+    (process,) = alloy.find("loki.process")
+    return process.blocks
+
+
+def alloy_labels(alloy) -> set[str]:
+    """Labels Alloy attaches to streams: its `stage.labels` and `stage.static_labels` stages (the
+    file source adds only `filename`, which stage.labels never keeps: see the test below)."""
     labels: set[str] = set()
-
-    def stages(items):
-        for stage in items or []:
-            for kind, body in stage.items():
-                if kind == "labels":
-                    labels.update(body)
-                elif kind == "static_labels":
-                    labels.update(body)
-                elif kind == "match":
-                    stages(body.get("stages"))
-
-    for sc in cfg["scrape_configs"]:
-        for rc in sc.get("relabel_configs", []):
-            if rc.get("action", "replace") == "replace" and "target_label" in rc:
-                labels.add(rc["target_label"])
-            assert rc.get("action") not in ("labelmap",), "labelmap would copy unbounded Docker labels"
-        for static in sc.get("static_configs", []):
-            labels.update(k for k in static.get("labels", {}) if k != "__path__")
-        stages(sc.get("pipeline_stages"))
-    return {label for label in labels if not label.startswith("__")}
+    for stage in _stages(alloy):
+        if stage.name in ("stage.labels", "stage.static_labels"):
+            labels.update(stage.attrs["values"])
+    return labels
 
 
-def test_promtail_promotes_only_service_and_level(promtail):
-    assert promtail_labels(promtail) == {"service", "level"}
-    assert promtail["clients"][0]["url"].endswith("/loki/api/v1/push")
+def test_alloy_promotes_only_service_and_level(alloy):
+    assert alloy_labels(alloy) == {"service", "level"}
+    (write,) = alloy.find("loki.write")
+    (endpoint,) = write.find("endpoint")
+    assert endpoint.attrs["url"].endswith("/loki/api/v1/push")
+    # the pipeline is wired: files -> process -> write
+    (source,) = alloy.find("loki.source.file")
+    (process,) = alloy.find("loki.process")
+    assert [r.path for r in source.attrs["forward_to"]] == [f"loki.process.{process.label}.receiver"]
+    assert [r.path for r in process.attrs["forward_to"]] == [f"loki.write.{write.label}.receiver"]
+    # Docker's log files, not its socket
+    (match,) = alloy.find("local.file_match")
+    assert match.attrs["path_targets"] == [{"__path__": "/var/lib/docker/containers/*/*-json.log"}]
 
 
-def test_logql_targets_use_only_promtail_labels(dashboards, promtail):
-    allowed = promtail_labels(promtail)
+def test_logql_targets_use_only_alloy_labels(dashboards, alloy):
+    allowed = alloy_labels(alloy)
     loki_queries = [q for uid in UIDS for q in iter_queries(dashboards[uid]) if q.datasource == "loki"]
     assert loki_queries
     for q in loki_queries:
         used = logql_labels(q.expr)
         assert used, f"{q.key}: no stream selector"
-        assert used <= allowed, f"{q.key} uses {used - allowed}, which Promtail does not produce"
+        assert used <= allowed, f"{q.key} uses {used - allowed}, which Alloy does not produce"
         # Loki refuses selectors whose every matcher matches the empty string
         assert re.search(r'service=~"\$service"', q.expr), q.key
     service_var = next(v for v in dashboards["structured-logs"]["templating"]["list"] if v["name"] == "service")
@@ -399,7 +406,20 @@ def test_logql_label_extraction_sees_a_foreign_label():
     assert logql_labels('sum by (pod) (rate({app="x", level=~"e.*"} |= "a" [1m]))') == {"app", "level", "pod"}
 
 
-def test_promtail_json_stage_reads_service_and_level_from_real_service_logs(dashboards, promtail):
+def _jmes(doc: dict, expression: str):
+    """The dotted-path subset of JMESPath that the json stages use (quoted segments allowed)."""
+    for part in re.findall(r'"([^"]*)"|([^.]+)', expression):
+        key = part[0] or part[1]
+        doc = doc.get(key) if isinstance(doc, dict) else None
+    return doc
+
+
+def _run_json_stage(stage, line: str) -> dict:
+    doc = json.loads(line)
+    return {k: _jmes(doc, v or k) for k, v in stage.attrs["expressions"].items()}
+
+
+def test_alloy_pipeline_reads_service_and_level_from_real_service_logs(dashboards, alloy):
     # Given the services' own JSON formatter
     from mailgenius.logs import setup_logging
 
@@ -417,10 +437,18 @@ def test_promtail_json_stage_reads_service_and_level_from_real_service_logs(dash
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
-    # When Promtail's json stage extracts its expressions from each line
-    stage = next(s["json"] for s in promtail["scrape_configs"][0]["pipeline_stages"] if "json" in s)
-    extracted = [{k: json.loads(line).get(v) for k, v in stage["expressions"].items()}
-                 for line in buf.getvalue().splitlines()]
+    # wrapped as Docker's json-file driver writes them (compose asks for the service label)
+    lines = [json.dumps({"log": line + "\n", "stream": "stderr", "time": "2026-12-05T12:00:00.123456789Z",
+                         "attrs": {"com.docker.compose.service": "importer-worker"}})
+             for line in buf.getvalue().splitlines()]
+    envelope, app = [s for s in _stages(alloy) if s.name == "stage.json"]
+    # When the first json stage opens the envelope and the output stage puts the line back
+    opened = [_run_json_stage(envelope, line) for line in lines]
+    assert {o["compose_service"] for o in opened} == {"importer-worker"}
+    output = next(s for s in _stages(alloy) if s.name == "stage.output")
+    inner = [o[output.attrs["source"]].rstrip("\n") for o in opened]
+    # and the second extracts its expressions from each line
+    extracted = [_run_json_stage(app, line) for line in inner]
     # Then every line yields the service and a level the dashboard's level filter offers
     levels = next(v for v in dashboards["structured-logs"]["templating"]["list"] if v["name"] == "level")
     offered = {o["value"] for o in levels["options"]}
@@ -428,10 +456,16 @@ def test_promtail_json_stage_reads_service_and_level_from_real_service_logs(dash
     assert [e["level"] for e in extracted] == ["debug", "info", "warning", "error", "critical"]
     assert {e["level"] for e in extracted} <= offered
     # and the text-line regex agrees for dramatiq's own "[INFO]" lines
-    regex = next(s["regex"] for s in promtail["scrape_configs"][0]["pipeline_stages"] if "regex" in s)
-    pattern = re.compile(regex["expression"].replace("(?P<", "(?P<"))
+    regex = next(s for s in _stages(alloy) if s.name == "stage.regex")
+    pattern = re.compile(regex.attrs["expression"])
     m = pattern.search("[2026-11-29 17:00:00,000] [PID 7] [MainThread] [dramatiq.MainProcess] [WARNING] x")
     assert m and m.group("level").lower() in offered
+    # lines of containers outside the compose project are dropped
+    template = next(s for s in _stages(alloy) if s.name == "stage.template" and s.attrs["source"] == "ours")
+    drop = next(s for s in _stages(alloy) if s.name == "stage.drop")
+    assert drop.attrs == {"source": "ours", "value": "no"}
+    assert "if .compose_service" in template.attrs["template"]
+
 
 
 def test_loki_config_keeps_a_day_of_logs_on_disk():
@@ -464,8 +498,8 @@ def test_docker_compose_mounts_what_grafana_provisioning_expects():
     grafana = " ".join(str(v) for v in services["grafana"].get("volumes", []))
     assert "dashboards/provisioning" in grafana
     assert "dashboards/json" in grafana and generate.GRAFANA_DASHBOARDS_PATH in grafana
-    promtail = " ".join(str(v) for v in services["promtail"].get("volumes", []))
-    assert "dashboards/logging/promtail.yml" in promtail
+    alloy = " ".join(str(v) for v in services["alloy"].get("volumes", []))
+    assert "dashboards/logging/config.alloy" in alloy
 
 
 # -- command line ----------------------------------------------------------------------------

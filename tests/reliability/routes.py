@@ -21,7 +21,7 @@ def routes(app) -> list[Route]:
 
 def needs_key(route: Route) -> bool:
     """Routes that must refuse a caller without an API key: every route that declares a scope,
-    except the public health and OpenAPI documents (DESIGN.md "HTTP contracts")."""
+    except the public health and OpenAPI documents (docs/design.md "HTTP")."""
     return route.scope is not None and not route.path.startswith(PUBLIC_API_PREFIXES)
 
 

@@ -12,6 +12,7 @@ clone's own code on sys.path ahead of anything else.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -87,7 +88,10 @@ def _make_clone(tmp: Path) -> Path:
         script = venv / "bin" / name
         script.write_text(f"#!{py}\nimport sys\nfrom {mod} import {func}\nsys.exit({func}())\n")
         script.chmod(0o755)
-    (venv / ".installed").touch()  # setup.sh: the project is installed (see the module docstring)
+    # setup.sh: the project and the lock are installed (see the module docstring); the stamp holds
+    # the digest of what was installed, as setup.sh computes it
+    digest = hashlib.sha256((clone / "pyproject.toml").read_bytes() + (clone / "requirements/dev.txt").read_bytes())
+    (venv / ".installed").write_text(digest.hexdigest() + "\n")
     return clone
 
 

@@ -1,0 +1,1 @@
+"""Deployment artefacts rendered from the repository's sources (``deploy/kubernetes/``)."""
