@@ -42,8 +42,10 @@ print(json.dumps({
 
 def _copy_repo(tmp_path: Path) -> Path:
     root = tmp_path / "repo"
-    for d in ("alerting", "dashboards", "prometheus", "alertmanager"):
+    for d in ("alerting", "dashboards", "prometheus", "alertmanager", "deploy", "docs"):
         shutil.copytree(ROOT / d, root / d, ignore=shutil.ignore_patterns("__pycache__", "node_modules"))
+    # the Kubernetes generator tags images with the project's version
+    shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
     return root
 
 
