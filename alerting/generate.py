@@ -304,10 +304,13 @@ def _receiver_name(channels: tuple[str, ...]) -> str:
     return "-".join(channels)
 
 
-def render(variant: Variant | None = None, *, source: Path = SOURCE) -> dict[str, str]:
+def render(variant: Variant | None = None, *, source: Path = SOURCE, slo_source: Path | None = None) -> dict[str, str]:
     """Relative path -> text of every generated file of one variant."""
+    from . import slo  # SLOs and error budgets (alerting/slos.yml): their own rule file, same routing
+
     variant = variant or Variant()
     model = load(source, grafana_url=variant.grafana_url)
+    slos = slo.load(slo_source or slo.SOURCE, rules=model.source, grafana_url=variant.grafana_url)
     env = _env()
     src = model.source
     out: dict[str, str] = {}
@@ -321,6 +324,9 @@ def render(variant: Variant | None = None, *, source: Path = SOURCE) -> dict[str
         out[f"prometheus/rules/{group}.yml"] = env.get_template("alerts.yml.j2").render(
             header=header, group=group, alerts=alerts)
 
+    out[slo.RULE_FILE] = slo.render_rules(slos, header.replace("alerting/rules.yml", "alerting/slos.yml"),
+                                          for_override=variant.for_override)
+
     # the compose variant lives beside the local one; any other variant is rendered elsewhere
     suffix = ".compose" if variant.name == "compose" else ""
     out[f"prometheus/prometheus{suffix}.yml"] = env.get_template("prometheus.yml.j2").render(
@@ -329,7 +335,7 @@ def render(variant: Variant | None = None, *, source: Path = SOURCE) -> dict[str
     routing = src["routing"]
     receivers: dict[str, tuple[str, ...]] = {}
     routes = []
-    for a in model.alerts:
+    for a in model.alerts + slos.alerts:
         name = _receiver_name(a.channels)
         receivers[name] = a.channels
         routes.append({"alertname": a.name, "severity": a.severity, "receiver": name,
