@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from alerting import generate
-from tests.alerting.expected import ALERTS, WATCHDOG, expected
+from tests.alerting.expected import ALERTS, SLO_ALERTS, WATCHDOG, expected
 from tests.conftest import ROOT
 from tests.stack import require_binaries
 
@@ -68,8 +68,8 @@ def test_every_alert_has_unit_tests_on_both_sides_of_its_threshold_and_for_windo
                         assert set(exp["exp_annotations"]) == {"summary", "description", "runbook_url", "dashboard_url"}
                 else:
                     silent.add(check["alertname"])
-    assert fired == set(ALERTS) | {WATCHDOG}
-    assert silent >= {name for name, _sev in ALERTS}
+    assert fired == set(ALERTS) | {WATCHDOG} | set(SLO_ALERTS)
+    assert silent >= {name for name, _sev in ALERTS} | {name for name, _sev in SLO_ALERTS}
 
 
 @pytest.mark.parametrize(("threshold", "nudged"), [
@@ -116,7 +116,7 @@ def _channels_of(config: dict, receiver: str) -> set[str]:
 @pytest.mark.parametrize("config_path", AM_CONFIGS, ids=lambda p: p.name)
 def test_amtool_routes_every_alert_to_exactly_its_documented_channels(config_path):
     config = yaml.safe_load(config_path.read_text())
-    for alert, severity in sorted(set(ALERTS) | {WATCHDOG}):
+    for alert, severity in sorted(set(ALERTS) | {WATCHDOG} | set(SLO_ALERTS)):
         cooldown, channels = expected(alert, severity)
         res = run(AMTOOL, "config", "routes", "test", f"--config.file={config_path}",
                   f"alertname={alert}", f"severity={severity}", "service=sender", "instance=x")
