@@ -34,8 +34,8 @@ SOURCE = HERE / "slos.yml"
 RULE_FILE = "prometheus/rules/slo.yml"
 #: the windows whose error ratio is recorded (every window an alert pairs must be one of them)
 WINDOWS = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
-#: Grafana uid of the "SLOs and error budgets" dashboard (dashboards/slos.dashboard.py)
-DASHBOARD = "slos"
+#: Grafana uid of the "SLOs and error budgets" dashboard (dashboards/slo.dashboard.py)
+DASHBOARD = "slo"
 
 # -- recorded series (the dashboard and the monitoring page read these) ---------------------------
 #: bad / good+bad events per second over 5 minutes

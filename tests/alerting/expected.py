@@ -68,4 +68,4 @@ def expected(alert: str, severity: str) -> tuple[int, set[str]]:
 
 #: Grafana dashboard uids (the dashboards engineer's contract)
 DASHBOARD_UIDS = {"system-health", "import-progress", "email-metrics", "queue-health",
-                  "alerts-incidents", "structured-logs", "slos"}
+                  "alerts-incidents", "structured-logs", "slo"}

@@ -55,6 +55,8 @@ EXPECTED_EMPTY: dict[str, str] = {
         "only the Watchdog fires in a healthy stack, and the annotation leaves it out",
     "queue-health/annotation: Firing alerts/annotation":
         "only the Watchdog fires in a healthy stack, and the annotation leaves it out",
+    "slo/annotation: Firing alerts/annotation":
+        "only the Watchdog fires in a healthy stack, and the annotation leaves it out",
 }
 
 #: On RabbitMQ (MAILGENIUS_TEST_BROKER_URL=amqp://...) the exporter cannot peek at a queue's head
