@@ -305,8 +305,9 @@ def _receiver_name(channels: tuple[str, ...]) -> str:
 
 
 def render(variant: Variant | None = None, *, source: Path = SOURCE, slo_source: Path | None = None) -> dict[str, str]:
-    """Relative path -> text of every generated file of one variant."""
-    from . import slo  # SLOs and error budgets (alerting/slos.yml): their own rule file, same routing
+    """Relative path -> text of every generated file of one variant (with the SLOs of
+    alerting/slos.yml: their own rule file, routed like every other alert)."""
+    from . import slo
 
     variant = variant or Variant()
     model = load(source, grafana_url=variant.grafana_url)

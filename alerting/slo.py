@@ -125,9 +125,8 @@ class SloModel:
 
 
 def _num(value: Decimal) -> str:
-    """A Decimal as PromQL writes it (0.001, 14.4, 6)."""
-    text = format(value.normalize(), "f")
-    return text
+    """A Decimal as PromQL writes it (0.001, 14.4, 6, 100)."""
+    return format(value.normalize(), "f")
 
 
 def _paren(expr: str) -> str:
@@ -287,7 +286,7 @@ def recording_rules(slo: Slo, period: str, period_seconds: int) -> list[dict]:
          "expr": f"sum_over_time({ERRORS_RATE5M}{sel}[{period}])\n  /\nsum_over_time({TOTAL_RATE5M}{sel}[{period}])"},
         {"record": OBJECTIVE, "expr": f"vector({_num(slo.objective_ratio)})"},
         {"record": ERROR_BUDGET, "expr": f"vector({budget})"},
-        {"record": PERIOD_DAYS, "expr": f"vector({period_seconds // 86400 or period_seconds / 86400})"},
+        {"record": PERIOD_DAYS, "expr": f"vector({_num(Decimal(period_seconds) / 86400)})"},
         {"record": CURRENT_BURN_RATE, "expr": f"{ratio_name(CURRENT_WINDOW)}{sel} / {budget}"},
         {"record": PERIOD_BURN_RATE, "expr": f"{ratio_name(period)}{sel} / {budget}"},
         {"record": BUDGET_REMAINING, "expr": f"1 - {PERIOD_BURN_RATE}{sel}"},

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from decimal import Decimal
 
 import pytest
 import yaml
@@ -44,7 +45,7 @@ def groups() -> list[dict]:
 def test_the_issue_slos_with_their_objectives(model):
     assert {s.name: float(s.objective) for s in model.slos} == OBJECTIVES
     assert model.period == "30d"
-    assert {s.name: s.budget for s in model.slos}["api-availability"] == slo.Decimal("0.001")
+    assert {s.name: s.budget for s in model.slos}["api-availability"] == Decimal("0.001")
     assert {(a.name, a.severity) for a in model.alerts} == set(SLO_ALERTS)
     assert tuple(s.name for s in model.slos) == SLOS
 
