@@ -209,4 +209,7 @@ async def test_a_batch_held_by_another_worker_is_left_alone_and_locks_are_releas
     assert fake_resend.stats()["emails"] == 150 and fake_resend.stats()["duplicates"] == 0
     # And no session still holds the batch's lock
     assert await pool.fetchval(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1 AND objid IN (0, 1)", cid) == 0
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1 AND objid IN (0, 1)"
+        # pg_locks is cluster-wide: another database's campaign 1 (a concurrent test session,
+        # another stack on the same server) must not count
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())", cid) == 0
