@@ -181,20 +181,35 @@ def test_an_inconsistent_slos_yml_is_refused_with_a_clear_error(tmp_path, edit, 
         generate.render(slo_source=path)
 
 
-@pytest.mark.parametrize(("edit", "what"), [
-    (("- [1h, 5m, 14.4]", "- [1h, 5m, 21]"), "a page factor above the fast burn"),
-    (("- [1d, 2h, 3]", "- [1d, 2h, 6]"), "a ticket factor above the slow burn"),
-    (("objective: 99.9", "objective: 99.95"), "a tighter availability objective"),
+#: api-availability's alert expression, as rendered
+_AVAIL = 'slo:sli_error:ratio_rate{w}{{slo="api-availability"}} / 0.001 > {f}'
+
+
+@pytest.mark.parametrize(("source_edit", "rule_edit", "what"), [
+    # in slos.yml (the annotations name the factors too)
+    (("- [1d, 2h, 3]", "- [1d, 2h, 6]"), None, "a ticket factor above the slow burn"),
+    (("objective: 99.9", "objective: 99.95"), None, "a tighter availability objective"),
+    # in the rendered expression only (annotations unchanged): the cases must see the behaviour
+    (None, (_AVAIL.format(w="1h", f="14.4"), _AVAIL.format(w="1h", f="21")), "the 1h/5m page factor"),
+    (None, (_AVAIL.format(w="6h", f="6"), _AVAIL.format(w="6h", f="7")), "the 6h/30m page factor"),
+    (None, (_AVAIL.format(w="30m", f="6"), _AVAIL.format(w="6h", f="6")), "the 30m short window (the page would not reset)"),
+    (None, (_AVAIL.format(w="5m", f="14.4"), _AVAIL.format(w="1h", f="14.4")), "the 5m short window"),
 ])
-def test_the_promtool_tests_catch_a_moved_factor_or_objective(tmp_path, edit, what):
+def test_the_promtool_tests_catch_a_moved_factor_objective_or_window(tmp_path, source_edit, rule_edit, what):
     require_binaries(PROMTOOL)
-    # Given slo.yml rendered from a slos.yml with one number moved
+    # Given slo.yml rendered from a slos.yml with one number moved, or with one term of an
+    # alert expression changed
     src = slo.SOURCE.read_text()
-    assert edit[0] in src
+    if source_edit:
+        assert source_edit[0] in src
+        src = src.replace(source_edit[0], source_edit[1], 1)
     path = tmp_path / "slos.yml"
-    path.write_text(src.replace(edit[0], edit[1], 1))
-    rendered = generate.render(slo_source=path)
-    generate.write({slo.RULE_FILE: rendered[slo.RULE_FILE]}, tmp_path)
+    path.write_text(src)
+    text = generate.render(slo_source=path)[slo.RULE_FILE]
+    if rule_edit:
+        assert rule_edit[0] in text, rule_edit[0]
+        text = text.replace(rule_edit[0], rule_edit[1])
+    generate.write({slo.RULE_FILE: text}, tmp_path)
     (tmp_path / "prometheus/tests").mkdir(parents=True)
     shutil.copy(SLO_TEST, tmp_path / "prometheus/tests/slo_test.yml")
     # When the committed unit tests run against it
