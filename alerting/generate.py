@@ -333,10 +333,16 @@ def default_source() -> Path:
     return Path(os.environ.get(contract.ENV) or SOURCE)
 
 
-def render(variant: Variant | None = None, *, source: Path | None = None) -> dict[str, str]:
-    """Relative path -> text of every generated file of one variant."""
+def render(variant: Variant | None = None, *, source: Path | None = None,
+           slo_source: Path | None = None) -> dict[str, str]:
+    """Relative path -> text of every generated file of one variant (with the SLOs of
+    alerting/slos.yml: their own rule file, routed like every other alert)."""
+    from . import slo
+
     variant = variant or Variant()
     model = load(source or default_source(), grafana_url=variant.grafana_url, monitoring_url=variant.monitoring_url)
+    slos = slo.load(slo_source or slo.SOURCE, rules=model.source, grafana_url=variant.grafana_url,
+                    monitoring_url=variant.monitoring_url)
     env = _env()
     src = model.source
     out: dict[str, str] = {}
@@ -350,6 +356,9 @@ def render(variant: Variant | None = None, *, source: Path | None = None) -> dic
         out[f"prometheus/rules/{group}.yml"] = env.get_template("alerts.yml.j2").render(
             header=header, group=group, alerts=alerts)
 
+    out[slo.RULE_FILE] = slo.render_rules(slos, header.replace("alerting/rules.yml", "alerting/slos.yml"),
+                                          for_override=variant.for_override)
+
     # the compose variant lives beside the local one; any other variant is rendered elsewhere
     suffix = ".compose" if variant.name == "compose" else ""
     out[f"prometheus/prometheus{suffix}.yml"] = env.get_template("prometheus.yml.j2").render(
@@ -360,7 +369,7 @@ def render(variant: Variant | None = None, *, source: Path | None = None) -> dic
     receivers: dict[str, tuple[str, ...]] = {}
     routes = []
     global_interval = _duration(variant.group_interval or routing["group_interval"], "group_interval")
-    for a in model.alerts:
+    for a in model.alerts + slos.alerts:
         name = _receiver_name(a.channels)
         receivers[name] = a.channels
         routes.append({"alertname": a.name, "severity": a.severity, "receiver": name,

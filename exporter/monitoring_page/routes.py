@@ -17,7 +17,7 @@ from mailgenius import keys as kernel_keys
 from mailgenius.cache import rkey
 from mailgenius.web import Route, add_routes, json_response
 
-from . import keys, sessions, sources
+from . import budgets, keys, sessions, sources
 from .csvsafe import to_csv, to_ndjson
 from .imports import import_overview
 from .logview import (
@@ -169,6 +169,23 @@ async def api_series(request: web.Request) -> web.Response:
     return _secure(json_response(body))
 
 
+#: seconds one answer of the budgets is reused for every viewer (the page polls every 5 s)
+BUDGETS_CACHE_SECONDS = 4.0
+
+
+async def api_slos(request: web.Request) -> web.Response:
+    """Error budgets of the SLOs (budget left over 30 days, burn rate, time to exhaustion)."""
+    await _require_session(request)
+    cache = request.app[keys.SERIES_CACHE]
+    hit = cache.get("slos")
+    if hit is not None and hit[0] > time.monotonic():
+        return _secure(json_response(hit[1]))
+    settings = request.app[kernel_keys.SETTINGS]
+    body = await budgets.slo_budgets(request.app[keys.HTTP], settings.prometheus_url)
+    cache["slos"] = (time.monotonic() + BUDGETS_CACHE_SECONDS, body)
+    return _secure(json_response(body))
+
+
 async def api_alerts(request: web.Request) -> web.Response:
     """Active alerts from Alertmanager."""
     await _require_session(request)
@@ -243,6 +260,9 @@ def routes() -> list[Route]:
               responses={303: {"description": "signed out; sent to the login form"}}, tags=tags),
         Route("GET", f"{API}/series", api_series, scope=None, summary=api_series.__doc__.split("\n")[0],
               responses={200: _json("charts and figures, or ok=false when Prometheus is unreachable"),
+                         **_UNAUTH}, tags=tags),
+        Route("GET", f"{API}/slos", api_slos, scope=None, summary=api_slos.__doc__.split("\n")[0],
+              responses={200: _json("error budgets per SLO, or ok=false when Prometheus is unreachable"),
                          **_UNAUTH}, tags=tags),
         Route("GET", f"{API}/alerts", api_alerts, scope=None, summary="Active alerts from Alertmanager",
               responses={200: _json("alerts, or ok=false when Alertmanager is unreachable"), **_UNAUTH},

@@ -44,6 +44,16 @@ ALERTS = {
     ("AlertmanagerNotificationsFailing", "critical"): (None, None),
 }
 
+#: the SLO burn-rate alerts (issue 22, alerting/slos.yml): per SLO a page (critical) and a ticket
+#: (warning) under one name, with the defaults of their severity
+SLOS = ("api-availability", "api-latency", "email-delivery", "import-success")
+SLO_ALERTS = {
+    (name, severity): (None, None)
+    for name in ("SloApiAvailabilityBudgetBurn", "SloApiLatencyBudgetBurn", "SloEmailDeliveryBudgetBurn",
+                 "SloImportSuccessBudgetBurn")
+    for severity in ("critical", "warning")
+}
+
 #: the Watchdog: always firing, only to the dead man's switch, never an incident
 WATCHDOG = ("Watchdog", "none")
 
@@ -52,7 +62,7 @@ def expected(alert: str, severity: str) -> tuple[int, set[str]]:
     """(cooldown seconds, channels) the contract demands, defaults applied."""
     if (alert, severity) == WATCHDOG:
         return DEFAULT_COOLDOWN["none"], {"watchdog"}
-    cooldown, channels = ALERTS[(alert, severity)]
+    cooldown, channels = {**ALERTS, **SLO_ALERTS}[(alert, severity)]
     if cooldown is None:
         cooldown = DEFAULT_COOLDOWN[severity]
     if channels is None:
@@ -62,4 +72,4 @@ def expected(alert: str, severity: str) -> tuple[int, set[str]]:
 
 #: Grafana dashboard uids (the dashboards engineer's contract)
 DASHBOARD_UIDS = {"system-health", "import-progress", "email-metrics", "queue-health",
-                  "alerts-incidents", "structured-logs"}
+                  "alerts-incidents", "structured-logs", "slo"}

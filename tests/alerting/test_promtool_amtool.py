@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from alerting import generate
-from tests.alerting.expected import ALERTS, WATCHDOG, expected
+from tests.alerting.expected import ALERTS, SLO_ALERTS, WATCHDOG, expected
 from tests.conftest import ROOT
 from tests.stack import require_binaries
 
@@ -70,12 +70,31 @@ def test_every_rule_test_file_fixes_the_group_order_producers_first(test_file):
     assert sorted(order) == sorted(groups), f"group_eval_order must list exactly the groups {sorted(groups)}"
     position = {name: i for i, name in enumerate(order)}
     for producer, rules in groups.items():
-        for record in (r["record"] for r in rules if "record" in r):
-            used = re.compile(r"(?<![\w:])" + re.escape(record) + r"(?![\w:])")
+        for rule in (r for r in rules if "record" in r):
             for consumer, crules in groups.items():
-                if consumer != producer and any(used.search(r["expr"]) for r in crules):
+                if consumer != producer and any(_reads(r["expr"], rule["record"], rule.get("labels") or {})
+                                                for r in crules):
                     assert position[producer] < position[consumer], (
-                        f"{consumer} reads {record} recorded by {producer}: list {producer} first")
+                        f"{consumer} reads {rule['record']} recorded by {producer}: list {producer} first")
+
+
+def _reads(expr: str, record: str, labels: dict) -> bool:
+    """Whether expr may read the series a rule records as ``record`` with static ``labels``: it
+    names the record, and its selector does not pin one of those labels to another value (the
+    SLO groups record the same names, each with its own ``slo`` label, and read only their own)."""
+    for m in re.finditer(r"(?<![\w:])" + re.escape(record) + r"(?![\w:])(\{[^}]*\})?", expr):
+        pinned = dict(re.findall(r'(\w+)\s*=\s*"([^"]*)"', m.group(1) or ""))
+        if all(pinned.get(k, v) == v for k, v in labels.items()):
+            return True
+    return False
+
+
+def test_the_group_order_check_tells_apart_series_of_the_same_name():
+    assert _reads('slo:x{slo="a"} / 2', "slo:x", {"slo": "a"})
+    assert not _reads('slo:x{slo="b"} / 2', "slo:x", {"slo": "a"})
+    assert _reads("slo:x / 2", "slo:x", {"slo": "a"})
+    assert _reads('sum(mailgenius:y{service="s"})', "mailgenius:y", {})
+    assert not _reads("slo:xy", "slo:x", {})
 
 
 def test_promtool_rule_unit_tests_are_deterministic():
@@ -108,8 +127,8 @@ def test_every_alert_has_unit_tests_on_both_sides_of_its_threshold_and_for_windo
                         assert set(exp["exp_annotations"]) == {"summary", "description", "runbook_url", "dashboard_url"}
                 else:
                     silent.add(check["alertname"])
-    assert fired == set(ALERTS) | {WATCHDOG}
-    assert silent >= {name for name, _sev in ALERTS}
+    assert fired == set(ALERTS) | {WATCHDOG} | set(SLO_ALERTS)
+    assert silent >= {name for name, _sev in ALERTS} | {name for name, _sev in SLO_ALERTS}
 
 
 @pytest.mark.parametrize(("threshold", "nudged"), [
@@ -158,7 +177,7 @@ def _channels_of(config: dict, receiver: str) -> set[str]:
 @pytest.mark.parametrize("config_path", AM_CONFIGS, ids=lambda p: p.name)
 def test_amtool_routes_every_alert_to_exactly_its_documented_channels(config_path):
     config = yaml.safe_load(config_path.read_text())
-    for alert, severity in sorted(set(ALERTS) | {WATCHDOG}):
+    for alert, severity in sorted(set(ALERTS) | {WATCHDOG} | set(SLO_ALERTS)):
         cooldown, channels = expected(alert, severity)
         res = run(AMTOOL, "config", "routes", "test", f"--config.file={config_path}",
                   f"alertname={alert}", f"severity={severity}", "service=sender", "instance=x")

@@ -230,7 +230,9 @@ def test_monitoring_page_in_a_browser(stack, browser, settings, tmp_path):
     stack.start_alertmanager(am_config)
     stack.wait_http("sender-worker", "/", timeout=60)
     stack.wait_http("importer-worker", "/", timeout=60)
-    stack.start_prometheus(rule_files=[str(rules)], extra_args=("--rules.alert.resend-delay=1s",))
+    # (with the generated SLO rules: the page's error budgets read what they record)
+    stack.start_prometheus(rule_files=[str(rules), str(ROOT / "prometheus/rules/slo.yml")],
+                           extra_args=("--rules.alert.resend-delay=1s",))
     key = _api_key(stack, "read")
     sender_key = _api_key(stack, "send")
     import_key = _api_key(stack, "import")
@@ -328,6 +330,11 @@ def test_monitoring_page_in_a_browser(stack, browser, settings, tmp_path):
         assert int(_text(page, "[data-stat=emails_sent]")) in (6, 7)
         for section in ("#sec-email", "#sec-imports", "#sec-api"):
             assert page.locator(f"{section} .chart[data-state]").count() >= 1, section
+        # and the error budget of every SLO, from the series the SLO rules record
+        budget = "document.querySelector('#slo-table tr[data-slo=\"api-availability\"] [data-field=budget]')"
+        wait_js(page, f"{budget}?.textContent.endsWith('%')", timeout=30_000)
+        assert page.locator("#slo-table tr[data-slo]").count() == 4
+        assert "99.9 %" in _text(page, '#slo-table tr[data-slo="api-availability"]')
         assert not page.locator("#banners .banner").count(), _text(page, "#banners")
 
         # And a number changes without a reload
@@ -400,6 +407,7 @@ def test_monitoring_page_in_a_browser(stack, browser, settings, tmp_path):
         page.wait_for_selector("#banners .banner >> text=Prometheus unreachable", timeout=20_000)
         page.wait_for_selector("#banners .banner >> text=Alertmanager unreachable", timeout=20_000)
         page.wait_for_selector('[data-chart="api_latency"][data-state="unreachable"]')
+        page.wait_for_selector("#slo-table >> text=Prometheus unreachable", timeout=20_000)
         for i in range(3):
             enqueue(broker, "lead-import", "import_leads_probe", 200 + i)
         wait_js(page,

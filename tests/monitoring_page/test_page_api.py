@@ -123,7 +123,7 @@ async def test_revoked_key_ends_the_session(page_client, make_key, pool, monkeyp
     assert 'name="key"' in await page.text()
 
 
-@pytest.mark.parametrize("path", ["/series", "/alerts", "/imports", "/logs", "/logs/export"])
+@pytest.mark.parametrize("path", ["/series", "/slos", "/alerts", "/imports", "/logs", "/logs/export"])
 async def test_page_json_needs_a_session(page_client, path):
     resp = await page_client.get(API + path)
     assert resp.status == 401

@@ -214,6 +214,32 @@
     fillTable($("#imports-table"), rows, 6, "no imports yet");
   }
 
+  // -- error budgets of the SLOs (recorded by prometheus/rules/slo.yml) --------------------------
+  function budgetCell(v) {
+    if (!isNum(v)) return el("td", { class: "num", "data-field": "budget", text: "—" });
+    const status = v <= 0 ? "critical" : v < 0.25 ? "warning" : "ok";
+    return el("td", { class: "num", "data-field": "budget" }, badge(status, fmt(v, "ratio->pct")));
+  }
+
+  async function loadBudgets() {
+    const data = await getJSON(`${API}/slos`);
+    if (!data.ok) {
+      fillTable($("#slo-table"), [], 6, data.error);
+      return;
+    }
+    const rows = data.slos.map((s) => el("tr", { "data-slo": s.slo },
+      el("th", { scope: "row", text: s.slo }),
+      el("td", { class: "num", text: isNum(s.objective) ? fmt(s.objective, "ratio->pct") : "—" }),
+      budgetCell(s.budget_remaining),
+      el("td", { class: "num", "data-field": "burn", text: isNum(s.burn_rate_1h) ? s.burn_rate_1h.toFixed(2) : "—" }),
+      el("td", { class: "num", "data-field": "lasts",
+        text: isNum(s.exhaustion_seconds) ? duration(s.exhaustion_seconds)
+          : (isNum(s.burn_rate_1h) ? "not burning" : "—") }),
+      el("td", { "data-field": "alert" }, s.alert === "page" ? badge("critical", "page")
+        : s.alert === "ticket" ? badge("warning", "ticket") : badge("ok", "none"))));
+    fillTable($("#slo-table"), rows, 6, "no SLO series yet (prometheus/rules/slo.yml not loaded, or no traffic)");
+  }
+
   // -- alerts and incidents -------------------------------------------------------------------
   async function loadAlerts() {
     const data = await getJSON(`${API}/alerts`);
@@ -434,6 +460,7 @@
     run("queues", "#sec-queues", loadQueues);
     run("imports", "#sec-imports", loadImports);
     run("alerts", "#sec-alerts", loadAlerts);
+    run("budgets", "#sec-slo", loadBudgets);
     run("incidents", "#sec-alerts", loadIncidents);
     run("logs", "#sec-logs", () => loadLogs(false));
     if (forceCharts || Date.now() - lastChartLoad >= (CHART_REFRESH[range] || REFRESH_MS) - 250) {

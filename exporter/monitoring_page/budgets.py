@@ -1,0 +1,59 @@
+"""Error budgets of the SLOs (docs/slos.md) for the page's "Error budgets" card: one instant
+query for the series ``prometheus/rules/slo.yml`` records, grouped by their ``slo`` label, plus
+the SLO alerts firing now.
+
+The names below are those alerting/slo.py records (services do not import the tools layer; a test
+checks that the two agree). Prometheus being down is an answer, as for the charts:
+``{"ok": false, "error": "Prometheus unreachable: ..."}``.
+"""
+
+from __future__ import annotations
+
+from .sources import BackendDown, _get_json, _num
+
+#: field of the page's JSON -> recorded series (every one labelled slo="<name>")
+SERIES = {
+    "objective": "slo:objective:ratio",
+    "error_budget": "slo:error_budget:ratio",
+    "budget_remaining": "slo:period_error_budget_remaining:ratio",
+    "burn_rate_1h": "slo:current_burn_rate:ratio",
+    "error_ratio_30d": "slo:sli_error:ratio_rate30d",
+    "exhaustion_seconds": "slo:error_budget_exhaustion:seconds",
+}
+#: what a firing SLO alert means for the budget, by severity (alerting/slos.yml `alerts`)
+ALERT_KINDS = {"critical": "page", "warning": "ticket"}
+
+#: one query: every recorded budget series and the SLO alerts firing now
+QUERY = ('{__name__=~"' + "|".join(sorted(SERIES.values())) + '",slo!=""}'
+         ' or ALERTS{alertstate="firing",slo!=""}')
+
+
+async def slo_budgets(http, prometheus_url: str) -> dict:
+    """``{"ok", "error", "slos": [{"slo", <SERIES fields>, "alert"}]}``, SLOs by name; a field is
+    None when its series is absent (no traffic yet; ``exhaustion_seconds``: nothing burning)."""
+    url = prometheus_url.rstrip("/") + "/api/v1/query"
+    try:
+        status, body = await _get_json(http, url, {"query": QUERY})
+    except BackendDown as exc:
+        return {"ok": False, "error": f"Prometheus unreachable: {exc}", "slos": []}
+    if status != 200 or not isinstance(body, dict) or body.get("status") != "success":
+        error = body.get("error") if isinstance(body, dict) else None
+        return {"ok": False, "error": f"Prometheus refused the query: {error or f'HTTP {status}'}", "slos": []}
+    by_name = {v: k for k, v in SERIES.items()}
+    slos: dict[str, dict] = {}
+    for item in body["data"]["result"]:
+        metric = item.get("metric", {})
+        name = metric.get("slo")
+        if not name:
+            continue
+        row = slos.setdefault(name, {"slo": name, **{k: None for k in SERIES}, "alert": None})
+        if metric.get("__name__") == "ALERTS":
+            kind = ALERT_KINDS.get(metric.get("severity", ""))
+            # a page outranks a ticket (Alertmanager mutes the ticket under it)
+            if kind and row["alert"] != "page":
+                row["alert"] = kind
+            continue
+        field = by_name.get(metric.get("__name__", ""))
+        if field:
+            row[field] = _num(item.get("value", [None, None])[1])
+    return {"ok": True, "error": None, "slos": [slos[k] for k in sorted(slos)]}
