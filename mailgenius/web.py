@@ -105,15 +105,34 @@ def error_response(status: int, code: str, message: str, details: Any = None, he
     return json_response(error_body(code, message, details), status=status, headers=headers)
 
 
+async def read_body(request: web.Request, limit: int = MAX_JSON_BYTES) -> bytes:
+    """The whole body, at most ``limit`` bytes whatever the transfer encoding: a Content-Length
+    above it is refused before reading, and a chunked (or length-less) body is counted as it
+    streams in and refused (413) as soon as it passes the limit, never buffered past it."""
+    if request.content_length is not None and request.content_length > limit:
+        raise errors.PayloadTooLarge(f"a JSON body may be at most {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise errors.PayloadTooLarge(f"a JSON body may be at most {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def read_json(request: web.Request) -> Any:
-    """The JSON body, or a 400 JSON error naming the problem."""
+    """The JSON body, or a 400 JSON error naming the problem (413 above :data:`MAX_JSON_BYTES`,
+    for every transfer encoding)."""
     if not request.can_read_body:
         raise errors.AppError("a JSON body is required", code="invalid_json")
-    if request.content_length is not None and request.content_length > MAX_JSON_BYTES:
-        raise errors.PayloadTooLarge(f"a JSON body may be at most {MAX_JSON_BYTES} bytes")
+    body = await read_body(request, MAX_JSON_BYTES)
     try:
-        return await request.json(loads=_loads)
-    except ValueError as exc:
+        return _loads(body.decode(request.charset or "utf-8"))
+    except (ValueError, LookupError) as exc:
         raise errors.AppError(f"the body is not valid JSON: {exc}", code="invalid_json") from None
 
 
