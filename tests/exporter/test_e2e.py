@@ -13,7 +13,7 @@ import pytest
 
 from mailgenius import metrics as m
 from tests.conftest import bearer
-from tests.stack import ALERTMANAGER, PROMETHEUS, Stack, http_get, require_binaries, wait_until
+from tests.stack import ALERT_WEBHOOK_TOKEN, ALERTMANAGER, PROMETHEUS, Stack, http_get, require_binaries, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -33,7 +33,8 @@ def start(stack: Stack) -> None:
         "route": {"receiver": "incidents", "group_by": ["alertname"], "group_wait": "0s",
                   "group_interval": "1s", "repeat_interval": "1h"},
         "receivers": [{"name": "incidents", "webhook_configs": [
-            {"url": stack.url("exporter") + "/api/alerts/webhook", "send_resolved": True}]}],
+            {"url": stack.url("exporter") + "/api/alerts/webhook", "send_resolved": True,
+             "http_config": {"authorization": {"credentials": ALERT_WEBHOOK_TOKEN}}}]}],
     }))
     stack.start_alertmanager(am_config)
     stack.start_prometheus(jobs={"exporter": stack.target("exporter")})
