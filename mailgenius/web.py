@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import itertools
 import json
 import logging
@@ -138,6 +139,34 @@ async def read_json(request: web.Request) -> Any:
 
 def _loads(text: str) -> Any:
     return json.loads(text)
+
+
+def client_address(request: web.Request) -> str:
+    """The client's IP address: the socket peer, unless the peer is a trusted reverse proxy
+    (``MAILGENIUS_TRUSTED_PROXIES``), then the right-most ``X-Forwarded-For`` hop that is not
+    itself a trusted proxy. A client cannot choose its address by sending the header: it is read
+    only from trusted peers, and from the right (the hops our proxies appended)."""
+    peer = request.remote or ""
+    trusted = request.app[keys.SETTINGS].trusted_proxies
+    if not trusted or not _in_networks(peer, trusted):
+        return peer or "unknown"
+    hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", ()) for h in v.split(",")]
+    for hop in reversed([h for h in hops if h]):
+        try:
+            ip = ipaddress.ip_address(hop)
+        except ValueError:
+            return peer  # not an address: our proxy would not write that; trust nothing past it
+        if not any(ip in net for net in trusted):
+            return str(ip)
+    return peer
+
+
+def _in_networks(addr: str, networks: tuple) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
 
 
 def route_label(request: web.Request) -> str:
