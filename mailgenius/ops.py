@@ -431,7 +431,10 @@ async def _http_json(session, url: str, **kw):
 async def probe_service(session, name: str, base_url: str) -> Probe:
     probe = Probe(name, "service")
     try:
-        (status, body), probe.latency_ms = await _timed(_http_json(session, base_url + "/api/health"))
+        # health shows its details only to a key holder (MAILGENIUS_API_KEY, any scope)
+        key = os.environ.get("MAILGENIUS_API_KEY", "").strip()
+        (status, body), probe.latency_ms = await _timed(_http_json(
+            session, base_url + "/api/health", headers={"Authorization": f"Bearer {key}"} if key else {}))
     except Exception as exc:
         probe.status, probe.detail = UNHEALTHY, f"{base_url} unreachable: {type(exc).__name__} {exc}".strip()
         return probe

@@ -411,9 +411,34 @@ async def index_handler(request: web.Request) -> web.Response:
     return web.Response(text=html, content_type="text/html")
 
 
+async def may_see_details(request: web.Request) -> bool:
+    """Whether the caller holds a valid API key (any scope) or a monitoring page session: only
+    then does health show its details (relay host:port, volumes, backend URLs, error texts)."""
+    try:
+        header = request.headers.get("Authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() == "bearer" and key.strip() and keys.DB in request.app:
+            return await auth.lookup(request.app[keys.DB], key.strip(), request.app[keys.AUTH_CACHE]) is not None
+        session_auth = request.app.get(keys.SESSION_AUTH)
+        return session_auth is not None and await session_auth(request) is not None
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # the store is down: health still answers, without details
+        return False
+
+
+def public_checks(checks: dict[str, dict]) -> dict[str, dict]:
+    """The checks without their details (status and latency stay)."""
+    return {name: {**c, "detail": ""} for name, c in checks.items()}
+
+
 async def health_handler(request: web.Request) -> web.Response:
+    """Public (load balancers, Prometheus): status and latency per check; the details only with
+    an API key or a monitoring page session."""
     registry: HealthRegistry = request.app[keys.HEALTH]
     status, checks = await registry.run()
+    if not await may_see_details(request):
+        checks = public_checks(checks)
     body = {"status": status, "service": request.app[keys.SERVICE], "checks": checks}
     return json_response(body, status=503 if status == UNHEALTHY else 200)
 
@@ -424,6 +449,8 @@ async def health_one_handler(request: web.Request) -> web.Response:
     if name not in registry.checks:
         raise errors.NotFound(f"no health check named {name!r}; known: {', '.join(registry.checks)}")
     status, checks = await registry.run([name])
+    if not await may_see_details(request):
+        checks = public_checks(checks)
     body = {"status": status, "service": request.app[keys.SERVICE], "checks": checks, **checks[name]}
     return json_response(body, status=503 if status == UNHEALTHY else 200)
 

@@ -35,7 +35,15 @@ from dashboards.queries import check_prometheus, iter_queries, metric_names
 from mailgenius import auth
 from mailgenius.settings import load_settings
 from tests.conftest import ROOT, TABLES
-from tests.stack import ALERT_WEBHOOK_TOKEN, ALERTMANAGER, PROMETHEUS, Stack, http_get, require_binaries, wait_until
+from tests.stack import (
+    ALERT_WEBHOOK_TOKEN,
+    ALERTMANAGER,
+    PROMETHEUS,
+    Stack,
+    http_get,
+    require_binaries,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

@@ -13,7 +13,15 @@ import pytest
 
 from mailgenius import metrics as m
 from tests.conftest import bearer
-from tests.stack import ALERT_WEBHOOK_TOKEN, ALERTMANAGER, PROMETHEUS, Stack, http_get, require_binaries, wait_until
+from tests.stack import (
+    ALERT_WEBHOOK_TOKEN,
+    ALERTMANAGER,
+    PROMETHEUS,
+    Stack,
+    http_get,
+    require_binaries,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -82,7 +90,7 @@ async def test_prometheus_scrapes_the_kpis_and_the_summary_uses_it(stack, pool, 
     assert body["lead_metrics"]["total_leads"] == 1234
 
     # And the aggregated health sees Prometheus and Alertmanager up
-    status, health = get_json(exporter + "/api/health")
+    status, health = get_json(exporter + "/api/health", key)
     assert health["checks"]["prometheus"]["status"] == "healthy", health
     assert health["checks"]["alertmanager"]["status"] == "healthy", health
     assert health["checks"]["database"]["status"] == "healthy"

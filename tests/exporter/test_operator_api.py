@@ -343,7 +343,7 @@ async def test_summary_without_prometheus_answers_with_a_marker(aiohttp_client, 
     assert 0 <= body["database"]["cache_hit_ratio"]["current"] <= 100
 
 
-async def test_health_aggregates_every_dependency(aiohttp_client, exporter_settings, pool):
+async def test_health_aggregates_every_dependency(aiohttp_client, exporter_settings, pool, make_key):
     # Given sender, importer, Prometheus and Alertmanager all unreachable
     closed = {name: f"http://127.0.0.1:{free_port()}" for name in ("sender", "importer", "prom", "am")}
     settings = exporter_settings.replace(sender_url=closed["sender"], importer_url=closed["importer"],
@@ -360,7 +360,7 @@ async def test_health_aggregates_every_dependency(aiohttp_client, exporter_setti
     for name in ("sender", "importer", "prometheus", "alertmanager", "workers"):
         assert body["checks"][name]["status"] == "degraded", body["checks"][name]
     # And one check is reachable on its own
-    one = await (await client.get("/api/health/workers")).json()
+    one = await (await client.get("/api/health/workers", headers=bearer(await make_key()))).json()
     assert "live workers" in one["detail"]
 
 
