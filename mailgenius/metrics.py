@@ -28,6 +28,12 @@ CAMPAIGNS_FINISHED = "mailgenius_campaigns_finished_total"  #: counter{outcome}
 #: counter{provider, reason}: failed provider calls (one per call, not per recipient); reason is
 #: one of server_error, timeout, connection, rate_limited, client_error
 PROVIDER_ERRORS = "mailgenius_provider_errors_total"
+#: counter{reason}: campaigns that paused themselves (sender/guardrails.py); reason is one of
+#: bounce_rate, error_rate, complaint_rate
+CAMPAIGNS_AUTO_PAUSED = "mailgenius_campaigns_auto_paused_total"
+#: counter{source, outcome}: bounce and complaint reports read from the bounce mailbox (DSN, ARF)
+#: or the signed bounce webhook; outcome is applied, duplicate, unmatched or invalid
+BOUNCE_REPORTS = "mailgenius_bounce_reports_total"
 
 # -- importer --------------------------------------------------------------------------------
 IMPORT_ROWS = "mailgenius_import_rows_total"  #: counter{outcome}

@@ -14,6 +14,7 @@ from mailgenius.settings import SettingsError, load_settings
     ("MAILGENIUS_TRACKING_SECRET", "a" * 40),                       # one repeated character
     ("MAILGENIUS_RESEND_WEBHOOK_SECRET", "whsec_dGVzdA=="),          # 4 bytes
     ("MAILGENIUS_RESEND_WEBHOOK_SECRET", "whsec_not base64!"),
+    ("MAILGENIUS_BOUNCE_WEBHOOK_SECRET", "hunter2"),
 ])
 def test_weak_secrets_are_refused_naming_the_variable(variable, value):
     with pytest.raises(SettingsError) as exc:
