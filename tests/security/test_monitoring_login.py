@@ -115,3 +115,12 @@ def test_trusted_proxies_setting_names_the_variable_when_bad():
     with pytest.raises(SettingsError) as exc:
         load_settings({"MAILGENIUS_TRUSTED_PROXIES": "10.0.0.0/8,proxy.local"})
     assert exc.value.variable == "MAILGENIUS_TRUSTED_PROXIES"
+
+
+async def test_pages_use_a_referrer_policy_under_which_the_form_origin_is_sent(page_for):
+    # under `no-referrer` browsers send `Origin: null` with the page's own form posts, which
+    # the sign-in refuses: the policy must keep same-origin referrers (and give other sites none)
+    client = await page_for()
+    resp = await client.get(BASE)
+    assert resp.headers["Referrer-Policy"] == "same-origin"
+    assert '<meta name="referrer" content="same-origin">' in await resp.text()
