@@ -39,6 +39,7 @@ from urllib.parse import urlencode, urlparse
 
 from . import contract
 from .prom import Prometheus, PrometheusError
+from .secretfiles import ALERT_WEBHOOK_TOKEN_VAR, alert_webhook_token, write_secret
 from .settings import Settings, SettingsError, load_settings
 
 # -- the components of the local stack --------------------------------------------------------
@@ -202,11 +203,9 @@ def stack_env(environ: dict[str, str] | None = None, *, generate_secret: bool = 
         secret_file = Path(settings.data_dir) / RUN_SUBDIR / "resend-webhook-secret"
         if secret_file.exists():
             secret = secret_file.read_text().strip()
-        elif generate_secret:
+        elif generate_secret:  # mode 0600 from creation (mailgenius.secretfiles)
             secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-            secret_file.parent.mkdir(parents=True, exist_ok=True)
-            secret_file.write_text(secret + "\n")
-            secret_file.chmod(0o600)
+            write_secret(secret_file, secret + "\n")
     if secret:
         out["MAILGENIUS_RESEND_WEBHOOK_SECRET"] = secret
     # options of the config rendering, passed through when set
@@ -350,6 +349,10 @@ def cmd_stack_prepare(args) -> int:
             print(f"mailgenius: port {env[c.env]} for {c.name} ({c.what}) is already in use; "
                   f"stop what holds it or set {c.env}", file=sys.stderr)
         return 3
+    # the incident webhook's bearer token: the exporter (through stack.env) and Alertmanager
+    # (credentials_file in the rendered config) read the same value
+    env[ALERT_WEBHOOK_TOKEN_VAR] = alert_webhook_token(root / "var" / "secrets", env.get(ALERT_WEBHOOK_TOKEN_VAR)
+                                                       or os.environ.get(ALERT_WEBHOOK_TOKEN_VAR))
     configs = render_configs(env, root, run_dir)
     env["MAILGENIUS_RUN_PROMETHEUS_CONFIG"] = str(configs["prometheus"])
     env["MAILGENIUS_RUN_ALERTMANAGER_CONFIG"] = str(configs["alertmanager"])
@@ -358,8 +361,7 @@ def cmd_stack_prepare(args) -> int:
     lines = ["# written by `mailgenius stack-prepare` (scripts/run.sh); regenerated at every start"]
     lines += [f"{k}='{v}'" for k, v in sorted(env.items())]
     env_path = run_dir / STACK_ENV
-    env_path.write_text("\n".join(lines) + "\n")
-    env_path.chmod(0o600)
+    write_secret(env_path, "\n".join(lines) + "\n")  # holds secrets: 0600 from creation
     print(where_table(env))
     print(f"\nAPI key: mailgenius apikey create --scopes send,import,admin   traffic: mailgenius demo   "
           f"state: mailgenius status\nconfigs: {configs['prometheus']}, {configs['alertmanager']}   Ctrl-C stops everything")
@@ -431,7 +433,10 @@ async def _http_json(session, url: str, **kw):
 async def probe_service(session, name: str, base_url: str) -> Probe:
     probe = Probe(name, "service")
     try:
-        (status, body), probe.latency_ms = await _timed(_http_json(session, base_url + "/api/health"))
+        # health shows its details only to a key holder (MAILGENIUS_API_KEY, any scope)
+        key = os.environ.get("MAILGENIUS_API_KEY", "").strip()
+        (status, body), probe.latency_ms = await _timed(_http_json(
+            session, base_url + "/api/health", headers={"Authorization": f"Bearer {key}"} if key else {}))
     except Exception as exc:
         probe.status, probe.detail = UNHEALTHY, f"{base_url} unreachable: {type(exc).__name__} {exc}".strip()
         return probe
@@ -818,14 +823,19 @@ class DemoError(OpsError):
     pass
 
 
-async def _demo_key(settings: Settings) -> str:
+async def _demo_key(settings: Settings, revoke: str | None = None) -> str | None:
+    """A key with only the scopes the demo uses (import, send), or with ``revoke``: that key
+    revoked (each run revokes its own, so no key is left behind)."""
     import asyncpg
 
     from . import auth
 
     conn = await asyncpg.connect(settings.database_url, timeout=10)
     try:
-        _id, key = await auth.create_key(conn, ["admin", "import", "send"], "mailgenius demo")
+        if revoke is not None:
+            await auth.revoke_key(conn, revoke)
+            return None
+        _id, key = await auth.create_key(conn, ["import", "send"], "mailgenius demo (revoked after the run)")
         return key
     finally:
         await conn.close()
@@ -883,7 +893,19 @@ def sign_event(secret: str, body: str, msg_id: str, when: dt.datetime) -> dict[s
 
 async def run_demo(settings: Settings, *, leads: int = 200, api_key: str | None = None, seed: int | None = None,
                    timeout: float = 120.0, say=print) -> dict:
-    """Drive the real APIs: import leads, send a campaign to the sink, post signed events."""
+    """Drive the real APIs: import leads, send a campaign to the sink, post signed events. Without
+    ``api_key`` a key (import, send) is created for the run and revoked at its end."""
+    if api_key is not None or not settings.resend_webhook_secret:
+        return await _run_demo(settings, leads=leads, api_key=api_key, seed=seed, timeout=timeout, say=say)
+    key = await _demo_key(settings)
+    try:
+        return await _run_demo(settings, leads=leads, api_key=key, seed=seed, timeout=timeout, say=say)
+    finally:
+        await _demo_key(settings, revoke=key)
+
+
+async def _run_demo(settings: Settings, *, leads: int, api_key: str | None, seed: int | None,
+                    timeout: float, say) -> dict:
     import random
 
     import aiohttp
@@ -895,7 +917,7 @@ async def run_demo(settings: Settings, *, leads: int = 200, api_key: str | None 
     if not settings.resend_webhook_secret:
         raise DemoError("MAILGENIUS_RESEND_WEBHOOK_SECRET is not set (scripts/run.sh sets one); "
                         "the sender rejects unsigned webhook events")
-    key = api_key or await _demo_key(settings)
+    key = api_key
     auth = {"Authorization": f"Bearer {key}"}
     summary: dict[str, Any] = {"tag": tag}
     link = "https://example.com/offer?utm_source=mailgenius-demo"

@@ -34,7 +34,7 @@ NO_HEALTHCHECK = {
     "migrate": "a one-shot job: the others wait for it to exit 0, not for a health state",
 }
 #: the secrets `docker compose up` refuses to start without (no default passwords)
-REQUIRED = {"POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "MAILGENIUS_TRACKING_SECRET"}
+REQUIRED = {"POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "MAILGENIUS_TRACKING_SECRET", "MAILGENIUS_ALERT_WEBHOOK_TOKEN"}
 #: UIs and stores: published on loopback only
 LOOPBACK_ONLY = {"prometheus", "alertmanager", "grafana", "loki", "exporter", "postgres", "redis"}
 
@@ -251,7 +251,7 @@ def test_procfile_runs_every_component_with_variables_run_sh_provides():
             name, _, cmd = line.partition(":")
             procs[name.strip()] = cmd.strip()
     assert set(procs) == {c.name for c in ops.COMPONENTS}
-    env = ops.stack_env({"MAILGENIUS_RESEND_WEBHOOK_SECRET": "whsec_dGVzdA=="})
+    env = ops.stack_env({"MAILGENIUS_RESEND_WEBHOOK_SECRET": "whsec_" + "c3RhY2stc3VpdGUtd2ViaG9vay1zZWNyZXQ="})
     env.update({"MAILGENIUS_RUN_PROMETHEUS_CONFIG": "x", "MAILGENIUS_RUN_ALERTMANAGER_CONFIG": "x"})
     for name, cmd in procs.items():
         for var in re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)(:-)?", cmd):
