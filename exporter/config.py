@@ -6,7 +6,7 @@ kernel's Settings need not grow for them.
 | ``MAILGENIUS_EXPORTER_REFRESH_SECONDS`` | 5 | seconds between background snapshot refreshes; lower for fresher gauges at more DB load |
 | ``MAILGENIUS_EXPORTER_MAX_SNAPSHOT_AGE`` | 60 | a snapshot older than this is no longer exported (its age still is): stale data must not look live |
 | ``MAILGENIUS_EXPORTER_CAMPAIGN_LIMIT`` | 20 | how many recent or active campaigns get ``mailgenius_campaign_messages`` series (bounds cardinality) |
-| ``MAILGENIUS_EXPORTER_WORKER_STALE_SECONDS`` | 15 | a worker whose last heartbeat is older is counted gone |
+| ``MAILGENIUS_EXPORTER_WORKER_STALE_SECONDS`` | 10 | a worker whose last heartbeat is older is counted gone |
 | ``MAILGENIUS_EXPORTER_RATE_WINDOW_HOURS`` | 24 | window of the import success / validation-error ratios and of MTTR / MTBF (x 30) |
 | ``MAILGENIUS_ALERT_WEBHOOK_TOKEN`` | none | when set, ``/api/alerts/webhook`` requires ``Authorization: Bearer <token>`` (Alertmanager's ``http_config.authorization``) |
 | ``MAILGENIUS_ALERT_IGNORED`` | ``Watchdog`` | comma-separated alert names that never become incidents (the always-firing Watchdog) |
@@ -28,7 +28,7 @@ class ExporterConfig:
     refresh_seconds: float = 5.0
     max_snapshot_age: float = 60.0
     campaign_limit: int = 20
-    worker_stale_seconds: float = 15.0
+    worker_stale_seconds: float = 10.0
     rate_window_hours: float = 24.0
     #: MTTR / MTBF look at incidents started within this many days
     incident_window_days: float = 30.0
@@ -62,7 +62,7 @@ def load_config(settings: Settings, environ: Mapping[str, str] | None = None) ->
         refresh_seconds=_num(env, "MAILGENIUS_EXPORTER_REFRESH_SECONDS", 5.0),
         max_snapshot_age=_num(env, "MAILGENIUS_EXPORTER_MAX_SNAPSHOT_AGE", 60.0),
         campaign_limit=_num(env, "MAILGENIUS_EXPORTER_CAMPAIGN_LIMIT", 20, int),
-        worker_stale_seconds=_num(env, "MAILGENIUS_EXPORTER_WORKER_STALE_SECONDS", 15.0),
+        worker_stale_seconds=_num(env, "MAILGENIUS_EXPORTER_WORKER_STALE_SECONDS", 10.0),
         rate_window_hours=_num(env, "MAILGENIUS_EXPORTER_RATE_WINDOW_HOURS", 24.0),
         incident_window_days=_num(env, "MAILGENIUS_EXPORTER_INCIDENT_WINDOW_DAYS", 30.0),
         webhook_token=env.get("MAILGENIUS_ALERT_WEBHOOK_TOKEN", "") or "",
