@@ -62,6 +62,7 @@ COMPONENTS: tuple[Component, ...] = (
     Component("exporter", "MAILGENIUS_EXPORTER_PORT", 9300, "exporter", "/dashboard/monitoring", "operator API, monitoring page"),
     Component("sender-worker", "MAILGENIUS_SENDER_WORKER_METRICS_PORT", 9191, "sender-worker", "/metrics", "sender worker metrics"),
     Component("importer-worker", "MAILGENIUS_IMPORTER_WORKER_METRICS_PORT", 9192, "importer-worker", "/metrics", "importer worker metrics"),
+    Component("scheduler", "MAILGENIUS_SCHEDULER_METRICS_PORT", 9194, "scheduler", "/metrics", "scheduler metrics (backup, maintenance)"),
     Component("smtp-sink", "MAILGENIUS_SINK_PORT", 1025, None, "", "local SMTP sink (the default relay)", "smtp"),
     Component("prometheus", "MAILGENIUS_PROMETHEUS_PORT", 9090, "prometheus", "/targets", "Prometheus"),
     Component("alertmanager", "MAILGENIUS_ALERTMANAGER_PORT", 9093, "alertmanager", "/#/alerts", "Alertmanager"),
@@ -297,6 +298,11 @@ def render_configs(env: dict[str, str], root: Path, out_dir: Path) -> dict[str, 
                   file=sys.stderr)
             config, base = fallback(env), root
         config = _substitute(config, port_map, base, root)
+        if name == "prometheus":  # every job of the stack is scraped, even one the source lacks
+            have = {job.get("job_name") for job in config.get("scrape_configs") or []}
+            config.setdefault("scrape_configs", []).extend(
+                {"job_name": c.job, "static_configs": [{"targets": [f"127.0.0.1:{env[c.env]}"], "labels": {"service": c.job}}]}
+                for c in COMPONENTS if c.job and c.job not in have)
         if name == "prometheus" and env.get("MAILGENIUS_SCRAPE_INTERVAL"):
             interval = env["MAILGENIUS_SCRAPE_INTERVAL"]
             glob = config.setdefault("global", {})

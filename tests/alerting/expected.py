@@ -38,6 +38,9 @@ ALERTS = {
     ("EmailProviderFailing", "critical"): (None, None),
     # an early-warning tier (inhibited while the critical one fires)
     ("DiskSpaceLow", "warning"): (None, None),
+    # added by the operations issue (scheduled backups and maintenance)
+    ("BackupTooOld", "warning"): (None, None),
+    ("ScheduledTaskFailing", "warning"): (None, None),
 }
 
 #: the Watchdog: always firing, only to the dead man's switch, never an incident
