@@ -27,9 +27,7 @@ import math
 import os
 import re
 import secrets
-import shutil
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -1412,40 +1410,7 @@ def cmd_report(args) -> int:
 # -- maintenance (the guide's daily / weekly scripts) -----------------------------------------
 
 
-def cmd_backup(args) -> int:
-    """pg_dump in custom format (compressed, restorable table by table with pg_restore), checked
-    with ``pg_restore --list``; keeps the newest ``--keep`` dumps of the folder."""
-    settings = ops_settings()
-    pg_dump = shutil.which("pg_dump")
-    if not pg_dump:
-        raise OpsError("pg_dump not found: install the Debian package postgresql-client", 2)
-    if args.out:
-        out = Path(args.out)
-    else:
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-        out = Path(args.dir or os.path.join(settings.data_dir, "backups")) / f"mailgenius-{stamp}.dump"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    start = time.monotonic()
-    proc = subprocess.run([pg_dump, "--format=custom", "--no-owner", f"--file={tmp}", "--dbname", settings.database_url],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise OpsError(f"pg_dump failed: {proc.stderr.strip()}")
-    listing = subprocess.run([shutil.which("pg_restore") or "pg_restore", "--list", str(tmp)], capture_output=True, text=True)
-    if listing.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise OpsError(f"the dump does not read back (pg_restore --list): {listing.stderr.strip()}")
-    tmp.rename(out)
-    tables = sum(1 for line in listing.stdout.splitlines() if " TABLE DATA " in line)
-    print(f"backup: wrote {out} ({out.stat().st_size / 2**20:.2f} MiB, {tables} tables, "
-          f"{time.monotonic() - start:.1f} s); restore with: pg_restore --clean --dbname <url> {out}")
-    if args.keep:
-        dumps = sorted(out.parent.glob("mailgenius-*.dump"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in dumps[args.keep:]:
-            old.unlink()
-            print(f"backup: removed old {old}")
-    return 0
+# `mailgenius backup` and `restore` live in console/backup.py
 
 
 async def _active_upload_paths(settings: Settings) -> set[str]:
@@ -1634,12 +1599,6 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="HTML file to write (charts are embedded)")
     p.add_argument("--prometheus-url", default=None, help="Prometheus to query (default: MAILGENIUS_PROMETHEUS_URL)")
     p.set_defaults(func=_guard(cmd_report))
-
-    p = sub.add_parser("backup", formatter_class=fmt, help="pg_dump the database (custom format), verified")
-    p.add_argument("--out", default=None, help="dump file (default: <data dir>/backups/mailgenius-<UTC time>.dump)")
-    p.add_argument("--dir", default=None, help="folder for timestamped dumps (default: <data dir>/backups)")
-    p.add_argument("--keep", type=int, default=7, help="dumps to keep in that folder (0 keeps all)")
-    p.set_defaults(func=_guard(cmd_backup))
 
     p = sub.add_parser("cleanup-uploads", formatter_class=fmt,
                        help="delete old upload files that no queued/running import needs")
