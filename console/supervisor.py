@@ -244,6 +244,8 @@ class Supervisor:
                 proc.pid, proc.started_at = child.pid, time.monotonic()
                 proc.starts += 1
                 self.write_state()
+                if self.stopping.is_set():  # started while stop_all was sending its SIGTERMs
+                    _signal(child.pid, signal.SIGTERM)
                 if proc.starts > 1:
                     self.say(f"{proc.name} restarted (pid {child.pid}, start #{proc.starts})", "warning")
                 reader = asyncio.StreamReader(limit=2**20)
