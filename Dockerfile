@@ -29,6 +29,7 @@ COPY importer ./importer
 COPY exporter ./exporter
 COPY alerting ./alerting
 COPY dashboards ./dashboards
+COPY console ./console
 RUN pip install --no-deps . \
  && useradd --system --uid 10001 --home-dir /var/lib/mailgenius mailgenius \
  && mkdir -p /var/lib/mailgenius/uploads /var/lib/mailgenius/sink \
