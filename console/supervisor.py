@@ -86,8 +86,9 @@ def json_line(service: str, line: str, level: str = "info") -> str:
             return json.dumps(obj, ensure_ascii=False)
     lowered = text.lower()
     if level == "info":
+        # logfmt (Prometheus, the exporters), dramatiq's "[PID ...] [logger] [LEVEL]", "ERROR: ..."
         for word in ("critical", "fatal", "error", "warn"):
-            if f"level={word}" in lowered or f"{word}:" in lowered[:40] or f"[{word}" in lowered[:40]:
+            if f"level={word}" in lowered or f"[{word}" in lowered or lowered.startswith(f"{word}"):
                 level = "warning" if word == "warn" else ("critical" if word in ("critical", "fatal") else "error")
                 break
     return json.dumps({"ts": _now(), "level": level, "service": service, "message": text}, ensure_ascii=False)

@@ -80,6 +80,10 @@ def test_json_line_keeps_json_and_wraps_text():
     assert obj["level"] == "warning" and obj["message"] == "m" and "ts" in obj
     obj = json.loads(json_line("prometheus", 'ts=2026 level=error msg="boom"'))
     assert obj == {**obj, "service": "prometheus", "level": "error", "message": 'ts=2026 level=error msg="boom"'}
+    line = "[2026-12-05 12:00:00,000] [PID 7] [MainThread] [dramatiq.MainProcess] [CRITICAL] Worker with PID 9 exited"
+    assert json.loads(json_line("sender-worker", line))["level"] == "critical"
+    assert json.loads(json_line("x", "Warning: low disk"))["level"] == "warning"
+    assert json.loads(json_line("x", "listening on 127.0.0.1:9090"))["level"] == "info"
 
 
 def test_a_dead_process_is_restarted_with_backoff_and_the_others_keep_running(supervise):

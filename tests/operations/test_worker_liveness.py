@@ -13,7 +13,13 @@ import time
 import redis as syncredis
 import redis.asyncio as aioredis
 
-from mailgenius.queues import HEARTBEAT_INTERVAL, STALE_AFTER, WorkerHeartbeat, worker_count, workers_key
+from mailgenius.queues import (
+    HEARTBEAT_INTERVAL,
+    STALE_AFTER,
+    WorkerHeartbeat,
+    worker_count,
+    workers_key,
+)
 from tests.stack import wait_until
 
 QUEUE = "email-sending"
