@@ -259,8 +259,8 @@ def test_procfile_runs_every_component_with_variables_run_sh_provides():
             assert has_default or name_ in env, f"Procfile {name} uses ${name_}, which stack-prepare does not set"
         # every listening port comes from its variable, never a literal
         comp = ops.BY_NAME[name]
-        if comp.name in ("sender", "importer", "exporter", "smtp-sink", "sender-worker", "importer-worker"):
-            continue  # `mailgenius serve|worker|sink` read MAILGENIUS_*_PORT themselves
+        if comp.name in ("sender", "importer", "exporter", "smtp-sink", "sender-worker", "importer-worker", "scheduler"):
+            continue  # `mailgenius serve|worker|sink|scheduler` read MAILGENIUS_*_PORT themselves
         assert f"${comp.env}" in cmd, f"{name} does not listen on ${comp.env}"
 
 
