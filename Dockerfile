@@ -19,6 +19,7 @@ COPY exporter ./exporter
 COPY alerting ./alerting
 COPY dashboards ./dashboards
 COPY deploy ./deploy
+COPY console ./console
 RUN /opt/venv/bin/pip install --no-deps --no-compile . \
  && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 

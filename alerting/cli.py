@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from mailgenius.secretfiles import write_secret
+
 #: secret file -> environment variable it is read from
 SECRETS = {
     "slack_api_url": "MAILGENIUS_SLACK_WEBHOOK_URL",
@@ -29,10 +31,7 @@ def write_secrets(directory: Path, environ=None) -> dict[str, str]:
         path = directory / name
         value = (env.get(var) or "").strip()
         if value:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(value)
-            os.chmod(path, 0o600)
+            write_secret(path, value)  # mode 0600 from creation, atomically replaced
             status[name] = "written"
         else:
             status[name] = "kept" if path.exists() else "missing"
@@ -48,7 +47,7 @@ def cmd_secrets(args) -> int:
         if name == "smtp_password" and state == "missing":
             note = "not set (needed only with channels.email.auth_username in alerting/rules.yml)"
         if name == "alert_webhook_token" and state == "missing":
-            note = "not set (needed only with routing.incident_webhook_token in alerting/rules.yml)"
+            note = "not set here (`mailgenius stack-prepare` generates it; the exporter refuses the webhook without it)"
         print(f"{Path(args.dir) / name}: {note}")
     return 0
 

@@ -102,8 +102,9 @@ class Variant:
     #: directory holding the secret files Alertmanager reads at send time. Alertmanager 0.25
     #: resolves *_file paths against its working directory (the repository root for `make run`)
     secrets_dir: str = "var/secrets"
-    #: None = rules.yml `routing.incident_webhook_token`; True/False force it
-    incident_webhook_token: bool | None = None
+    #: send `Authorization: Bearer <secrets_dir/alert_webhook_token>` to the exporter's incident
+    #: webhook (the exporter refuses it without); False only renders a config for tests
+    incident_webhook_token: bool = True
     #: PagerDuty Events API v2 URL; empty = Alertmanager's default (PagerDuty itself)
     pagerduty_url: str = ""
     #: notification templates, relative to the alertmanager config file
@@ -397,9 +398,7 @@ def render(variant: Variant | None = None, *, source: Path | None = None,
         slack_api_url_file=f"{secrets}/slack_api_url",
         pagerduty_routing_key_file=f"{secrets}/pagerduty_routing_key",
         smtp_password_file=f"{secrets}/smtp_password",
-        incident_token_file=f"{secrets}/alert_webhook_token" if (
-            routing.get("incident_webhook_token", False) if variant.incident_webhook_token is None
-            else variant.incident_webhook_token) else "",
+        incident_token_file=f"{secrets}/alert_webhook_token" if variant.incident_webhook_token else "",
     )
     for path, text in out.items():
         try:

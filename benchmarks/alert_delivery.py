@@ -52,6 +52,7 @@ def main() -> int:
             secrets.mkdir()
             (secrets / "slack_api_url").write_text(f"{slack.url}/services/bench")
             (secrets / "pagerduty_routing_key").write_text("b" * 32)
+            (secrets / "alert_webhook_token").write_text("bench-alert-webhook-token-0123456789")
             variant = generate.local_variant(
                 ports={"alertmanager": stack.ports["alertmanager"], "smtp": smtp_port, "exporter": deadman.port},
                 targets={"node": [stack.target("node-exporter")]}, scrape_interval="1s", evaluation_interval="1s",

@@ -222,7 +222,7 @@ async def run(args) -> int:
             "DATABASE_URL": db_url, "REDIS_URL": base.redis_url, "BROKER_URL": base.redis_url,
             "MAILGENIUS_REDIS_PREFIX": prefix, "MAILGENIUS_EMAIL_PROVIDER": "resend",
             "MAILGENIUS_RESEND_BASE_URL": fake_url, "RESEND_API_KEY": "re_bench",
-            "MAILGENIUS_TRACKING_SECRET": "bench-secret", "MAILGENIUS_LOG_LEVEL": "warning",
+            "MAILGENIUS_TRACKING_SECRET": "bench-tracking-secret-0123456789", "MAILGENIUS_LOG_LEVEL": "warning",
             "MAILGENIUS_DATA_DIR": str(ROOT / "var" / "bench" / prefix),
             "MAILGENIUS_DB_POOL_MAX": str(args.threads + 4),
         })

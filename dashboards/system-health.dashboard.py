@@ -215,6 +215,30 @@ queue_forecast = timeseries(
     description=fires("QueueDepthHigh", "above", "queue_waiting_messages", "num", "waiting messages"),
 )
 
+backup_age = stat(
+    "Last good backup",
+    [prom(f"time() - max({M.BACKUP_LAST_SUCCESS})")], unit="s",
+    description="Age of the scheduler's last successful backup; BackupTooOld fires above 26 h.",
+    thresholds=high_bad(25 * 3600, 26 * 3600),
+)
+task_status = table(
+    "Scheduled tasks: last run",
+    [prom(f"max by (task) ({M.SCHEDULED_TASK_LAST_RUN_SUCCESS})", instant=True, fmt="table")],
+    description="1 = the task's last run succeeded, 0 = it failed (ScheduledTaskFailing).",
+    hide=("Time",),
+    mappings=status_mapping({1: ("succeeded", "green"), 0: ("failed", "red")}),
+)
+task_duration = timeseries(
+    "Scheduled task duration",
+    [prom(f"max by (task) ({M.SCHEDULED_TASK_DURATION})", "{{task}}")], unit="s",
+    description="How long each task's last run took (backup, clean-up, reports, maintenance).",
+)
+task_failures = timeseries(
+    "Scheduled task failures",
+    [prom(f"sum by (task) (increase({M.SCHEDULED_TASK_FAILURES}[1h]))", "{{task}}")], bars=True,
+    description="Failed runs per task over the last hour.",
+)
+
 dashboard = build_dashboard(
     "system-health",
     "Is MailGenius up? Overall status, every service and dependency, response times, host "
@@ -234,6 +258,8 @@ dashboard = build_dashboard(
         Section("Host resources", [(cpu, 4, 7), (memory, 4, 7), (disk, 4, 7), (resources, 12, 7)]),
         Section("Capacity Planning", [(disk_forecast, 12, 7), (db_size_forecast, 12, 7),
                                       (leads_forecast, 12, 7), (queue_forecast, 12, 7)]),
+        Section("Scheduled maintenance", [(backup_age, 4, 7), (task_status, 6, 7), (task_duration, 7, 7),
+                                          (task_failures, 7, 7)]),
     ],
     variables=[service_var()],
     annotations=[alerts_annotation()],

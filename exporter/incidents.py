@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import json
 import re
 from dataclasses import dataclass
@@ -28,6 +29,31 @@ _RFC3339 = re.compile(
 #: longest label value we keep in the severity / service / alertname columns
 MAX_LABEL = 200
 MAX_ALERTS = 1000
+#: severities kept as they are; anything else is stored (and exported in
+#: ``mailgenius_incidents_open{severity}``) as ``other``, so a caller cannot grow the label set
+KNOWN_SEVERITIES = frozenset({"critical", "warning", "info", "none"})
+#: the shortest webhook token accepted (``mailgenius stack-prepare`` generates 43 characters)
+MIN_TOKEN_CHARS = 24
+
+
+def check_webhook_token(authorization: str, token: str) -> None:
+    """The webhook is Alertmanager's alone: it needs ``Authorization: Bearer <token>`` (the
+    rendered configs send it from ``secrets/alert_webhook_token``). With no token configured on
+    the exporter the webhook is refused (403), never open: a forged notification could open
+    incidents, and a replayed fingerprint could resolve a real one."""
+    if not token:
+        raise errors.Forbidden("the alert webhook is disabled: set MAILGENIUS_ALERT_WEBHOOK_TOKEN on the "
+                               "exporter (`make run` generates one) and give Alertmanager the same value",
+                               code="webhook_disabled")
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise errors.Unauthorized("this webhook needs 'Authorization: Bearer <MAILGENIUS_ALERT_WEBHOOK_TOKEN>'")
+
+
+def severity_of(labels: dict) -> str:
+    """The alert's severity when it is one we know, else ``other`` (bounded label values)."""
+    severity = (labels.get("severity") or "warning").strip().lower()
+    return severity if severity in KNOWN_SEVERITIES else "other"
 
 WEBHOOK_SCHEMA = {
     "type": "object",
@@ -173,7 +199,7 @@ def parse_payload(body: Any) -> list[AlertEvent]:
             status=status,
             fingerprint=fp,
             alertname=alertname[:MAX_LABEL],
-            severity=(labels.get("severity") or "warning").lower()[:MAX_LABEL],
+            severity=severity_of(labels),
             service=(labels.get("service") or labels.get("job") or None),
             summary=str(summary) if summary is not None else None,
             description=str(description) if description is not None else None,

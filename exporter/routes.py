@@ -5,7 +5,6 @@ them to ``{"error": {"code", "message"}}``)."""
 from __future__ import annotations
 
 import datetime as dt
-import hmac
 
 from aiohttp import web
 
@@ -22,6 +21,7 @@ from .incidents import (
     INCIDENTS_RESPONSE_SCHEMA,
     WEBHOOK_RESPONSE_SCHEMA,
     WEBHOOK_SCHEMA,
+    check_webhook_token,
     list_incidents,
     parse_payload,
     record_alerts,
@@ -146,10 +146,7 @@ async def queue_admin_handler(request: web.Request) -> web.Response:
 async def alerts_webhook(request: web.Request) -> web.Response:
     """Alertmanager's webhook (payload v4): firing alerts open incidents, resolved ones close them."""
     cfg = request.app[ek.CONFIG]
-    if cfg.webhook_token:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), cfg.webhook_token.encode()):
-            raise errors.Unauthorized("this webhook needs 'Authorization: Bearer <MAILGENIUS_ALERT_WEBHOOK_TOKEN>'")
+    check_webhook_token(request.headers.get("Authorization", ""), cfg.webhook_token)
     events = parse_payload(await read_json(request))
     counts = await record_alerts(request.app[k.DB], events, ignored=cfg.ignored_alerts)
     return json_response(counts)
@@ -190,7 +187,9 @@ ROUTES = [
           tags=("queues",)),
     Route("POST", "/api/alerts/webhook", alerts_webhook, scope=None, summary=alerts_webhook.__doc__,
           request_schema=WEBHOOK_SCHEMA,
-          responses={200: _json(WEBHOOK_RESPONSE_SCHEMA), 422: _json({"type": "object"}, "malformed payload")},
+          responses={200: _json(WEBHOOK_RESPONSE_SCHEMA), 422: _json({"type": "object"}, "malformed payload"),
+                     401: _json({"type": "object"}, "missing or wrong webhook token"),
+                     403: _json({"type": "object"}, "no webhook token configured on the exporter")},
           tags=("incidents",)),
     Route("GET", "/api/incidents", incidents_handler, summary=incidents_handler.__doc__,
           responses={200: _json(INCIDENTS_RESPONSE_SCHEMA), 422: _json({"type": "object"}, "bad query parameter")},

@@ -8,22 +8,29 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import secrets
 import time
 
 import asyncpg
 
-from .db import fetchrow_read
 from .health import consume_outcome
 
 #: every scope a key may hold
 SCOPES = ("read", "send", "import", "admin")
-#: seconds a verified key is trusted without asking Postgres again (bounds revocation delay)
+#: seconds the in-process copy of the active keys is trusted without asking Postgres again
+#: (bounds how late a revocation takes effect)
 AUTH_CACHE_TTL = 5.0
-#: cache entries above which the cache is emptied (bogus keys must not grow it without bound)
-AUTH_CACHE_MAX = 10_000
-#: marks the in-flight lookups kept in the cache dict beside the entries
-_PENDING = object()
+#: an unknown key makes the copy reload, but at most this often (seconds): random Bearer tokens
+#: cost at most 1/AUTH_RELOAD_MIN_INTERVAL queries a second per process, whatever their rate
+AUTH_RELOAD_MIN_INTERVAL = 0.1
+#: digests known to be no key (the negative cache); emptied alone when it grows past this, so a
+#: flood of bogus tokens never evicts the valid keys
+AUTH_NEGATIVE_MAX = 10_000
+#: the cache dict's entry holding the copy (a str key: the dict holds nothing else of ours)
+_STATE = "\x00active-keys"
+#: the shape of every key we issue; anything else is refused without any lookup
+KEY_RE = re.compile(r"mg_[0-9a-f]{8}_[A-Za-z0-9_-]{43}")
 
 
 def hash_key(key: str) -> str:
@@ -70,43 +77,82 @@ async def revoke_key(conn, prefix_or_id: str) -> bool:
 
 
 async def lookup(pool: asyncpg.Pool, key: str, cache: dict) -> frozenset[str] | None:
-    """The scopes of a valid, unrevoked key, or None."""
+    """The scopes of a valid, unrevoked key, or None. A string that is not shaped like one of
+    our keys is refused without a lookup."""
+    if not KEY_RE.fullmatch(key):
+        return None
     return await lookup_hash(pool, hash_key(key), cache)
 
 
+class _Active:
+    """The in-process copy of the active keys: sha256 digest -> scopes (a few hundred rows at
+    most), with the single load in flight."""
+
+    __slots__ = ("loaded_at", "keys", "unknown", "task")
+
+    def __init__(self):
+        self.loaded_at = -float("inf")
+        self.keys: dict[str, frozenset[str]] = {}
+        #: digests a load that started after they first arrived did not find: no key, ever
+        #: (a key is never used before it is created); answered from here without a query
+        self.unknown: set[str] = set()
+        self.task: asyncio.Future | None = None
+
+
 async def lookup_hash(pool: asyncpg.Pool, digest: str, cache: dict) -> frozenset[str] | None:
-    """The scopes of the valid, unrevoked key with this sha256 digest, or None; trusted for
-    :data:`AUTH_CACHE_TTL` seconds (the bound on how late a revocation takes effect)."""
-    now = time.monotonic()
-    hit = cache.get(digest)
-    if hit and hit[0] > now:
-        return hit[1]
-    # single flight: when the entry of a key in heavy use expires, the requests arriving during
-    # the round trip share one query instead of each taking a pool connection for the same row
-    pending = (_PENDING, digest)
-    task = cache.get(pending)
-    if task is None:
-        task = asyncio.ensure_future(_fetch(pool, digest, cache, pending))
-        task.add_done_callback(consume_outcome)
-        cache[pending] = task
-    # shielded: a caller that goes away does not cancel the lookup the others wait for
-    return await asyncio.shield(task)
+    """The scopes of the valid, unrevoked key with this sha256 digest, or None.
+
+    Answered from an in-process copy of the active keys, reloaded (one query, shared by every
+    request waiting for it) when it is older than :data:`AUTH_CACHE_TTL` (the bound on how late
+    a revocation takes effect), or when a digest it does not hold arrives, then at most once per
+    :data:`AUTH_RELOAD_MIN_INTERVAL` (concurrent unknown tokens share that one reload). A token
+    once found unknown is then answered from memory (the negative cache). So a flood of random
+    Bearer tokens costs at most 1/AUTH_RELOAD_MIN_INTERVAL queries a second per process, not one
+    per token, and never evicts a valid key; a key created a moment ago is still found (the
+    reload that answers a request always starts after the request arrived)."""
+    state = cache.get(_STATE)
+    if state is None:
+        state = cache[_STATE] = _Active()
+    asked = time.monotonic()
+    if asked - state.loaded_at < AUTH_CACHE_TTL:
+        scopes = state.keys.get(digest)
+        if scopes is not None:
+            return scopes
+        if digest in state.unknown:
+            return None
+        delay = state.loaded_at + AUTH_RELOAD_MIN_INTERVAL - asked  # unknown: throttled reload
+    else:
+        delay = 0.0  # stale: reload now
+    # a load that started after this request arrived has seen every key committed before it
+    while state.loaded_at < asked:
+        task = state.task
+        if task is None:
+            task = state.task = asyncio.ensure_future(_load(pool, state, max(delay, 0.0)))
+            task.add_done_callback(consume_outcome)
+        # shielded: a caller that goes away does not cancel the load the others wait for
+        await asyncio.shield(task)
+    scopes = state.keys.get(digest)
+    if scopes is None:
+        if len(state.unknown) >= AUTH_NEGATIVE_MAX:
+            state.unknown.clear()
+        state.unknown.add(digest)
+    return scopes
 
 
-async def _fetch(pool: asyncpg.Pool, digest: str, cache: dict, pending: tuple) -> frozenset[str] | None:
+async def _load(pool: asyncpg.Pool, state: _Active, delay: float) -> None:
     try:
-        started = time.monotonic()  # the answer is as old as the moment the query was sent
-        row = await fetchrow_read(
-            pool, "SELECT scopes FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", digest
-        )
-        scopes = frozenset(row["scopes"]) if row else None
-        if len(cache) > AUTH_CACHE_MAX:
-            cache.clear()
-        cache[digest] = (started + AUTH_CACHE_TTL, scopes)
-        return scopes
+        if delay > 0:
+            await asyncio.sleep(delay)
+        started = time.monotonic()  # the copy is as old as the moment the query was sent
+        async with pool.acquire() as conn:
+            rows = await conn.fetch("SELECT key_hash, scopes FROM api_keys WHERE revoked_at IS NULL")
+            mark = getattr(conn, "mark_clean", None)  # one plain SELECT: no reset round trip
+            if mark is not None:
+                mark()
+        state.keys = {r["key_hash"]: frozenset(r["scopes"]) for r in rows}
+        state.loaded_at = started
     finally:
-        if cache.get(pending) is asyncio.current_task():
-            del cache[pending]
+        state.task = None
 
 
 def allows(scopes: frozenset[str], needed: str | None) -> bool:

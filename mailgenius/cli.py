@@ -14,7 +14,8 @@ import sys
 from .settings import SettingsError, load_settings
 
 #: packages that add subcommands; a module not written yet is skipped
-COMMAND_MODULES = ("importer.cli", "sender.cli", "exporter.cli", "alerting.cli", "dashboards.cli", "mailgenius.ops")
+COMMAND_MODULES = ("importer.cli", "sender.cli", "exporter.cli", "alerting.cli", "dashboards.cli", "mailgenius.ops",
+                   "console.cli")
 
 #: service -> (settings attribute of its port, its environment variable)
 SERVICES = {

@@ -7,6 +7,7 @@ clear line on stderr and exit 2 (no traceback).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -95,6 +96,49 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
 
 
 HTTP = ("http", "https")
+#: the shortest secret we accept from the environment (a generated one is longer)
+MIN_SECRET_CHARS = 16
+#: the shortest Svix signing key, in decoded bytes (Svix and `make run` generate 24)
+MIN_WEBHOOK_SECRET_BYTES = 16
+
+
+def _secret(env: Mapping[str, str], name: str, *, min_chars: int = MIN_SECRET_CHARS) -> str:
+    """A secret, or "" when unset; a weak one (too short, one repeated character) stops start-up."""
+    value = _str(env, name, "").strip()
+    if value and (len(value) < min_chars or len(set(value)) < 4):
+        raise SettingsError(name, f"too weak: use at least {min_chars} random characters "
+                                  f"(e.g. `openssl rand -hex 24`); got {len(value)} characters")
+    return value
+
+
+def _webhook_secret(env: Mapping[str, str], name: str) -> str:
+    """A Svix ``whsec_<base64>`` signing key (or ""); its key must hold enough bytes."""
+    import base64
+    import binascii
+
+    value = _str(env, name, "").strip()
+    if not value:
+        return value
+    try:
+        raw = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        raise SettingsError(name, "expected whsec_<base64> (the signing secret Resend shows)") from None
+    if len(raw) < MIN_WEBHOOK_SECRET_BYTES:
+        raise SettingsError(name, f"too weak: the key must hold at least {MIN_WEBHOOK_SECRET_BYTES} bytes "
+                                  f"(got {len(raw)})")
+    return value
+
+
+def _cidrs(env: Mapping[str, str], name: str) -> tuple:
+    """Comma-separated CIDRs (``10.0.0.0/8, 127.0.0.1``) as ip_network objects."""
+    out = []
+    for part in _str(env, name, "").split(","):
+        if part.strip():
+            try:
+                out.append(ipaddress.ip_network(part.strip(), strict=False))
+            except ValueError:
+                raise SettingsError(name, f"not an IP network (CIDR): {part.strip()!r}") from None
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -126,6 +170,8 @@ class Settings:
     bounce_mailbox_tls: str = "ssl"
     bounce_mailbox_interval: float = 60.0
     public_url: str = "http://127.0.0.1:8001"
+    #: networks of the reverse proxies whose X-Forwarded-For names the client (sign-in throttle)
+    trusted_proxies: tuple = ()
     tracking_secret: str = ""
     upload_dir: str = "./var/uploads"
     upload_max_bytes: int = DEFAULT_UPLOAD_MAX_BYTES
@@ -216,8 +262,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         smtp_password=_str(env, "MAILGENIUS_SMTP_PASSWORD", ""),
         resend_base_url=_url(env, "MAILGENIUS_RESEND_BASE_URL", "https://api.resend.com", HTTP),
         resend_api_key=_str(env, "RESEND_API_KEY", ""),
-        resend_webhook_secret=_str(env, "MAILGENIUS_RESEND_WEBHOOK_SECRET", ""),
-        bounce_webhook_secret=_str(env, "MAILGENIUS_BOUNCE_WEBHOOK_SECRET", ""),
+        resend_webhook_secret=_webhook_secret(env, "MAILGENIUS_RESEND_WEBHOOK_SECRET"),
+        bounce_webhook_secret=_secret(env, "MAILGENIUS_BOUNCE_WEBHOOK_SECRET"),
         bounce_mailbox_host=_str(env, "MAILGENIUS_BOUNCE_MAILBOX_HOST", ""),
         bounce_mailbox_protocol=_choice(env, "MAILGENIUS_BOUNCE_MAILBOX_PROTOCOL", "pop3", ("pop3", "imap")),
         bounce_mailbox_port=_int(env, "MAILGENIUS_BOUNCE_MAILBOX_PORT", 0, lo=0, hi=65535),
@@ -226,7 +272,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         bounce_mailbox_tls=_choice(env, "MAILGENIUS_BOUNCE_MAILBOX_TLS", "ssl", ("ssl", "starttls", "none")),
         bounce_mailbox_interval=_float(env, "MAILGENIUS_BOUNCE_MAILBOX_INTERVAL", 60.0, lo=1.0),
         public_url=_url(env, "MAILGENIUS_PUBLIC_URL", "http://127.0.0.1:8001", HTTP),
-        tracking_secret=_str(env, "MAILGENIUS_TRACKING_SECRET", ""),
+        trusted_proxies=_cidrs(env, "MAILGENIUS_TRUSTED_PROXIES"),
+        tracking_secret=_secret(env, "MAILGENIUS_TRACKING_SECRET"),
         upload_dir=_str(env, "MAILGENIUS_UPLOAD_DIR", os.path.join(data_dir, "uploads")),
         upload_max_bytes=_int(env, "MAILGENIUS_UPLOAD_MAX_BYTES", DEFAULT_UPLOAD_MAX_BYTES, lo=1),
         prometheus_url=_url(env, "MAILGENIUS_PROMETHEUS_URL", "http://127.0.0.1:9090", HTTP),

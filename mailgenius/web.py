@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import itertools
 import json
 import logging
@@ -106,20 +107,67 @@ def error_response(status: int, code: str, message: str, details: Any = None, he
     return json_response(error_body(code, message, details), status=status, headers=headers)
 
 
+async def read_body(request: web.Request, limit: int = MAX_JSON_BYTES) -> bytes:
+    """The whole body, at most ``limit`` bytes whatever the transfer encoding: a Content-Length
+    above it is refused before reading, and a chunked (or length-less) body is counted as it
+    streams in and refused (413) as soon as it passes the limit, never buffered past it."""
+    if request.content_length is not None and request.content_length > limit:
+        raise errors.PayloadTooLarge(f"a JSON body may be at most {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise errors.PayloadTooLarge(f"a JSON body may be at most {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def read_json(request: web.Request) -> Any:
-    """The JSON body, or a 400 JSON error naming the problem."""
+    """The JSON body, or a 400 JSON error naming the problem (413 above :data:`MAX_JSON_BYTES`,
+    for every transfer encoding)."""
     if not request.can_read_body:
         raise errors.AppError("a JSON body is required", code="invalid_json")
-    if request.content_length is not None and request.content_length > MAX_JSON_BYTES:
-        raise errors.PayloadTooLarge(f"a JSON body may be at most {MAX_JSON_BYTES} bytes")
+    body = await read_body(request, MAX_JSON_BYTES)
     try:
-        return await request.json(loads=_loads)
-    except ValueError as exc:
+        return _loads(body.decode(request.charset or "utf-8"))
+    except (ValueError, LookupError) as exc:
         raise errors.AppError(f"the body is not valid JSON: {exc}", code="invalid_json") from None
 
 
 def _loads(text: str) -> Any:
     return json.loads(text)
+
+
+def client_address(request: web.Request) -> str:
+    """The client's IP address: the socket peer, unless the peer is a trusted reverse proxy
+    (``MAILGENIUS_TRUSTED_PROXIES``), then the right-most ``X-Forwarded-For`` hop that is not
+    itself a trusted proxy. A client cannot choose its address by sending the header: it is read
+    only from trusted peers, and from the right (the hops our proxies appended)."""
+    peer = request.remote or ""
+    trusted = request.app[keys.SETTINGS].trusted_proxies
+    if not trusted or not _in_networks(peer, trusted):
+        return peer or "unknown"
+    hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", ()) for h in v.split(",")]
+    for hop in reversed([h for h in hops if h]):
+        try:
+            ip = ipaddress.ip_address(hop)
+        except ValueError:
+            return peer  # not an address: our proxy would not write that; trust nothing past it
+        if not any(ip in net for net in trusted):
+            return str(ip)
+    return peer
+
+
+def _in_networks(addr: str, networks: tuple) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
 
 
 def route_label(request: web.Request) -> str:
@@ -364,9 +412,34 @@ async def index_handler(request: web.Request) -> web.Response:
     return web.Response(text=html, content_type="text/html")
 
 
+async def may_see_details(request: web.Request) -> bool:
+    """Whether the caller holds a valid API key (any scope) or a monitoring page session: only
+    then does health show its details (relay host:port, volumes, backend URLs, error texts)."""
+    try:
+        header = request.headers.get("Authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() == "bearer" and key.strip() and keys.DB in request.app:
+            return await auth.lookup(request.app[keys.DB], key.strip(), request.app[keys.AUTH_CACHE]) is not None
+        session_auth = request.app.get(keys.SESSION_AUTH)
+        return session_auth is not None and await session_auth(request) is not None
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # the store is down: health still answers, without details
+        return False
+
+
+def public_checks(checks: dict[str, dict]) -> dict[str, dict]:
+    """The checks without their details (status and latency stay)."""
+    return {name: {**c, "detail": ""} for name, c in checks.items()}
+
+
 async def health_handler(request: web.Request) -> web.Response:
+    """Public (load balancers, Prometheus): status and latency per check; the details only with
+    an API key or a monitoring page session."""
     registry: HealthRegistry = request.app[keys.HEALTH]
     status, checks = await registry.run()
+    if not await may_see_details(request):
+        checks = public_checks(checks)
     body = {"status": status, "service": request.app[keys.SERVICE], "checks": checks}
     return json_response(body, status=503 if status == UNHEALTHY else 200)
 
@@ -377,6 +450,8 @@ async def health_one_handler(request: web.Request) -> web.Response:
     if name not in registry.checks:
         raise errors.NotFound(f"no health check named {name!r}; known: {', '.join(registry.checks)}")
     status, checks = await registry.run([name])
+    if not await may_see_details(request):
+        checks = public_checks(checks)
     body = {"status": status, "service": request.app[keys.SERVICE], "checks": checks, **checks[name]}
     return json_response(body, status=503 if status == UNHEALTHY else 200)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-resolve the lock files from pyproject.toml (pip-tools, with hashes):
 #   requirements/runtime.txt   the image's set: runtime dependencies + the `sink` extra
-#   requirements/dev.txt       every extra (dev, build, run, sink): scripts/setup.sh and CI
+#   requirements/dev.txt       every extra (dev, build, sink): scripts/setup.sh and CI
 # Usage: scripts/lock.sh             keep every pin that still satisfies pyproject.toml
 #        scripts/lock.sh --upgrade   move every pin to the newest allowed release
 #        scripts/lock.sh --upgrade-package NAME   move one
@@ -13,5 +13,5 @@ compile() {
     --no-emit-index-url --no-emit-find-links "$@" pyproject.toml
 }
 compile "$@" --extra sink -o requirements/runtime.txt
-compile "$@" --extra sink --extra build --extra run --extra dev -c requirements/runtime.txt -o requirements/dev.txt
+compile "$@" --extra sink --extra build --extra dev -c requirements/runtime.txt -o requirements/dev.txt
 echo "lock files written; run scripts/setup.sh to install them" >&2

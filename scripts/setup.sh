@@ -21,7 +21,8 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 pkgs=(postgresql postgresql-contrib redis-server prometheus prometheus-alertmanager
       prometheus-postgres-exporter prometheus-redis-exporter prometheus-node-exporter
       python3-venv curl)
-if [ "$want_test" = 1 ]; then pkgs+=(chromium); fi
+# chromium: the monitoring page tests; systemd: `systemd-analyze verify` of deploy/systemd
+if [ "$want_test" = 1 ]; then pkgs+=(chromium systemd); fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

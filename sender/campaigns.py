@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 
 import asyncpg
 
+from mailgenius import addresses
 from mailgenius.db import LONG_COMMAND_TIMEOUT
 from mailgenius.errors import Conflict, NotFound, ValidationError
 
@@ -23,9 +23,6 @@ from .config import BATCH_SIZE
 log = logging.getLogger(__name__)
 
 COUNTS = ("recipients", "queued", "sent", "delivered", "bounced", "complained", "opened", "clicked", "failed")
-#: name <addr> or addr; no CR/LF (header injection)
-EMAIL_RE = re.compile(r"^[^@\s<>\"\r\n]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}$")
-FROM_RE = re.compile(r"^(?:[^<>\r\n]{0,100}<([^<>\r\n]+)>|([^<>\r\n]+))$")
 MAX_TAGS = 50
 #: rows cancelled per transaction when a big campaign is cancelled
 CANCEL_CHUNK = 50_000
@@ -35,17 +32,19 @@ CAMPAIGN_FIELDS = ("id, name, subject, from_email, segment, status, " + ", ".joi
 
 
 def valid_email(addr: str) -> bool:
-    return isinstance(addr, str) and len(addr) <= 320 and EMAIL_RE.match(addr) is not None
+    """One bare address (mailgenius.addresses: no lists, comments or display names)."""
+    return addresses.is_valid(addr)
 
 
 def check_from(value) -> str:
+    """The From, normalised (``Name <local@idna-domain>``); 422 naming the problem otherwise."""
     if not isinstance(value, str) or not value.strip():
         raise ValidationError("from_email is required")
-    m = FROM_RE.match(value.strip())
-    addr = (m.group(1) or m.group(2)).strip() if m else ""
-    if not valid_email(addr):
-        raise ValidationError("from_email must be an address like news@example.com or 'Name <news@example.com>'")
-    return value.strip()
+    try:
+        return str(addresses.parse_from(value))
+    except addresses.AddressError as exc:
+        raise ValidationError(f"from_email must be an address like news@example.com or "
+                              f"'Name <news@example.com>': {exc}") from None
 
 
 def _str(body: dict, key: str, *, required: bool, max_len: int, default: str = "") -> str:

@@ -28,9 +28,10 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
-from jinja2 import TemplateSyntaxError, nodes
+from jinja2 import TemplateSyntaxError, nodes, pass_context
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.filters import do_replace
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -54,6 +55,10 @@ MAX_INT_ARG = 100_000
 MAX_EXPONENT = 64
 #: deepest nesting of {% for %} loops
 MAX_LOOP_DEPTH = 2
+#: deepest nesting of the template's syntax tree (blocks, parentheses, filters...): deeper ones
+#: are refused with a 422 instead of exhausting Python's recursion limit (a 500) when parsed,
+#: checked or compiled
+MAX_NESTING = 40
 
 ALLOWED_FILTERS = frozenset({
     "abs", "capitalize", "count", "d", "default", "dictsort", "e", "escape", "filesizeformat",
@@ -95,6 +100,33 @@ def _charge(n: int) -> None:
         raise SecurityError("the template exceeds its render budget")
 
 
+@pass_context  # never folded into a constant at compile time (it must run at render time)
+def _guard_loop(_context, iterable):
+    """Wraps the iterable of every ``{% for %}`` (see :func:`_guard_loops`): loop bodies that
+    call no hook (``{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}``) still meet the
+    render deadline, checked every 256 iterations (items are handed on in slices of 256, so the
+    guard costs little per iteration)."""
+    b = _budget.get()
+    if b is None:
+        return iterable
+    return _guarded_items(iter(iterable), b)
+
+
+def _guarded_items(it, b: list):
+    while True:
+        chunk = tuple(islice(it, 256))
+        if not chunk:
+            return
+        yield from chunk
+        if time.perf_counter() > b[2]:
+            raise SecurityError(f"the template took longer than {RENDER_MAX_SECONDS}s to render")
+
+
+#: the name the loop guard is registered under: random per process, so no template can name it
+#: (and not in ALLOWED_FILTERS, so the check refuses it anyway)
+_LOOP_FILTER = f"mgloop{secrets.token_hex(6)}"
+
+
 def _tick() -> None:
     """Called from the sandbox's hooks: every 256 calls, check the render's deadline."""
     b = _budget.get()
@@ -127,6 +159,7 @@ class MailSandbox(ImmutableSandboxedEnvironment):
         self.globals.clear()
         self.filters = {k: v for k, v in self.filters.items() if k in ALLOWED_FILTERS}
         self.filters["replace"] = _guarded_replace
+        self.filters[_LOOP_FILTER] = _guard_loop
 
     def getattr(self, obj, attribute):
         _tick()
@@ -177,7 +210,11 @@ TEXT_ENV = MailSandbox(autoescape=False)
 def _check_ast(tree: nodes.Template, part: str) -> list[str]:
     problems: list[str] = []
 
-    def walk(node: nodes.Node, depth: int) -> None:
+    def walk(node: nodes.Node, depth: int, level: int = 0) -> None:
+        if level > MAX_NESTING:
+            problems.append(f"{part}: the template is nested deeper than {MAX_NESTING} levels "
+                            f"(line {node.lineno})")
+            return
         for kind, what in FORBIDDEN_NODES.items():
             if isinstance(node, kind):
                 problems.append(f"{part}: {what} are not allowed (line {node.lineno})")
@@ -197,7 +234,7 @@ def _check_ast(tree: nodes.Template, part: str) -> list[str]:
         if isinstance(node, nodes.Filter) and node.name not in ALLOWED_FILTERS:
             problems.append(f"{part}: filter {node.name!r} is not allowed (line {node.lineno})")
         for child in node.iter_child_nodes():
-            walk(child, depth)
+            walk(child, depth, level + 1)
 
     walk(tree, 0)
     return problems
@@ -250,13 +287,34 @@ def _parse(env: MailSandbox, source: str, part: str) -> nodes.Template:
     except TemplateSyntaxError as exc:
         raise ValidationError(f"{part}: template syntax error at line {exc.lineno}: {exc.message}",
                               code="template_error") from None
+    except RecursionError:  # Jinja's parser recurses once per nesting level
+        raise ValidationError(f"{part}: the template is nested too deeply (at most {MAX_NESTING} levels)",
+                              code="template_refused") from None
+
+
+def _guard_loops(tree: nodes.Template, env: MailSandbox) -> nodes.Template:
+    """Every ``{% for x in <iter> %}`` becomes ``{% for x in <iter>|<loop guard> %}``."""
+    for loop in tree.find_all(nodes.For):
+        guarded = nodes.Filter(loop.iter, _LOOP_FILTER, [], [], None, None, lineno=loop.iter.lineno)
+        guarded.set_environment(env)
+        loop.iter = guarded
+    return tree
+
+
+def _compile(env: MailSandbox, source: str, part: str):
+    try:
+        return env.from_string(_guard_loops(_parse(env, source, part), env))
+    except RecursionError:
+        raise ValidationError(f"{part}: the template is nested too deeply (at most {MAX_NESTING} levels)",
+                              code="template_refused") from None
 
 
 def compile_campaign(subject: str, html: str, text: str, link_ids: dict[str, int] | None = None) -> CompiledCampaign:
-    """Compile the three parts (no checks: :func:`validate_campaign` ran at creation)."""
+    """Compile the three parts (no checks: :func:`validate_campaign` ran at creation); every
+    loop is guarded by the render deadline (:func:`_guard_loop`)."""
     html_src, links = rewrite_links(html, link_ids or {})
-    return CompiledCampaign(TEXT_ENV.from_string(subject), HTML_ENV.from_string(html_src),
-                            TEXT_ENV.from_string(text), links)
+    return CompiledCampaign(_compile(TEXT_ENV, subject, "subject"), _compile(HTML_ENV, html_src, "html"),
+                            _compile(TEXT_ENV, text, "text"), links)
 
 
 SAMPLE_LEAD = {
@@ -281,7 +339,10 @@ def validate_campaign(subject: str, html: str, text: str) -> list[str]:
         raise ValidationError("html or text is required", code="template_error")
     problems: list[str] = []
     for env, src, part in ((TEXT_ENV, subject, "subject"), (HTML_ENV, html, "html"), (TEXT_ENV, text, "text")):
-        problems += _check_ast(_parse(env, src, part), part)
+        try:
+            problems += _check_ast(_parse(env, src, part), part)
+        except RecursionError:
+            problems.append(f"{part}: the template is nested too deeply (at most {MAX_NESTING} levels)")
     if problems:
         raise ValidationError("template refused: " + "; ".join(problems[:5]), code="template_refused",
                               details=problems[:50])
@@ -291,6 +352,8 @@ def validate_campaign(subject: str, html: str, text: str) -> list[str]:
         start = time.perf_counter()
         render(compiled, sample_context())
         elapsed = time.perf_counter() - start
+    except ValidationError:
+        raise
     except (TemplateError, RenderError) as exc:
         raise ValidationError(f"template refused: {exc}", code="template_refused") from None
     except Exception as exc:  # any runtime error of the trial render is the template's fault

@@ -6,10 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 
+from mailgenius import addresses
 from mailgenius.errors import Conflict, ValidationError
 
 from . import templates
-from .campaigns import check_from, valid_email
+from .campaigns import check_from
 
 MAX_KEY = 255
 
@@ -20,9 +21,10 @@ def parse(body) -> dict:
     unknown = set(body) - {"to", "from_email", "subject", "html", "text"}
     if unknown:
         raise ValidationError(f"unknown field(s): {', '.join(sorted(unknown))}")
-    to = body.get("to")
-    if not isinstance(to, str) or not valid_email(to.strip()):
-        raise ValidationError("to must be one email address")
+    try:  # exactly one bare address: no lists, comments or display names (one SMTP recipient)
+        to = addresses.parse_address(body.get("to"))
+    except addresses.AddressError as exc:
+        raise ValidationError(f"to must be one email address: {exc}") from None
     subject = body.get("subject")
     if not isinstance(subject, str) or not subject.strip() or len(subject) > templates.MAX_SUBJECT_CHARS:
         raise ValidationError(f"subject is required (at most {templates.MAX_SUBJECT_CHARS} characters)")
@@ -33,7 +35,7 @@ def parse(body) -> dict:
         raise ValidationError("html or text is required")
     if len(html.encode()) > templates.MAX_HTML_BYTES or len(text.encode()) > templates.MAX_TEXT_BYTES:
         raise ValidationError("html or text too large")
-    return {"to": to.strip(), "from_email": check_from(body.get("from_email")),
+    return {"to": to.addr, "from_email": check_from(body.get("from_email")),
             "subject": " ".join(subject.split()), "html": html, "text": text}
 
 
@@ -52,7 +54,11 @@ async def create(pool, body, idempotency_key: str | None) -> tuple[dict, bool]:
     digest = hashlib.sha256(json.dumps(e, sort_keys=True).encode()).hexdigest()
     stored_key = f"tx:{key}" if key else None
     async with pool.acquire() as conn, conn.transaction():
-        lead = await conn.fetchrow("SELECT id, status FROM leads WHERE lower(email) = lower($1)", e["to"])
+        # every spelling the mailbox may be stored under (normalised: the parser's lower-case form)
+        lead = await conn.fetchrow(
+            """SELECT id, status FROM leads WHERE lower(email) = ANY($1::text[])
+               ORDER BY status IN ('bounced', 'complained') DESC LIMIT 1""",
+            addresses.suppression_keys(e["to"]))
         if lead is not None and lead["status"] in ("bounced", "complained"):
             raise ValidationError(f"{e['to']} is suppressed ({lead['status']}): it is never mailed again",
                                   code="suppressed")

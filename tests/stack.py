@@ -50,6 +50,9 @@ NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
 SERVICES = ("sender", "importer", "exporter")
 WORKERS = ("sender", "importer")
 
+#: the incident webhook token of every test stack's exporter (its Alertmanager configs send it)
+ALERT_WEBHOOK_TOKEN = "test-stack-alert-webhook-token-0123456789"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -177,6 +180,8 @@ class Stack:
             "MAILGENIUS_IMPORTER_URL": self.url("importer"),
             "MAILGENIUS_EXPORTER_URL": self.url("exporter"),
             "MAILGENIUS_PUBLIC_URL": self.url("sender"),
+            # the exporter refuses the Alertmanager webhook without a token (tests' configs send it)
+            "MAILGENIUS_ALERT_WEBHOOK_TOKEN": ALERT_WEBHOOK_TOKEN,
             "MAILGENIUS_PROMETHEUS_URL": self.url("prometheus"),
             "MAILGENIUS_ALERTMANAGER_URL": self.url("alertmanager"),
             "MAILGENIUS_HEALTH_TIMEOUT": str(s.health_timeout),

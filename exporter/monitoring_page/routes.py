@@ -7,6 +7,7 @@ import datetime as dt
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import jinja2
@@ -15,7 +16,7 @@ from aiohttp import web
 from mailgenius import auth, errors
 from mailgenius import keys as kernel_keys
 from mailgenius.cache import rkey
-from mailgenius.web import Route, add_routes, json_response
+from mailgenius.web import Route, add_routes, client_address, json_response
 
 from . import budgets, keys, sessions, sources
 from .csvsafe import to_csv, to_ndjson
@@ -55,7 +56,9 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
 def _secure(resp: web.StreamResponse) -> web.StreamResponse:
     resp.headers["Content-Security-Policy"] = CSP
     resp.headers["X-Content-Type-Options"] = "nosniff"
-    resp.headers["Referrer-Policy"] = "no-referrer"
+    # same-origin, not no-referrer: under no-referrer a browser sends `Origin: null` with the
+    # page's own form posts, which the sign-in refuses (login CSRF); other sites still get nothing
+    resp.headers["Referrer-Policy"] = "same-origin"
     resp.headers["X-Frame-Options"] = "DENY"
     resp.headers["Cache-Control"] = "no-store"
     return resp
@@ -79,16 +82,42 @@ async def _require_session(request: web.Request) -> frozenset[str]:
     return scopes
 
 
+def _origin_of(url: str) -> str:
+    p = urlsplit(url)
+    default = {"http": 80, "https": 443}.get(p.scheme)
+    host = (p.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{p.scheme}://{host}" + (f":{p.port}" if p.port and p.port != default else "")
+
+
+def allowed_origins(request: web.Request) -> set[str]:
+    """Origins a form post may come from: this server as the request reached it, the public URL
+    (``MAILGENIUS_PUBLIC_URL``), and behind an HTTPS proxy (public URL https) this host over
+    https: the proxy terminates TLS, so the request itself arrives as http."""
+    public = request.app[kernel_keys.SETTINGS].public_url
+    origins = {_origin_of(f"{request.scheme}://{request.host}"), _origin_of(public)}
+    if public.lower().startswith("https://"):
+        origins.add(_origin_of(f"https://{request.host}"))
+    return origins
+
+
 def _check_origin(request: web.Request) -> None:
-    """Form posts must come from this page (SameSite=Strict is the first line of defence)."""
+    """Form posts must come from this page (SameSite=Strict is the first line of defence).
+    ``Origin: null`` (a sandboxed frame, a data: page, some redirects) is refused: a login from
+    there is a login CSRF (the victim ends up signed in with the attacker's key)."""
     origin = request.headers.get("Origin")
-    if origin and origin != "null" and origin != f"{request.scheme}://{request.host}":
+    if origin is None:
+        return  # not a browser (browsers send Origin on every form POST)
+    if origin == "null" or _origin_of(origin) not in allowed_origins(request):
         raise errors.Forbidden("cross-origin form post refused")
 
 
 async def _login_with_key(request: web.Request, key: str) -> web.StreamResponse:
     redis = request.app[kernel_keys.REDIS]
-    failures_key = rkey(request.app[kernel_keys.SETTINGS], "page-login-failures", request.remote or "unknown")
+    # per client address: behind a trusted proxy (MAILGENIUS_TRUSTED_PROXIES) the X-Forwarded-For
+    # client, else the socket peer (one attacker must not lock out every operator behind the proxy)
+    failures_key = rkey(request.app[kernel_keys.SETTINGS], "page-login-failures", client_address(request))
     failures = int(await redis.get(failures_key) or 0)
     if failures >= LOGIN_FAILURES_ALLOWED:
         resp = _render(request, "login.html.j2", status=429,
@@ -116,9 +145,12 @@ async def _login_with_key(request: web.Request, key: str) -> web.StreamResponse:
 # -- pages -----------------------------------------------------------------------------------
 
 async def page(request: web.Request) -> web.StreamResponse:
-    """The monitoring page (or the login form; ``?key=`` exchanges a key for a session)."""
+    """The monitoring page, or the login form. A key in the address (``?key=``) never signs in:
+    it would stay in proxy logs, browser history and Referer headers."""
     if "key" in request.query:
-        return await _login_with_key(request, request.query["key"])
+        return _render(request, "login.html.j2", status=400,
+                       error="API keys in the address are not accepted (they end up in logs and history); "
+                             "sign in with the form, and revoke that key if it was a real one.")
     if await sessions.session_scopes(request) is None:
         return _render(request, "login.html.j2", error=None)
     return _render(request, "monitoring.html.j2", refresh_ms=REFRESH_MS, ranges=list(sources.RANGES),

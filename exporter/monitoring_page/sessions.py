@@ -1,6 +1,6 @@
 """Browser sessions of the monitoring page, kept in Redis with an expiry.
 
-An operator logs in with an API key (login form, or a one-time ``?key=`` exchange); the page
+An operator logs in with an API key (the login form; never a key in the URL); the page
 then works with an opaque session cookie (HttpOnly, SameSite=Strict) and no key material in
 URLs or in the page. Redis keeps only the SHA-256 of the session token and the *hash* of the
 API key (never the key), so a session ends as soon as its key is revoked.
@@ -67,8 +67,11 @@ async def session_scopes(request: web.Request) -> frozenset[str] | None:
 
 
 def set_cookie(request: web.Request, response: web.StreamResponse, token: str) -> None:
+    """HttpOnly, SameSite=Strict; ``Secure`` when the page is served over https, directly or
+    behind an HTTPS proxy (``MAILGENIUS_PUBLIC_URL`` https)."""
+    public = request.app[kernel_keys.SETTINGS].public_url.lower()
     response.set_cookie(COOKIE, token, max_age=SESSION_TTL, path="/", httponly=True,
-                        samesite="Strict", secure=request.secure)
+                        samesite="Strict", secure=request.secure or public.startswith("https://"))
 
 
 def clear_cookie(response: web.StreamResponse) -> None:

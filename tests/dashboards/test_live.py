@@ -36,7 +36,15 @@ from dashboards.queries import check_prometheus, iter_queries, metric_names
 from mailgenius import auth
 from mailgenius.settings import load_settings
 from tests.conftest import ROOT, TABLES
-from tests.stack import ALERTMANAGER, PROMETHEUS, Stack, http_get, require_binaries, wait_until
+from tests.stack import (
+    ALERT_WEBHOOK_TOKEN,
+    ALERTMANAGER,
+    PROMETHEUS,
+    Stack,
+    http_get,
+    require_binaries,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -307,7 +315,7 @@ def record_incidents(stack: Stack) -> None:
                        "commonLabels": {}, "commonAnnotations": {}, "externalURL": "", "groupKey": name,
                        "alerts": [{**alert, "status": status, "endsAt": ends}]}
             code, data = _post(stack.url("exporter") + "/api/alerts/webhook", json.dumps(payload).encode(),
-                               {"Content-Type": "application/json"})
+                               {"Content-Type": "application/json", "Authorization": f"Bearer {ALERT_WEBHOOK_TOKEN}"})
             assert code == 200, data
 
 
@@ -341,7 +349,8 @@ def live(database_url, redis_url, redis_prefix, tmp_path_factory):
         am.write_text(yaml.safe_dump({
             "route": {"receiver": "exporter", "group_wait": "1s", "group_interval": "1s", "repeat_interval": "1h"},
             "receivers": [{"name": "exporter", "webhook_configs": [
-                {"url": stack.url("exporter") + "/api/alerts/webhook", "send_resolved": True}]}],
+                {"url": stack.url("exporter") + "/api/alerts/webhook", "send_resolved": True,
+                 "http_config": {"authorization": {"credentials": ALERT_WEBHOOK_TOKEN}}}]}],
         }))
         stack.start_alertmanager(am)
         jobs = {**stack.scrape_jobs(), "prometheus": stack.target("prometheus")}

@@ -12,6 +12,10 @@ from mailgenius.broker import build_broker
 from mailgenius.metrics import QUEUES
 from tests.conftest import free_port
 
+#: the exporter's Alertmanager webhook token in these suites (send ``WEBHOOK_AUTH``)
+WEBHOOK_TOKEN = "exporter-suite-webhook-token-0123456789"
+WEBHOOK_AUTH = {"Authorization": f"Bearer {WEBHOOK_TOKEN}"}
+
 
 @pytest.fixture
 def exporter_settings(settings):
@@ -20,7 +24,8 @@ def exporter_settings(settings):
     closed = {name: f"http://127.0.0.1:{free_port()}" for name in ("sender", "importer", "prom", "am")}
     return settings.replace(broker_url=settings.redis_url, sender_url=closed["sender"],
                             importer_url=closed["importer"], prometheus_url=closed["prom"],
-                            alertmanager_url=closed["am"])
+                            alertmanager_url=closed["am"],
+                            extra={"MAILGENIUS_ALERT_WEBHOOK_TOKEN": WEBHOOK_TOKEN})
 
 
 @pytest.fixture

@@ -15,7 +15,15 @@ import pytest
 from mailgenius import contract
 from mailgenius import metrics as m
 from tests.conftest import bearer
-from tests.stack import ALERTMANAGER, PROMETHEUS, Stack, http_get, require_binaries, wait_until
+from tests.stack import (
+    ALERT_WEBHOOK_TOKEN,
+    ALERTMANAGER,
+    PROMETHEUS,
+    Stack,
+    http_get,
+    require_binaries,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -37,7 +45,8 @@ def start(stack: Stack) -> None:
         "route": {"receiver": "incidents", "group_by": ["alertname"], "group_wait": "0s",
                   "group_interval": "1s", "repeat_interval": "1h"},
         "receivers": [{"name": "incidents", "webhook_configs": [
-            {"url": stack.url("exporter") + "/api/alerts/webhook", "send_resolved": True}]}],
+            {"url": stack.url("exporter") + "/api/alerts/webhook", "send_resolved": True,
+             "http_config": {"authorization": {"credentials": ALERT_WEBHOOK_TOKEN}}}]}],
     }))
     stack.start_alertmanager(am_config)
     # the recording rules: the summary shows their series (API p95, error rate, email rates)
@@ -93,7 +102,7 @@ async def test_prometheus_scrapes_the_kpis_and_the_summary_uses_it(stack, pool, 
     assert body["lead_metrics"]["total_leads"] == 1234
 
     # And the aggregated health sees Prometheus and Alertmanager up
-    status, health = get_json(exporter + "/api/health")
+    status, health = get_json(exporter + "/api/health", key)
     assert health["checks"]["prometheus"]["status"] == "healthy", health
     assert health["checks"]["alertmanager"]["status"] == "healthy", health
     assert health["checks"]["database"]["status"] == "healthy"

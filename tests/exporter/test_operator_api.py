@@ -16,6 +16,7 @@ from mailgenius import metrics as m
 from mailgenius.broker import dramatiq_namespace
 from mailgenius.worker import enqueue
 from tests.conftest import bearer, free_port
+from tests.exporter.conftest import WEBHOOK_AUTH
 
 # -- queue admin ----------------------------------------------------------------------------------
 
@@ -202,7 +203,7 @@ async def test_incident_opens_resolves_and_gives_mttr(exporter, pool, make_key):
 
     # When Alertmanager notifies a firing alert, twice (repeat_interval / retry)
     for expected in ({"opened": 1, "unchanged": 0}, {"opened": 0, "unchanged": 1}):
-        resp = await exporter.post("/api/alerts/webhook", json=firing)
+        resp = await exporter.post("/api/alerts/webhook", json=firing, headers=WEBHOOK_AUTH)
         assert resp.status == 200
         body = await resp.json()
         assert {k: body[k] for k in expected} == expected
@@ -216,7 +217,7 @@ async def test_incident_opens_resolves_and_gives_mttr(exporter, pool, make_key):
     # When it resolves 7 min 30 s later (and the resolution is delivered twice)
     resolved = am_payload("resolved", [am_alert("resolved", "QueueDepthHigh", starts, "2026-11-29T10:07:30.123456Z")])
     for n in (1, 0):
-        body = await (await exporter.post("/api/alerts/webhook", json=resolved)).json()
+        body = await (await exporter.post("/api/alerts/webhook", json=resolved, headers=WEBHOOK_AUTH)).json()
         assert body["resolved"] == n
     # Then it is closed, nothing is open, MTTR is its duration
     await exporter.refresh()
@@ -227,7 +228,7 @@ async def test_incident_opens_resolves_and_gives_mttr(exporter, pool, make_key):
     assert row["status"] == "resolved" and row["d"] == dt.timedelta(minutes=7, seconds=30)
 
     # And a late retry of the firing notification does not reopen it
-    await exporter.post("/api/alerts/webhook", json=firing)
+    await exporter.post("/api/alerts/webhook", json=firing, headers=WEBHOOK_AUTH)
     assert await pool.fetchval("SELECT status FROM incidents") == "resolved"
 
     # And GET /api/incidents lists it with its duration
@@ -253,7 +254,7 @@ async def test_mttr_and_mtbf_over_recent_incidents(exporter, make_key):
         am_alert("firing", "DatabaseConnectionsHigh", ts(t0 + dt.timedelta(hours=4)), severity="critical", fp="f3"),
         am_alert("firing", "Watchdog", ts(t0), severity="none", fp="f4"),
     ]
-    resp = await exporter.post("/api/alerts/webhook", json=am_payload("firing", alerts))
+    resp = await exporter.post("/api/alerts/webhook", json=am_payload("firing", alerts), headers=WEBHOOK_AUTH)
     body = await resp.json()
     assert (body["received"], body["opened"], body["resolved"], body["ignored"]) == (4, 1, 2, 1)
     await exporter.refresh()
@@ -279,19 +280,19 @@ async def test_mttr_and_mtbf_over_recent_incidents(exporter, make_key):
     ({"alerts": [{"status": "firing", "labels": {"alertname": "X", "n": 1}, "startsAt": "2026-01-01T00:00:00Z"}]}, "strings"),
 ])
 async def test_webhook_rejects_malformed_payloads(exporter, pool, payload, fragment):
-    resp = await exporter.post("/api/alerts/webhook", json=payload)
+    resp = await exporter.post("/api/alerts/webhook", json=payload, headers=WEBHOOK_AUTH)
     assert resp.status == 422
     assert fragment in (await resp.json())["error"]["message"]
     assert await pool.fetchval("SELECT count(*) FROM incidents") == 0
 
 
 async def test_webhook_token_when_configured(aiohttp_client, exporter_settings, pool):
-    app = create_app(exporter_settings.replace(extra={"MAILGENIUS_ALERT_WEBHOOK_TOKEN": "s3cret"}))
+    app = create_app(exporter_settings.replace(extra={"MAILGENIUS_ALERT_WEBHOOK_TOKEN": "s3cret-" * 4}))
     client = await aiohttp_client(app)
     payload = am_payload("firing", [am_alert("firing", "X", "2026-11-29T10:00:00Z")])
     assert (await client.post("/api/alerts/webhook", json=payload)).status == 401
     assert (await client.post("/api/alerts/webhook", json=payload, headers=bearer("wrong"))).status == 401
-    assert (await client.post("/api/alerts/webhook", json=payload, headers=bearer("s3cret"))).status == 200
+    assert (await client.post("/api/alerts/webhook", json=payload, headers=bearer("s3cret-" * 4))).status == 200
     assert await pool.fetchval("SELECT count(*) FROM incidents") == 1
 
 
@@ -343,7 +344,7 @@ async def test_summary_without_prometheus_answers_with_a_marker(aiohttp_client, 
     assert 0 <= body["database"]["cache_hit_ratio"]["current"] <= 100
 
 
-async def test_health_aggregates_every_dependency(aiohttp_client, exporter_settings, pool):
+async def test_health_aggregates_every_dependency(aiohttp_client, exporter_settings, pool, make_key):
     # Given sender, importer, Prometheus and Alertmanager all unreachable
     closed = {name: f"http://127.0.0.1:{free_port()}" for name in ("sender", "importer", "prom", "am")}
     settings = exporter_settings.replace(sender_url=closed["sender"], importer_url=closed["importer"],
@@ -360,7 +361,7 @@ async def test_health_aggregates_every_dependency(aiohttp_client, exporter_setti
     for name in ("sender", "importer", "prometheus", "alertmanager", "workers", "email", "upload"):
         assert body["checks"][name]["status"] == "degraded", body["checks"][name]
     # And one check is reachable on its own
-    one = await (await client.get("/api/health/workers")).json()
+    one = await (await client.get("/api/health/workers", headers=bearer(await make_key()))).json()
     assert "live workers" in one["detail"]
     # And every sub-endpoint of the operations guide answers on the exporter too (no 404)
     for name in ("database", "redis", "queue", "email", "upload", "workers"):

@@ -174,7 +174,7 @@ async def test_cleanup_removes_stale_files_and_requeues_stuck_imports(api, pool,
 
 
 async def test_health_has_queue_upload_and_workers_checks(api):
-    resp = await api.get("/api/health")
+    resp = await api.get("/api/health", headers=api.headers_)
     body = await resp.json()
     assert set(body["checks"]) >= {"database", "redis", "queue", "upload", "workers"}
     assert body["checks"]["upload"]["status"] == "healthy"

@@ -33,7 +33,7 @@ async def page_client(aiohttp_client, page_settings, pool):
 
 
 async def login(client, key: str) -> None:
-    """Log the client in through the ?key= exchange (the cookie jar keeps the session)."""
-    resp = await client.get(BASE, params={"key": key}, allow_redirects=False)
+    """Log the client in through the login form (the cookie jar keeps the session)."""
+    resp = await client.post(f"{BASE}/login", data={"key": key}, allow_redirects=False)
     assert resp.status == 303, await resp.text()
 

@@ -32,6 +32,7 @@ from mailgenius.logstream import RedisStreamHandler, stream_key
 from mailgenius.worker import enqueue
 from tests.conftest import TABLES
 from tests.stack import (
+    ALERT_WEBHOOK_TOKEN,
     ALERTMANAGER,
     PROMETHEUS,
     ROOT,
@@ -104,6 +105,9 @@ def _write_configs(stack: Stack, tmp: Path) -> tuple[Path, Path]:
             webhook_configs:
               - url: {stack.url("exporter")}/api/alerts/webhook
                 send_resolved: true
+                http_config:
+                  authorization:
+                    credentials: {ALERT_WEBHOOK_TOKEN}
         """))
     return rules, am
 

@@ -12,7 +12,7 @@ from sender.email_settings import RateLimiter
 from sender.providers import OutEmail, SmtpProvider
 from sender.sending import send_transactional
 from sender.sink import start_sink
-from tests.conftest import free_port
+from tests.conftest import bearer, free_port
 
 from .dns_server import TxtServer
 
@@ -128,8 +128,10 @@ async def test_dns_authentication_endpoint(aiohttp_client, ssettings, pool, make
             assert resp.status == 422
 
 
-async def test_health_checks(api, pool):
-    resp = await api.get("/api/health")
+async def test_health_checks(api, pool, make_key):
+    # the details are for key holders (a public /api/health shows statuses only)
+    h = bearer(await make_key("read"))
+    resp = await api.get("/api/health", headers=h)
     body = await resp.json()
     assert set(body["checks"]) >= {"database", "redis", "queue", "email", "workers"}
     assert body["checks"]["email"]["status"] == "healthy", body["checks"]["email"]

@@ -34,7 +34,7 @@ NO_HEALTHCHECK = {
     "migrate": "a one-shot job: the others wait for it to exit 0, not for a health state",
 }
 #: the secrets `docker compose up` refuses to start without (no default passwords)
-REQUIRED = {"POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "MAILGENIUS_TRACKING_SECRET"}
+REQUIRED = {"POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "MAILGENIUS_TRACKING_SECRET", "MAILGENIUS_ALERT_WEBHOOK_TOKEN"}
 #: UIs and stores: published on loopback only
 LOOPBACK_ONLY = {"prometheus", "alertmanager", "grafana", "loki", "exporter", "postgres", "redis"}
 
@@ -251,7 +251,7 @@ def test_procfile_runs_every_component_with_variables_run_sh_provides():
             name, _, cmd = line.partition(":")
             procs[name.strip()] = cmd.strip()
     assert set(procs) == {c.name for c in ops.COMPONENTS}
-    env = ops.stack_env({"MAILGENIUS_RESEND_WEBHOOK_SECRET": "whsec_dGVzdA=="})
+    env = ops.stack_env({"MAILGENIUS_RESEND_WEBHOOK_SECRET": "whsec_" + "c3RhY2stc3VpdGUtd2ViaG9vay1zZWNyZXQ="})
     env.update({"MAILGENIUS_RUN_PROMETHEUS_CONFIG": "x", "MAILGENIUS_RUN_ALERTMANAGER_CONFIG": "x"})
     for name, cmd in procs.items():
         for var in re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)(:-)?", cmd):
@@ -259,8 +259,8 @@ def test_procfile_runs_every_component_with_variables_run_sh_provides():
             assert has_default or name_ in env, f"Procfile {name} uses ${name_}, which stack-prepare does not set"
         # every listening port comes from its variable, never a literal
         comp = ops.BY_NAME[name]
-        if comp.name in ("sender", "importer", "exporter", "smtp-sink", "sender-worker", "importer-worker"):
-            continue  # `mailgenius serve|worker|sink` read MAILGENIUS_*_PORT themselves
+        if comp.name in ("sender", "importer", "exporter", "smtp-sink", "sender-worker", "importer-worker", "scheduler"):
+            continue  # `mailgenius serve|worker|sink|scheduler` read MAILGENIUS_*_PORT themselves
         assert f"${comp.env}" in cmd, f"{name} does not listen on ${comp.env}"
 
 

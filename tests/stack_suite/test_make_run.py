@@ -1,17 +1,26 @@
 """`make run` from a fresh clone, in the background, on free ports: every health endpoint
 healthy and every Prometheus target up within 60 s; `mailgenius demo` then `mailgenius status`
-exits 0; `mailgenius report daily` writes a report whose charts are non-empty; Ctrl-C stops all.
+exits 0; `mailgenius report daily` writes a report whose charts are non-empty; the supervisor
+restarts each kind of process killed with -9 while the rest keeps running, ServiceDown reaches a
+local Slack receiver while a service cannot come back, a worker killed mid-campaign is replaced
+with every message delivered exactly once, the scheduler's backups are scraped, every process
+logs JSON lines to <data dir>/log; Ctrl-C stops all within MAILGENIUS_STOP_TIMEOUT, ports free.
+
+The stack runs with the generated alerting configs rendered for a test (every `for:` 2 s, 1 s
+group_wait, Slack pointed at a local recorder), like tests/alerting/test_e2e.py.
 
 The clone gets a virtualenv that reuses this one's installed dependencies (a .pth file) instead
 of downloading them again: a full `pip install` would take most of this suite's 3-minute budget.
 Everything else is the real thing: `make run` runs scripts/setup.sh (package check, Postgres and
-Redis check, migrations) and scripts/run.sh (stack-prepare + honcho on the Procfile), with the
+Redis check, migrations) and scripts/run.sh (stack-prepare + the supervisor on the Procfile), with the
 clone's own code on sys.path ahead of anything else.
 """
 
 from __future__ import annotations
 
 import base64
+import email
+import email.policy
 import hashlib
 import json
 import os
@@ -26,8 +35,12 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
+import redis as syncredis
 
+from alerting import generate
 from mailgenius import ops
+from mailgenius.queues import STALE_AFTER, workers_key
+from tests.alerting.receivers import Recorder
 from tests.conftest import free_port
 from tests.stack import http_get, wait_until  # tests/stack.py: the lead's helpers
 
@@ -36,11 +49,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parents[2]
 #: the issue's bound for health and targets after `make run`
 UP_WITHIN = 60.0
+#: the issue's bound for ServiceDown at a local channel
+ALERT_WITHIN = 120.0
+#: Ctrl-C bound given to the stack (MAILGENIUS_STOP_TIMEOUT)
+STOP_TIMEOUT = 15
 
 
 def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (honcho starts each process in its own session, so
-    process groups do not reach them: the parent links do)."""
+    """Every live process below ``pid`` (the supervisor starts each process in its own session,
+    so process groups do not reach them: the parent links do)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -82,8 +99,7 @@ def _make_clone(tmp: Path) -> Path:
     # the clone's code first, then this environment's third-party packages
     (site / "_mailgenius_clone.pth").write_text(f"{clone}\n{sysconfig.get_paths()['purelib']}\n")
     py = venv / "bin" / "python"
-    for name, entry in (("mailgenius", "mailgenius.cli:main"), ("honcho", "honcho.command:main"),
-                        ("dramatiq", "dramatiq.cli:main")):
+    for name, entry in (("mailgenius", "mailgenius.cli:main"), ("dramatiq", "dramatiq.cli:main")):
         mod, func = entry.split(":")
         script = venv / "bin" / name
         script.write_text(f"#!{py}\nimport sys\nfrom {mod} import {func}\nsys.exit({func}())\n")
@@ -95,18 +111,45 @@ def _make_clone(tmp: Path) -> Path:
     return clone
 
 
+def _alert_configs(tmp: Path, ports: dict[str, str], slack_url: str) -> dict[str, Path]:
+    """The generated configs for this stack's ports, with short `for:` and Slack at a recorder."""
+    secrets = tmp / "secrets"
+    secrets.mkdir()
+    (secrets / "slack_api_url").write_text(f"{slack_url}/services/T000/B000/makerun")
+    job_ports = {c.job: int(ports[c.env]) for c in ops.COMPONENTS if c.job}
+    variant = generate.local_variant(
+        ports={**job_ports, "smtp": int(ports["MAILGENIUS_SINK_PORT"])}, scrape_interval="2s", evaluation_interval="2s",
+        group_wait="1s", group_interval="1s", for_override="2s", secrets_dir=str(secrets))
+    return generate.render_to(tmp / "alert-configs", variant)
+
+
 @pytest.fixture(scope="module")
-def running_stack(tmp_path_factory, database_url, redis_url, redis_prefix):
+def slack():
+    with Recorder() as rec:
+        yield rec
+
+
+@pytest.fixture(scope="module")
+def running_stack(tmp_path_factory, database_url, redis_url, redis_prefix, slack):
     tmp = tmp_path_factory.mktemp("makerun")
     clone = _make_clone(tmp)
     ports = {c.env: str(free_port()) for c in ops.COMPONENTS}
+    configs = _alert_configs(tmp, ports, slack.url)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MAILGENIUS_", "dramatiq_", "PROMETHEUS_MULTIPROC"))}
     env.update(ports)
     env.update({
         "DATABASE_URL": database_url, "REDIS_URL": redis_url, "BROKER_URL": redis_url,
         "MAILGENIUS_REDIS_PREFIX": redis_prefix, "MAILGENIUS_DATA_DIR": str(tmp / "var"),
         "MAILGENIUS_SCRAPE_INTERVAL": "2s", "MAILGENIUS_WORKER_PROCESSES": "1", "MAILGENIUS_WORKER_THREADS": "2",
-        "PYTHONUNBUFFERED": "1",
+        "PYTHONUNBUFFERED": "1", "MAILGENIUS_STOP_TIMEOUT": str(STOP_TIMEOUT),
+        "MAILGENIUS_PROMETHEUS_CONFIG": str(configs["prometheus"]),
+        "MAILGENIUS_ALERTMANAGER_CONFIG": str(configs["alertmanager"]),
+        # the scheduler: a backup and an upload clean-up every 15 s, the rest off
+        "MAILGENIUS_SCHEDULE_BACKUP": "@every 15s", "MAILGENIUS_SCHEDULE_CLEANUP_UPLOADS": "@every 15s",
+        "MAILGENIUS_SCHEDULE_REPORT_DAILY": "off", "MAILGENIUS_SCHEDULE_REPORT_WEEKLY": "off",
+        "MAILGENIUS_SCHEDULE_DB_MAINTENANCE": "off", "MAILGENIUS_RESTART_BACKOFF_MAX": "8",
+        # a killed worker's unacknowledged messages are redelivered within seconds (as tests/sender does)
+        "MAILGENIUS_BROKER_MAINTENANCE_CHANCE": "1000000", "MAILGENIUS_BROKER_HEARTBEAT_TIMEOUT_MS": "4000",
     })
     log_path = tmp / "make-run.log"
     log = open(log_path, "wb")
@@ -115,6 +158,7 @@ def running_stack(tmp_path_factory, database_url, redis_url, redis_prefix):
                             start_new_session=True)
     log.close()
     stack = {"proc": proc, "clone": clone, "env": env, "ports": ports, "tmp": tmp, "started": started,
+             "started_wall": time.time(),
              "log": lambda tail=6000: log_path.read_text(errors="replace")[-tail:]}
     try:
         yield stack
@@ -258,6 +302,243 @@ def test_report_daily_has_non_empty_charts(running_stack):
     events = dict(re.findall(r"<tr><td>(\w+)</td><td>([\d ]+)</td></tr>", email))
     assert float(events["delivered"].replace(" ", "")) >= 100, events
 
+# -- supervision ------------------------------------------------------------------------------
+
+
+def _sup_state(s) -> dict:
+    path = Path(s["env"]["MAILGENIUS_DATA_DIR"]) / "run" / "supervisor.json"
+    return json.loads(path.read_text())["processes"]
+
+
+def _answers(s, name: str) -> bool:
+    """The process's port answers: an HTTP answer on its health/ready/metrics path, or the SMTP greeting."""
+    comp = ops.BY_NAME[name]
+    port = int(s["ports"][comp.env])
+    if comp.scheme == "smtp":
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                return sock.recv(3) == b"220"
+        except OSError:
+            return False
+    path = {"prometheus": "/-/ready", "alertmanager": "/-/ready", "exporter": "/api/health"}.get(name, comp.path)
+    try:
+        status, _ = http_get(f"http://127.0.0.1:{port}{path}", timeout=3)
+    except OSError:
+        return False
+    return status > 0  # any HTTP answer: the process is up (health may say degraded)
+
+
+def _alive_running(s) -> None:
+    if s["proc"].poll() is not None:
+        raise AssertionError(f"make run exited with {s['proc'].returncode}:\n{s['log']()}")
+
+
+#: one process of each kind: APIs, the exporter, a worker group (its dramatiq main), the
+#: scheduler, the SMTP sink, Prometheus, Alertmanager and an external exporter
+KILLED = ("sender", "exporter", "importer-worker", "scheduler", "smtp-sink", "prometheus", "alertmanager",
+          "redis-exporter")
+
+
+def test_each_kind_of_process_killed_comes_back_while_the_rest_keeps_running(running_stack):
+    s = running_stack
+    _alive_running(s)
+    for name in KILLED:
+        before = _sup_state(s)
+        victim = before[name]["pid"]
+        assert victim and _alive(victim), (name, before[name])
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.monotonic()
+
+        def back(name=name, victim=victim, starts=before[name]["starts"]):
+            _alive_running(s)
+            now = _sup_state(s)[name]
+            return now["pid"] not in (None, victim) and now["starts"] == starts + 1 and _answers(s, name)
+
+        wait_until(back, 45, interval=0.3, what=f"{name} restarted and answering after kill -9")
+        took = time.monotonic() - t0
+        after = _sup_state(s)
+        # the others were neither stopped nor restarted, and still answer
+        for other, info in before.items():
+            if other == name:
+                continue
+            assert after[other]["pid"] == info["pid"] and after[other]["starts"] == info["starts"], (name, other)
+            assert _alive(info["pid"]), f"{other} died when {name} was killed"
+        for comp in ops.COMPONENTS:
+            if comp.name != name:
+                assert _answers(s, comp.name), f"{comp.name} stopped answering when {name} was killed"
+        print(f"{name}: back {took:.1f} s after kill -9; nothing else restarted")
+    out = s["log"](10**7)
+    for name in KILLED:
+        assert re.search(rf"{re.escape(name)} was killed by SIGKILL after [\d.]+ s; restarting in [\d.]+ s", out), name
+    # and every target is scraped again
+    prom = f"http://127.0.0.1:{s['ports']['MAILGENIUS_PROMETHEUS_PORT']}"
+    wait_until(lambda: all(t["health"] == "up" for t in _targets(prom)) or None, 60, interval=1,
+               what="every target up again")
+
+
+def _slack_about(rec: Recorder, alertname: str, status: str, since: float) -> list[dict]:
+    """Slack attachments about ``alertname`` in ``status`` received after ``since`` (monotonic)."""
+    return [a for t, b in rec.timed() if t > since for a in b.get("attachments", [])
+            if alertname in a.get("title", "") and a["title"].startswith(f"[{status}")]
+
+
+def test_service_down_reaches_slack_while_a_crashed_api_cannot_come_back(running_stack, slack):
+    s = running_stack
+    _alive_running(s)
+    port = int(s["ports"]["MAILGENIUS_SENDER_PORT"])
+    victim = _sup_state(s)["sender"]["pid"]
+    # When the sender API is killed and its port is taken before it can restart (a crash loop)
+    os.kill(victim, signal.SIGKILL)
+    t0 = time.monotonic()
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+    def grab():
+        try:
+            holder.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        holder.listen(1)
+        return True
+
+    try:
+        wait_until(grab, 10, interval=0.02, what="the sender's port, before the sender restarts")
+        # Then ServiceDown for the sender reaches Slack within the bound, and the rest runs on
+        note = wait_until(lambda: [a for a in _slack_about(slack, "ServiceDown", "FIRING", t0) if "sender (" in a["text"]],
+                          ALERT_WITHIN, interval=0.5, what="ServiceDown for sender on Slack")[0]
+        t_fired = time.monotonic()
+        took = t_fired - t0
+        print(f"ServiceDown for sender on Slack {took:.1f} s after kill -9")
+        assert took <= ALERT_WITHIN
+        _alive_running(s)
+        assert all(_answers(s, n) for n in ("importer", "exporter", "prometheus", "alertmanager"))
+        # and the supervisor keeps retrying with a growing backoff, saying why
+        wait_until(lambda: "sender exited with code 3" in s["log"](10**6), 30, what="the failed restart logged")
+    finally:
+        holder.close()
+    # When the port is free again, the sender comes back on the next attempt (backoff <= 8 s here)
+    wait_until(lambda: _health(f"http://127.0.0.1:{port}") == "healthy", 30, interval=0.5, what="sender healthy again")
+    wait_until(lambda: [a for a in _slack_about(slack, "ServiceDown", "RESOLVED", t_fired) if "sender (" in a["text"]],
+               ALERT_WITHIN, interval=0.5, what="ServiceDown resolved on Slack")
+    assert note["color"] == "danger"
+
+
+def _sink_messages(s) -> list[tuple[str, str]]:
+    """(recipient, Message-ID) of the campaign messages in the sink (alert notifications go there
+    too: skipped)."""
+    out = []
+    for path in (Path(s["env"]["MAILGENIUS_DATA_DIR"]) / "sink").glob("*.eml"):
+        msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+        to = str(msg["To"]).strip().lower()
+        if to.endswith("@example.com"):
+            out.append((to, str(msg["Message-ID"]).strip()))
+    return out
+
+
+def test_worker_killed_mid_campaign_is_replaced_and_every_lead_gets_one_message(running_stack):
+    s = running_stack
+    _alive_running(s)
+    env = s["env"]
+    client = syncredis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
+    key = workers_key(env["MAILGENIUS_REDIS_PREFIX"], "email-sending")
+
+    def live() -> set[str]:
+        return set(client.zrangebyscore(key, time.time() - STALE_AFTER, "+inf"))
+
+    wait_until(lambda: len(live()) == 1, 30, what="one live send worker (MAILGENIUS_WORKER_PROCESSES=1)")
+    before = {to for to, _ in _sink_messages(s)}
+    leads = 400
+    demo_env = {k: v for k, v in env.items() if not k.startswith("MAILGENIUS_") and k not in ("DATABASE_URL", "REDIS_URL", "BROKER_URL")}
+    demo_env["MAILGENIUS_DATA_DIR"] = env["MAILGENIUS_DATA_DIR"]
+    demo = subprocess.Popen([str(s["clone"] / ".venv/bin/mailgenius"), "demo", "--leads", str(leads), "--seed", "11",
+                             "--timeout", "240"], cwd=s["clone"], env=demo_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        # When the campaign is sending, its worker process is killed with -9
+        sink = Path(env["MAILGENIUS_DATA_DIR"]) / "sink"
+        already = len(list(sink.glob("*.eml")))
+        wait_until(lambda: len(list(sink.glob("*.eml"))) >= already + 20
+                   or (demo.poll() is not None and pytest.fail(demo.stdout.read())), 120, interval=0.1,
+                   what="the campaign sending")
+        (member,) = live()
+        pid = int(member.rsplit(":", 1)[1])
+        os.kill(pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        # Then the dead worker stops counting within 15 s, and a new worker process replaces it
+        wait_until(lambda: member not in live(), 15, interval=0.2, what="the killed worker no longer counted live")
+        dropped = time.monotonic() - t_kill
+        replaced = wait_until(lambda: [m for m in live() if m != member], 60, interval=0.2, what="a new send worker")
+        print(f"worker {pid} killed: uncounted after {dropped:.1f} s, replaced by {replaced} after "
+              f"{time.monotonic() - t_kill:.1f} s")
+        assert len(live()) == 1
+        out, _ = demo.communicate(timeout=300)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        client.close()
+    assert demo.returncode == 0, out
+    counts = dict((k, int(v)) for k, v in re.findall(r"(\w+) (\d+)", re.search(r"campaign counts now: (.*)", out).group(1)))
+    assert counts["recipients"] == leads and counts["sent"] == leads and counts["failed"] == 0, counts
+    # exactly once in the ledger (above: sent == leads, no failure), and at the relay every new
+    # recipient got its message, and only that one: a repeat can only be the same message (same
+    # Message-ID) sent again from the one window SMTP leaves open (the relay's 250 reached the
+    # killed worker, the ledger had not recorded it: sender/providers.py SmtpProvider), which
+    # relays and mailboxes deduplicating on Message-ID drop
+    messages = [(to, mid) for to, mid in _sink_messages(s) if to not in before]
+    ids: dict[str, set[str]] = {}
+    for to, mid in messages:
+        ids.setdefault(to, set()).add(mid)
+    assert len(ids) == leads, f"{len(ids)} of {leads} recipients got a message"
+    different = {to: m for to, m in ids.items() if len(m) > 1}
+    assert not different, f"recipients that got two different messages: {list(different.items())[:3]}"
+    print(f"relay copies: {len(messages)} for {leads} recipients ({len(messages) - leads} repeats of the same "
+          f"Message-ID from the SMTP window at the kill)")
+    # status agrees: one live send worker again
+    status = _cli(s, "status", "--json", only_data_dir=True)
+    assert '"email-sending"' in status.stdout
+
+
+# -- scheduler and logs -----------------------------------------------------------------------
+
+
+def test_scheduled_backups_are_scraped_and_restorable(running_stack):
+    s = running_stack
+    prom = f"http://127.0.0.1:{s['ports']['MAILGENIUS_PROMETHEUS_PORT']}"
+
+    def query(expr):
+        return json.loads(http_get(prom + "/api/v1/query?" + urlencode({"query": expr}))[1])["data"]["result"]
+
+    started = s["started_wall"]
+    wait_until(lambda: query(f"mailgenius_backup_last_success_timestamp_seconds > {started}"), 90, interval=1,
+               what="a scheduled backup scraped by Prometheus")
+    wait_until(lambda: query('mailgenius_scheduled_task_last_success_timestamp_seconds{task="cleanup-uploads"}'
+                             f' > {started}'), 60, interval=1, what="a scheduled clean-up scraped")
+    duration = query('mailgenius_scheduled_task_duration_seconds{task="backup"}')
+    assert duration and float(duration[0]["value"][1]) > 0
+    assert query('mailgenius_scheduled_task_failures_total{task="backup"} == 0')
+    backups = sorted((Path(s["env"]["MAILGENIUS_DATA_DIR"]) / "backups").glob("mailgenius-*.tar"))
+    assert backups and all(p.stat().st_mode & 0o777 == 0o600 for p in backups)
+
+
+def test_every_process_logs_json_lines_and_mailgenius_logs_reads_them(running_stack):
+    s = running_stack
+    log_dir = Path(s["env"]["MAILGENIUS_DATA_DIR"]) / "log"
+    names = {p.name for p in log_dir.glob("*.log")}
+    procfile = (s["clone"] / "Procfile").read_text()
+    expected = {line.split(":", 1)[0] + ".log" for line in procfile.splitlines() if line and not line.startswith("#")}
+    assert expected | {"supervisor.log"} <= names, names
+    for path in log_dir.glob("*.log"):
+        for line in path.read_text().splitlines():
+            obj = json.loads(line)  # every line is one JSON object
+            assert {"ts", "level", "service", "message"} <= obj.keys(), (path.name, line)
+    res = _cli(s, "logs", "--service", "supervisor", "--level", "error", "--lines", "0", "--json", only_data_dir=True)
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(x) for x in res.stdout.splitlines()]
+    assert lines and all(x["level"] in ("error", "critical") for x in lines)
+    assert any("sender was killed by SIGKILL" in x["message"] for x in lines)
+    res = _cli(s, "logs", "--service", "sender", "--lines", "5", only_data_dir=True)
+    assert res.returncode == 0 and 0 < len(res.stdout.splitlines()) <= 5 + res.stdout.count("\nTraceback")
+
 
 def test_ctrl_c_stops_everything(running_stack):
     s = running_stack
@@ -265,11 +546,13 @@ def test_ctrl_c_stops_everything(running_stack):
     assert proc.poll() is None, s["log"]()
     below = descendants(proc.pid)
     assert len(below) >= len(ops.COMPONENTS)
-    # Ctrl-C in a terminal: SIGINT to the foreground process group (make, and honcho under it)
+    # Ctrl-C in a terminal: SIGINT to the foreground process group (make, and the supervisor under it)
     stopped_at = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)
-    proc.wait(30)
+    proc.wait(STOP_TIMEOUT + 15)
     took = time.monotonic() - stopped_at
+    # the supervisor's own bound, plus the start of make and the last kills
+    assert took <= STOP_TIMEOUT + 5, f"Ctrl-C took {took:.1f} s (MAILGENIUS_STOP_TIMEOUT={STOP_TIMEOUT})"
     listening = []
     for comp in ops.COMPONENTS:
         port = int(s["ports"][comp.env])

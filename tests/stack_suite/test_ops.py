@@ -185,23 +185,22 @@ async def test_backup_writes_a_dump_that_restores(settings, tmp_path, pool):
     time.sleep(1.1)
     res = run_cli("backup", "--dir", str(out), "--keep", "1", env=env)
     assert res.returncode == 0, res.stderr
-    dumps = list(out.glob("mailgenius-*.dump"))
-    # Then one dump is kept, and it restores into an empty database with the row in it
-    assert len(dumps) == 1 and "removed old" in res.stdout
-    admin = await asyncpg.connect(settings.database_url.rsplit("/", 1)[0] + "/postgres")
+    backups = list(out.glob("mailgenius-*.tar"))
+    # Then one backup is kept, and it restores into an empty database with the row in it
+    assert len(backups) == 1 and "removed old" in res.stdout
     name = f"mgrestore_{os.getpid()}"
-    await admin.execute(f'CREATE DATABASE "{name}"')
+    target = settings.database_url.rsplit("/", 1)[0] + f"/{name}"
+    admin = await asyncpg.connect(settings.database_url.rsplit("/", 1)[0] + "/postgres")
     try:
-        target = settings.database_url.rsplit("/", 1)[0] + f"/{name}"
-        r = subprocess.run(["pg_restore", "--no-owner", "--dbname", target, str(dumps[0])], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
+        r = run_cli("restore", str(backups[0]), "--database-url", target, env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
         conn = await asyncpg.connect(target)
         try:
             assert await conn.fetchval("SELECT count(*) FROM leads WHERE email = 'backup.check@example.com'") == 1
         finally:
             await conn.close()
     finally:
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
 
 
