@@ -123,7 +123,7 @@ class Cancelled(Exception):
 _STAGE_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS import_stage (
     line bigint, email text, first_name text, last_name text, company text, phone text,
-    tags text[] NOT NULL, attributes jsonb
+    tags text[] NOT NULL, source text, attributes jsonb
 ) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS import_missed (line bigint, k text) ON COMMIT DELETE ROWS;
 """
@@ -132,7 +132,7 @@ _INSERT = """
 INSERT INTO leads AS l (email, first_name, last_name, company, phone, tags, attributes, source, import_id)
 SELECT s.email, NULLIF(btrim(s.first_name), ''), NULLIF(btrim(s.last_name), ''),
        NULLIF(btrim(s.company), ''), NULLIF(btrim(s.phone), ''), s.tags,
-       COALESCE(s.attributes, '{}'::jsonb), $2, $1
+       COALESCE(s.attributes, '{}'::jsonb), COALESCE(NULLIF(btrim(s.source), ''), $2), $1
 FROM import_stage s
 -- one lock order for every import: concurrent imports of overlapping files never deadlock
 ORDER BY lower(s.email)

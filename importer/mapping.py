@@ -20,8 +20,10 @@ import unicodedata
 from dataclasses import dataclass, field
 
 #: lead fields a column can feed; ``full_name`` is split into first/last (and kept whole in
-#: attributes); ``attributes_json`` is a JSON object merged into attributes (listmonk)
-FIELDS = ("email", "first_name", "last_name", "full_name", "company", "phone", "tags", "attributes_json")
+#: attributes); ``source`` wins over the upload's ``source`` where not empty; ``attributes_json``
+#: is a JSON object merged into attributes (listmonk)
+FIELDS = ("email", "first_name", "last_name", "full_name", "company", "phone", "tags", "source",
+          "attributes_json")
 #: what an explicit mapping may also say: keep in attributes under the header name, or drop
 TARGETS = (*FIELDS, "attribute", "ignore")
 #: most columns a header may have (an Outlook or Google Contacts export has about 90)
@@ -46,6 +48,8 @@ ALIASES: dict[str, tuple[str, ...]] = {
               "businessphone", "homephone"),
     "tags": ("tags", "tag", "labels", "etiquetas", "marcadores", "categories", "categorias",
              "groupmembership"),
+    "source": ("source", "leadsource", "origem", "origemdolead", "origemdaprimeiraconversao", "origen",
+               "fuente", "fonte"),
     "attributes_json": ("attributes",),
 }
 _RANK = {alias: (canon, rank) for canon, aliases in ALIASES.items() for rank, alias in enumerate(aliases)}

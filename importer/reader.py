@@ -305,7 +305,7 @@ class Batch:
 
 
 #: columns of the staging table, in the order the reader writes them
-STAGE_COLUMNS = ("line", "email", "first_name", "last_name", "company", "phone", "tags", "attributes")
+STAGE_COLUMNS = ("line", "email", "first_name", "last_name", "company", "phone", "tags", "source", "attributes")
 #: distinct raw tag cells remembered per import (real exports repeat a few combinations)
 TAG_CACHE = 50_000
 
@@ -313,14 +313,15 @@ TAG_CACHE = 50_000
 class RowMapper:
     """Turns one parsed record into the lead values (after the email is validated): first and
     last name (split from a full name when the file has no separate columns), company, phone,
-    the tag array literal (file tags merged with the upload's, parsed once per distinct cell) and
-    the attributes JSON (or None)."""
+    the tag array literal (file tags merged with the upload's, parsed once per distinct cell),
+    source and the attributes JSON (or None)."""
 
     def __init__(self, info: FileInfo, import_tags=()):
         cols = info.columns
         self.fi, self.li = cols.get("first_name"), cols.get("last_name")
         self.ci, self.pi, self.ti = cols.get("company"), cols.get("phone"), cols.get("tags")
         self.ji = cols.get("attributes_json")
+        self.si = cols.get("source")
         m = info.mapping
         self.ni = cols.get("full_name") if m is None or m.split_name else None
         self.extra = [(i, n) for i, n in info.extra]
@@ -356,6 +357,7 @@ class RowMapper:
                 attrs = {**(attrs or {}), "attributes": row[ji]}
         return (first, last, row[ci] if ci is not None else None, row[pi] if pi is not None else None,
                 self.tags_literal(row[ti]) if ti is not None else self.default_tags,
+                row[self.si] if self.si is not None else None,
                 json.dumps(attrs) if attrs else None)
 
 

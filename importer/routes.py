@@ -277,10 +277,11 @@ def _preview(path: str, override: dict[str, str] | None, n_rows: int, truncated:
     rows, rejected = [], []
     if batch is not None:
         for rec in csv.reader(io.StringIO(batch.copy_data.decode("utf-8"))):
-            line, email, first, last, company, phone, tags, attrs = rec
+            line, email, first, last, company, phone, tags, source, attrs = rec
             rows.append({"line": int(line), "email": email, "first_name": first.strip() or None,
                          "last_name": last.strip() or None, "company": company.strip() or None,
                          "phone": phone.strip() or None, "tags": pg_array_items(tags),
+                         "source": source.strip() or None,
                          "attributes": json.loads(attrs) if attrs else {}})
         rejected = [{"line": ln, "reason": reason, "raw": raw} for ln, reason, raw in batch.errors]
     mapping = info.mapping.describe()
@@ -609,7 +610,7 @@ UPLOAD_REQUEST = {
         "source": {"type": "string", "maxLength": 200},
         "columns": {"type": "string", "description": (
             'JSON object {"<header>": "<field>"} overriding detection; fields: email, first_name, '
-            "last_name, full_name, company, phone, tags, attributes_json, attribute, ignore")},
+            "last_name, full_name, company, phone, tags, source, attributes_json, attribute, ignore")},
     },
 }
 

@@ -62,7 +62,7 @@ CASES = {
     }),
     "rdstation_leads.csv": ("utf-8", ",", {
         "maria@example.com.br": {"first_name": "Maria", "last_name": "da Silva Santos", "company": "Loja X",
-                                 "phone": "(11) 98888-7777", "tags": ["cliente", "vip"],
+                                 "phone": "(11) 98888-7777", "tags": ["cliente", "vip"], "source": "Landing page",
                                  "attributes": {"Nome": "Maria da Silva Santos", "Cargo": "Gerente",
                                                 "Telefone": "(11) 3333-4444"}},
         "pedro@example.com.br": {"first_name": "Pedro", "last_name": None, "phone": None, "tags": []},
@@ -229,7 +229,7 @@ async def test_preview_shows_encoding_mapping_rows_and_creates_nothing(api, pool
     assert p["attributes"] == ["WhatsApp"]
     assert p["rows"][0] == {"line": 2, "email": "joao.conceicao@exemplo.com.br", "first_name": "João",
                             "last_name": "Conceição", "company": None, "phone": "(11) 91234-5678", "tags": [],
-                            "attributes": {"WhatsApp": "(11) 91234-0000"}}
+                            "source": None, "attributes": {"WhatsApp": "(11) 91234-0000"}}
     assert p["rejected"] == [{"line": 4, "reason": "invalid_syntax", "raw": "x;y;not-an-email;;"}]
     assert await pool.fetchval("SELECT count(*) FROM imports") == 0
     import os
