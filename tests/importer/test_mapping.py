@@ -267,3 +267,11 @@ async def test_preview_needs_import_scope(api, make_key):
     key = await make_key("read")
     resp = await api.post("/api/upload/preview", data=data, headers={"Authorization": f"Bearer {key}"})
     assert resp.status == 403
+
+
+async def test_source_column_wins_over_the_upload_source_where_not_empty(api, job_runner, pool):
+    body = b"email,Origem\na@example.com,webinar\nb@example.com,\n"
+    import_id = (await (await upload(api, body, source="planilha")).json())["id"]
+    assert await job_runner(import_id) == "completed"
+    got = {r["email"]: r["source"] for r in await pool.fetch("SELECT email, source FROM leads")}
+    assert got == {"a@example.com": "webinar", "b@example.com": "planilha"}
