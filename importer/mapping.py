@@ -82,6 +82,9 @@ class Mapping:
     extra: list[tuple[int, str]] = field(default_factory=list)
     ignored: list[tuple[int, str]] = field(default_factory=list)  #: (index, header) dropped
     explicit: bool = False  #: an upload's ``columns`` decided at least one column
+    #: other phone columns, best first: where the phone column is empty, the first non-empty
+    #: one of these fills it (``Celular`` empty, ``WhatsApp`` set); they stay in attributes too
+    phone_fallbacks: list[int] = field(default_factory=list)
 
     @property
     def split_name(self) -> bool:
@@ -146,6 +149,8 @@ def detect(header: list[str], override: dict[str, str] | None = None) -> Mapping
         if canon not in best or rank < best[canon][0]:
             best[canon] = (rank, i)
     detected = {f: i for f, (_, i) in best.items()}
+    phones = sorted((_RANK[n][1], i) for i, n in enumerate(norms)
+                    if i not in forced and n in _RANK and _RANK[n][0] == "phone")
     # "Nome" next to "Sobrenome" is the first name
     fi = detected.get("full_name")
     if (fi is not None and norms[fi] in _GENERIC_NAMES and "first_name" not in detected
@@ -168,7 +173,8 @@ def detect(header: list[str], override: dict[str, str] | None = None) -> Mapping
             ignored.append((i, display_name(h, i)))
         elif t is None or t in ("attribute", "full_name"):
             extra.append((i, display_name(h, i)))
-    return Mapping(list(header), columns, extra, ignored, explicit=bool(forced))
+    fallbacks = [i for _, i in phones if i != columns.get("phone")] if "phone" in columns else []
+    return Mapping(list(header), columns, extra, ignored, explicit=bool(forced), phone_fallbacks=fallbacks)
 
 
 def parse_override(raw: str) -> dict[str, str]:

@@ -322,6 +322,7 @@ class RowMapper:
         self.ci, self.pi, self.ti = cols.get("company"), cols.get("phone"), cols.get("tags")
         self.ji = cols.get("attributes_json")
         self.si = cols.get("source")
+        self.phone_fallbacks = info.mapping.phone_fallbacks if info.mapping is not None else []
         m = info.mapping
         self.ni = cols.get("full_name") if m is None or m.split_name else None
         self.extra = [(i, n) for i, n in info.extra]
@@ -355,7 +356,10 @@ class RowMapper:
                 attrs = {**obj, **(attrs or {})}
             else:
                 attrs = {**(attrs or {}), "attributes": row[ji]}
-        return (first, last, row[ci] if ci is not None else None, row[pi] if pi is not None else None,
+        phone = row[pi] if pi is not None else None
+        if self.phone_fallbacks and not phone.strip():
+            phone = next((row[i] for i in self.phone_fallbacks if row[i].strip()), phone)
+        return (first, last, row[ci] if ci is not None else None, phone,
                 self.tags_literal(row[ti]) if ti is not None else self.default_tags,
                 row[self.si] if self.si is not None else None,
                 json.dumps(attrs) if attrs else None)

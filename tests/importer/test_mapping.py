@@ -28,7 +28,7 @@ CASES = {
     "hubspot_contacts.csv": ("utf-8", ",", {
         "dana@example.com": {"first_name": "Dana", "last_name": "Kim", "company": "Globex",
                              "phone": "+1 555 0199", "attributes": {"Record ID": "101", "Phone Number": "+1 555 0100"}},
-        "eli@example.com": {"company": "Initech", "phone": None},
+        "eli@example.com": {"company": "Initech", "phone": "+1 555 0101"},  # no mobile: the landline
     }),
     "outlook_contacts.csv": ("utf-8", ",", {
         "fiona@example.ie": {"first_name": "Fiona", "last_name": "Gallagher", "company": "Hooli",
@@ -65,13 +65,15 @@ CASES = {
                                  "phone": "(11) 98888-7777", "tags": ["cliente", "vip"], "source": "Landing page",
                                  "attributes": {"Nome": "Maria da Silva Santos", "Cargo": "Gerente",
                                                 "Telefone": "(11) 3333-4444"}},
-        "pedro@example.com.br": {"first_name": "Pedro", "last_name": None, "phone": None, "tags": []},
+        "pedro@example.com.br": {"first_name": "Pedro", "last_name": None, "phone": "(21) 3333-5555", "tags": []},
     }),
     "excel_ptbr.csv": ("cp1252", ";", {
         "joao.conceicao@exemplo.com.br": {"first_name": "João", "last_name": "Conceição",
                                           "phone": "(11) 91234-5678",
                                           "attributes": {"WhatsApp": "(11) 91234-0000"}},
-        "angela@exemplo.com.br": {"first_name": "Ângela", "last_name": "Magalhães"},
+        # Celular empty: the WhatsApp number fills the phone (and stays in attributes)
+        "angela@exemplo.com.br": {"first_name": "Ângela", "last_name": "Magalhães", "phone": "(48) 99999-1111",
+                                  "attributes": {"WhatsApp": "(48) 99999-1111"}},
     }),
     "excel_ptbr_nome_completo.csv": ("cp1252", ";", {
         "tom@exemplo.com.br": {"first_name": "Antônio", "last_name": "Carlos Jobim", "phone": "(21) 98765-4321",
@@ -151,6 +153,7 @@ def test_detection_priorities_and_generic_name():
     # a mobile number wins over the landline whatever the order
     m = detect(["email", "Telefone", "WhatsApp", "Celular"])
     assert m.columns["phone"] == 3
+    assert m.phone_fallbacks == [2, 1]
     # Google's label columns are not the address
     assert detect(["E-mail 1 - Label", "E-mail 1 - Value"]).columns["email"] == 1
 
