@@ -375,7 +375,7 @@ class BatchReader:
     stage_columns = list(STAGE_COLUMNS)
 
     def __init__(self, info: FileInfo, *, offset: int | None = None, line: int | None = None,
-                 batch_rows: int = 100_000, max_field: int = DEFAULT_MAX_FIELD,
+                 batch_rows: int = 25_000, max_field: int = DEFAULT_MAX_FIELD,
                  max_line: int = DEFAULT_MAX_LINE, import_tags=()):
         self.info = info
         self.offset = info.body_start if offset is None else offset
