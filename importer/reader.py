@@ -22,6 +22,8 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from .mapping import Mapping, MappingProblem, detect, parse_tags, pg_array, split_name
+
 #: Reasons of the error report (and label values of the validation-errors metric).
 MISSING_EMAIL = "missing_email"
 INVALID_SYNTAX = "invalid_syntax"
@@ -30,7 +32,9 @@ RAGGED_ROW = "ragged_row"
 OVERSIZED_FIELD = "oversized_field"
 DUPLICATE = "duplicate"
 MALFORMED = "malformed"
-REASONS = (MISSING_EMAIL, INVALID_SYNTAX, TOO_LONG, RAGGED_ROW, OVERSIZED_FIELD, DUPLICATE, MALFORMED)
+LINE_TOO_LONG = "line_too_long"
+REASONS = (MISSING_EMAIL, INVALID_SYNTAX, TOO_LONG, RAGGED_ROW, OVERSIZED_FIELD, DUPLICATE, MALFORMED,
+           LINE_TOO_LONG)
 
 #: RFC 5321 limits: whole address and local part.
 MAX_EMAIL = 254
@@ -40,6 +44,13 @@ DEFAULT_MAX_FIELD = 4096
 #: The csv module's own hard limit; a field beyond it (an unclosed quote swallowing the file)
 #: raises and is reported as ``oversized_field`` without holding more than this in memory.
 CSV_FIELD_LIMIT = 1 << 20
+#: Longest physical line read, bytes (MAILGENIUS_IMPORT_MAX_LINE_BYTES): a longer header fails
+#: the import, a longer data line becomes a ``line_too_long`` error row; either way the line is
+#: skipped in chunks, never held whole.
+DEFAULT_MAX_LINE = 1 << 20
+#: Longest record (quoted newlines join lines), bytes: past it the record is a ``line_too_long``
+#: error row and reading goes on with the next line.
+MAX_RECORD_BYTES = 4 << 20
 #: Bytes looked at to decide binary / delimiter.
 SNIFF_BYTES = 64 * 1024
 #: Chunk size of the whole-file pre-scan (encoding check and row estimate).
@@ -55,19 +66,6 @@ _ATOM = r"[\w!#$%&'*+/=?^`{|}~-]+"
 EMAIL_RE = re.compile(
     rf"{_ATOM}(?:\.{_ATOM})*@(?:[^\W_](?:[\w-]{{0,61}}[^\W_])?\.)+(?:[^\W\d_]{{2,63}}|xn--[a-zA-Z0-9-]{{1,59}})"
 )
-
-#: header aliases, compared after lower-casing and dropping spaces, '_', '-' and '.'
-ALIASES = {
-    "email": ("email", "emailaddress", "mail", "correo", "correoelectronico", "emailadresse", "courriel"),
-    "first_name": ("firstname", "first", "givenname", "forename", "nombre", "prenom", "primeironome"),
-    "last_name": ("lastname", "last", "surname", "familyname", "apellido", "apellidos", "nom", "sobrenome"),
-    "company": ("company", "companyname", "organization", "organisation", "org", "empresa", "employer"),
-    "phone": ("phone", "phonenumber", "telephone", "tel", "mobile", "mobilephone", "cell", "telefono", "telefone"),
-    "tags": ("tags", "tag", "labels", "etiquetas"),
-}
-_ALIAS_OF = {alias: canon for canon, aliases in ALIASES.items() for alias in aliases}
-#: columns of the staging table fed from named header columns (besides line and email)
-OPTIONAL = ("first_name", "last_name", "company", "phone", "tags")
 
 _BINARY_MAGIC = {
     b"PK\x03\x04": "a ZIP archive (an .xlsx workbook?)",
@@ -85,10 +83,6 @@ class FileProblem(Exception):
     """The whole file is unusable; the message says why, for the import's ``error``."""
 
 
-def _norm_header(name: str) -> str:
-    return re.sub(r"[\s_\-.]+", "", name.strip().lstrip("\ufeff").lower())
-
-
 @dataclass
 class FileInfo:
     encoding: str  #: utf-8, utf-8-sig, utf-16, cp1252 or latin-1 (what was used)
@@ -96,11 +90,12 @@ class FileInfo:
     data_start: int  #: first byte after the BOM
     delimiter: str
     header: list[str]
-    columns: dict[str, int]  #: canonical name -> column index (email always present)
-    extra: list[tuple[int, str]]  #: unknown columns kept in attributes: (index, header name)
+    columns: dict[str, int]  #: lead field -> column index (email always present)
+    extra: list[tuple[int, str]]  #: columns kept in attributes: (index, header name)
     body_start: int  #: byte offset of the first data row
     header_lines: int  #: physical lines of the header (1 unless it has quoted newlines)
     est_rows: int  #: newline count minus the header: exact unless fields hold newlines
+    mapping: Mapping | None = None  #: the whole column mapping (what :attr:`columns` came from)
 
 
 def text_encoding(encoding: str) -> str:
@@ -122,15 +117,23 @@ def _detect_delimiter(first_line: str) -> str:
     return max(DELIMITERS, key=lambda d: counts.get(d, 0))
 
 
-def _scan(path: str, start: int) -> tuple[bool, bool, int]:
-    """One pass over the file: (valid UTF-8, valid cp1252, newline count)."""
+def _scan(path: str, start: int, limit: int | None = None) -> tuple[bool, bool, int]:
+    """One pass over the file (or its first ``limit`` bytes, cut at the last newline):
+    (valid UTF-8, valid cp1252, newline count)."""
     utf8 = codecs.getincrementaldecoder("utf-8")()
     utf8_ok = True
     cp1252_ok = True
     newlines = 0
     with open(path, "rb") as f:
         f.seek(start)
-        while chunk := f.read(SCAN_CHUNK):
+        if limit is not None:
+            head = f.read(limit)
+            if len(head) == limit and b"\n" in head:
+                head = head[: head.rindex(b"\n") + 1]
+            chunks = iter((head,))
+        else:
+            chunks = iter(lambda: f.read(SCAN_CHUNK), b"")
+        for chunk in chunks:
             newlines += chunk.count(b"\n")
             if utf8_ok:
                 try:
@@ -156,8 +159,12 @@ def _transcode_utf16(path: str, out_path: str) -> None:
     os.replace(out_path + ".part", out_path)
 
 
-def sniff(path: str) -> FileInfo:
-    """Decide how to read ``path``; raise FileProblem when the file cannot be imported."""
+def sniff(path: str, override: dict[str, str] | None = None, *, max_line: int = DEFAULT_MAX_LINE,
+          scan: bool = True) -> FileInfo:
+    """Decide how to read ``path``; raise FileProblem when the file cannot be imported.
+
+    ``override`` is the upload's explicit ``columns`` mapping; ``scan=False`` skips the
+    whole-file pass (a preview of the file's first bytes: encoding decided on those alone)."""
     size = os.path.getsize(path)
     if size == 0:
         raise FileProblem("the file is empty")
@@ -183,7 +190,7 @@ def sniff(path: str) -> FileInfo:
             raise FileProblem("the file is binary (it contains NUL bytes), not CSV text")
         if head.startswith(codecs.BOM_UTF8):
             start = len(codecs.BOM_UTF8)
-        utf8_ok, cp_ok, newlines = _scan(path, start)
+        utf8_ok, cp_ok, newlines = _scan(path, start, None if scan else SNIFF_BYTES)
         if utf8_ok:
             encoding = "utf-8-sig" if start else "utf-8"
         else:
@@ -200,8 +207,7 @@ def sniff(path: str) -> FileInfo:
     # the header: the first non-blank record
     with open(data_path, "rb") as f:
         f.seek(start)
-        pos = [start]
-        lines = _line_iter(f, pos, text_enc)
+        lines = _Lines(f, start, text_enc, max_line)
         reader = csv.reader(lines, delimiter=delimiter)
         header: list[str] | None = None
         try:
@@ -211,41 +217,68 @@ def sniff(path: str) -> FileInfo:
                     break
         except csv.Error as exc:
             raise FileProblem(f"the header row cannot be parsed: {exc}") from None
-        header_lines = reader.line_num
-        body_start = pos[0]
+        except LineTooLong:
+            raise FileProblem(
+                f"the header line is longer than {max_line:,} bytes (MAILGENIUS_IMPORT_MAX_LINE_BYTES); "
+                "is this a CSV file with one header row?") from None
+        header_lines = lines.n
+        body_start = lines.pos
     if header is None:
         raise FileProblem("the file is empty (only blank lines)")
-    columns: dict[str, int] = {}
-    extra: list[tuple[int, str]] = []
-    for i, name in enumerate(header):
-        canon = _ALIAS_OF.get(_norm_header(name))
-        if canon is not None and canon not in columns:
-            columns[canon] = i
-        else:
-            extra.append((i, name.strip().lstrip("\ufeff") or f"column_{i + 1}"))
-    if "email" not in columns:
-        shown = ", ".join(repr(h) for h in header[:20])
-        raise FileProblem(
-            f"no email column in the header (found {shown}); name one 'email', 'e-mail', "
-            "'Email Address' or 'correo'"
-        )
+    try:
+        mapping = detect(header, override)
+    except MappingProblem as exc:
+        raise FileProblem(str(exc)) from None
     with open(data_path, "rb") as f:
         f.seek(-1, os.SEEK_END)
         unterminated = f.read(1) != b"\n"
     est = max(0, newlines - header_lines + (1 if unterminated else 0))
-    return FileInfo(encoding, data_path, start, delimiter, header, columns, extra, body_start,
-                    header_lines, est)
+    return FileInfo(encoding, data_path, start, delimiter, header, mapping.columns, mapping.extra, body_start,
+                    header_lines, est, mapping)
 
 
-def _line_iter(f, pos: list[int], encoding: str) -> Iterator[str]:
-    """Decoded physical lines of a binary file; ``pos[0]`` is the byte offset after the last
-    line handed out (csv.reader never reads ahead, so after it yields a record ``pos[0]`` is
-    exactly where that record ends)."""
-    p = pos[0]
-    for raw in f:
-        p += len(raw)
-        pos[0] = p
-        yield raw.decode(encoding, "replace")
+class LineTooLong(Exception):
+    """A physical line (or a record) over the cap: it was skipped, up to the next newline."""
+
+
+class _Lines:
+    """Decoded physical lines of a binary file, at most ``cap`` bytes each.
+
+    ``pos`` is the byte offset after the last line handed out (csv.reader never reads ahead, so
+    after it yields a record ``pos`` is exactly where that record ends) and ``n`` counts the
+    physical lines consumed. A line over the cap is skipped in 1 MiB chunks and raises
+    :class:`LineTooLong` (csv.reader passes it on and starts afresh at the next call); so does
+    a record still growing ``record_cap`` bytes past ``rec_start``."""
+
+    __slots__ = ("f", "pos", "enc", "cap", "n", "rec_start", "record_cap")
+
+    def __init__(self, f, pos: int, encoding: str, cap: int, record_cap: int | None = None):
+        self.f = f
+        self.pos = pos
+        self.enc = encoding
+        self.cap = cap
+        self.n = 0
+        self.rec_start = pos
+        self.record_cap = record_cap
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        raw = self.f.readline(self.cap + 1)
+        if not raw:
+            raise StopIteration
+        self.n += 1
+        if len(raw) > self.cap and raw[-1] != 10:
+            skipped = len(raw)
+            while (chunk := self.f.readline(1 << 20)) and chunk[-1] != 10:
+                skipped += len(chunk)
+            self.pos += skipped + len(chunk)
+            raise LineTooLong()
+        self.pos += len(raw)
+        if self.record_cap is not None and self.pos - self.rec_start > self.record_cap:
+            raise LineTooLong()
+        return raw.decode(self.enc, "replace")
 
 
 @dataclass
@@ -271,6 +304,67 @@ class Batch:
         return _pread(fd, self.rec_starts[i], end, encoding)
 
 
+#: columns of the staging table, in the order the reader writes them
+STAGE_COLUMNS = ("line", "email", "first_name", "last_name", "company", "phone", "tags", "source", "attributes")
+#: distinct raw tag cells remembered per import (real exports repeat a few combinations)
+TAG_CACHE = 50_000
+
+
+class RowMapper:
+    """Turns one parsed record into the lead values (after the email is validated): first and
+    last name (split from a full name when the file has no separate columns), company, phone,
+    the tag array literal (file tags merged with the upload's, parsed once per distinct cell),
+    source and the attributes JSON (or None)."""
+
+    def __init__(self, info: FileInfo, import_tags=()):
+        cols = info.columns
+        self.fi, self.li = cols.get("first_name"), cols.get("last_name")
+        self.ci, self.pi, self.ti = cols.get("company"), cols.get("phone"), cols.get("tags")
+        self.ji = cols.get("attributes_json")
+        self.si = cols.get("source")
+        self.phone_fallbacks = info.mapping.phone_fallbacks if info.mapping is not None else []
+        m = info.mapping
+        self.ni = cols.get("full_name") if m is None or m.split_name else None
+        self.extra = [(i, n) for i, n in info.extra]
+        self.import_tags = frozenset(import_tags)
+        self.default_tags = pg_array(sorted(self.import_tags))
+        self.tag_cache: dict[str, str] = {}
+
+    def tags_literal(self, cell: str) -> str:
+        lit = self.tag_cache.get(cell)
+        if lit is None:
+            tags = parse_tags(cell)
+            lit = pg_array(sorted(self.import_tags.union(tags))) if tags else self.default_tags
+            if len(self.tag_cache) >= TAG_CACHE:
+                self.tag_cache.clear()
+            self.tag_cache[cell] = lit
+        return lit
+
+    def values(self, row: list[str]) -> tuple:
+        fi, li, ci, pi, ti, ni, ji = self.fi, self.li, self.ci, self.pi, self.ti, self.ni, self.ji
+        first = row[fi] if fi is not None else None
+        last = row[li] if li is not None else None
+        if ni is not None:
+            first, last = split_name(row[ni])
+        attrs = {n: row[i] for i, n in self.extra if row[i]} if self.extra else None
+        if ji is not None and row[ji].strip():
+            try:
+                obj = json.loads(row[ji])
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict):
+                attrs = {**obj, **(attrs or {})}
+            else:
+                attrs = {**(attrs or {}), "attributes": row[ji]}
+        phone = row[pi] if pi is not None else None
+        if self.phone_fallbacks and not phone.strip():
+            phone = next((row[i] for i in self.phone_fallbacks if row[i].strip()), phone)
+        return (first, last, row[ci] if ci is not None else None, phone,
+                self.tags_literal(row[ti]) if ti is not None else self.default_tags,
+                row[self.si] if self.si is not None else None,
+                json.dumps(attrs) if attrs else None)
+
+
 class BatchReader:
     """Walks the data rows from ``offset`` (the body start or a checkpoint), yielding batches.
 
@@ -278,40 +372,38 @@ class BatchReader:
     file's own line numbers (1 = header) even after a resume.
     """
 
+    stage_columns = list(STAGE_COLUMNS)
+
     def __init__(self, info: FileInfo, *, offset: int | None = None, line: int | None = None,
-                 batch_rows: int = 25_000, max_field: int = DEFAULT_MAX_FIELD):
+                 batch_rows: int = 25_000, max_field: int = DEFAULT_MAX_FIELD,
+                 max_line: int = DEFAULT_MAX_LINE, import_tags=()):
         self.info = info
         self.offset = info.body_start if offset is None else offset
         self.line = info.header_lines if line is None else line
         self.batch_rows = batch_rows
         self.max_field = max_field
+        self.max_line = max_line
         self.text_encoding = text_encoding(info.encoding)
         self.stop = threading.Event()
-        cols = info.columns
-        self.optional = [c for c in OPTIONAL if c in cols]
-        self.stage_columns = ["line", "email", *self.optional] + (["attributes"] if info.extra else [])
+        self.mapper = RowMapper(info, import_tags)
 
     def batches(self) -> Iterator[Batch]:
         info = self.info
         ncols = len(info.header)
         ei = info.columns["email"]
-        opt_idx = [info.columns[c] for c in self.optional]
-        extra = info.extra
-        extra_idx = [i for i, _ in extra]
-        extra_names = [n for _, n in extra]
+        values = self.mapper.values
         max_field = self.max_field
         # a record this short cannot hold an oversized field: skips the per-field scan
         cheap_bytes = max_field
         fullmatch = EMAIL_RE.fullmatch
-        dumps = json.dumps
         delim = info.delimiter
         enc = self.text_encoding
         fd_file = open(info.data_path, "rb", buffering=1 << 20)
         fd = fd_file.fileno()
         try:
             fd_file.seek(self.offset)
-            pos = [self.offset]
-            reader = csv.reader(_line_iter(fd_file, pos, enc), delimiter=delim)
+            lines = _Lines(fd_file, self.offset, enc, self.max_line, MAX_RECORD_BYTES)
+            reader = csv.reader(lines, delimiter=delim)
             base_line = self.line
             start = self.offset
             prev_ln = 0
@@ -332,26 +424,31 @@ class BatchReader:
                 while rows < self.batch_rows:
                     if not rows & 4095 and self.stop.is_set():
                         return
+                    lines.rec_start = start
                     try:
                         row = next(reader)
                     except StopIteration:
                         done = True
                         break
-                    except csv.Error as exc:
-                        # an unclosed quote ran past the field limit, or a NUL: report and go on
+                    except (csv.Error, LineTooLong) as exc:
+                        # an unclosed quote ran past the field limit, a NUL, a line or record
+                        # over the cap: report and go on
                         ln = base_line + prev_ln + 1
-                        prev_ln = reader.line_num
-                        end = pos[0]
+                        prev_ln = lines.n
+                        end = lines.pos
                         rows += 1
                         lines_append(ln)
                         starts_append(start)
-                        reason = OVERSIZED_FIELD if "field larger" in str(exc) else MALFORMED
+                        if isinstance(exc, LineTooLong):
+                            reason = LINE_TOO_LONG
+                        else:
+                            reason = OVERSIZED_FIELD if "field larger" in str(exc) else MALFORMED
                         errors.append((ln, reason, _pread(fd, start, end, enc)))
                         start = end
                         continue
                     ln = base_line + prev_ln + 1
-                    prev_ln = reader.line_num
-                    end = pos[0]
+                    prev_ln = lines.n
+                    end = lines.pos
                     if len(row) != ncols:
                         if not row or (len(row) == 1 and not row[0].strip()):
                             start = end  # blank line: not a row
@@ -370,6 +467,8 @@ class BatchReader:
                         start = end
                         continue
                     email = row[ei].strip()
+                    if ":::" in email:  # Google Contacts: "a@x.com ::: b@y.com", the first one
+                        email = email.split(":::", 1)[0].strip()
                     if not email:
                         errors.append((ln, MISSING_EMAIL, _pread(fd, start, end, enc)))
                     elif len(email) > MAX_EMAIL:
@@ -391,19 +490,12 @@ class BatchReader:
                             else:
                                 seen_add(key)
                                 staged += 1
-                                if extra:
-                                    attrs = {n: row[i] for n, i in zip(extra_names, extra_idx, strict=True) if row[i]}
-                                    writerow((ln, email, *[row[i] for i in opt_idx],
-                                              dumps(attrs) if attrs else None))
-                                elif opt_idx:
-                                    writerow((ln, email, *[row[i] for i in opt_idx]))
-                                else:
-                                    writerow((ln, email))
+                                writerow((ln, email, *values(row)))
                     start = end
                 if rows == 0 and done:
                     break
-                yield Batch(buf.getvalue().encode("utf-8"), staged, rows, errors, pos[0],
-                            base_line + reader.line_num, rec_lines, rec_starts)
+                yield Batch(buf.getvalue().encode("utf-8"), staged, rows, errors, lines.pos,
+                            base_line + lines.n, rec_lines, rec_starts)
         finally:
             fd_file.close()
 
@@ -411,3 +503,12 @@ class BatchReader:
 def _pread(fd: int, start: int, end: int, encoding: str) -> str:
     n = min(end - start, MAX_RAW * 4)
     return os.pread(fd, n, start).decode(encoding, "replace").rstrip("\r\n")[:MAX_RAW]
+
+
+_ARRAY_ITEM = re.compile(r'"((?:[^"\\]|\\.)*)"')
+_UNESCAPE = re.compile(r"\\(.)")
+
+
+def pg_array_items(literal: str) -> list[str]:
+    """The elements of a literal written by :func:`pg_array` (for previews)."""
+    return [_UNESCAPE.sub(r"\1", m) for m in _ARRAY_ITEM.findall(literal)]

@@ -24,7 +24,9 @@ from mailgenius.queues import broker_queue_stats, worker_count
 from mailgenius.web import UNAVAILABLE_ERRORS, Route, json_response, read_json
 
 from . import keys
-from .loader import FINISHED, progress_key
+from .loader import FINISHED, ImportOptions, progress_key
+from .mapping import MappingProblem, parse_override
+from .reader import BatchReader, FileProblem, pg_array_items, sniff
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,12 @@ log = logging.getLogger(__name__)
 FORM_OVERHEAD = 64 * 1024
 #: largest accepted text field (mode, tags, source)
 MAX_FIELD_BYTES = 4096
+#: largest ``columns`` field (an explicit mapping of a wide export)
+MAX_COLUMNS_BYTES = 256 * 1024
+#: bytes of the file a preview reads (the rest of the part is drained unread)
+PREVIEW_BYTES = 1 << 20
+#: rows a preview shows by default and at most
+PREVIEW_ROWS, MAX_PREVIEW_ROWS = 20, 200
 #: bytes read from the request per write to disk
 CHUNK = 1 << 20
 #: tags per import and characters per tag
@@ -43,7 +51,7 @@ TEMP_SUFFIX = ".upload.tmp"
 IMPORT_FIELDS = ("id", "status", "filename", "bytes", "sha256", "mode", "tags", "source", "encoding",
                  "delimiter", "total_rows", "processed_rows", "inserted", "updated", "duplicates",
                  "skipped_existing", "invalid", "error", "cancel_requested", "attempts", "created_at",
-                 "started_at", "finished_at")
+                 "started_at", "finished_at", "columns", "mapping")
 _SELECT = f"SELECT {', '.join(IMPORT_FIELDS)}, updated_at FROM imports"
 
 
@@ -79,6 +87,9 @@ def import_view(row, live: int | None = None, now: float | None = None) -> dict:
     """The JSON of one import, with rows_per_second and eta_seconds computed."""
     d = {k: row[k] for k in IMPORT_FIELDS}
     d["tags"] = list(d["tags"] or [])
+    for k in ("columns", "mapping"):  # jsonb arrives as text
+        if isinstance(d[k], str):
+            d[k] = json.loads(d[k])
     processed = d["processed_rows"]
     if d["status"] == "running" and live is not None and live > processed:
         processed = live
@@ -105,12 +116,12 @@ def import_view(row, live: int | None = None, now: float | None = None) -> dict:
 
 # -- upload ------------------------------------------------------------------------------------
 
-async def _read_small(part) -> str:
+async def _read_small(part, limit: int = MAX_FIELD_BYTES) -> str:
     data = bytearray()
     while chunk := await part.read_chunk(MAX_FIELD_BYTES):
         data += chunk
-        if len(data) > MAX_FIELD_BYTES:
-            raise errors.ValidationError(f"form field {part.name!r} is longer than {MAX_FIELD_BYTES} bytes")
+        if len(data) > limit:
+            raise errors.ValidationError(f"form field {part.name!r} is longer than {limit} bytes")
     try:
         return data.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -155,6 +166,7 @@ async def upload(request: web.Request) -> web.Response:
     size = 0
     digest = hashlib.sha256()
     stored = False
+    final_path = None
     try:
         try:
             reader = await request.multipart()
@@ -173,6 +185,8 @@ async def upload(request: web.Request) -> web.Response:
                     stored = True
                 elif part.name in ("mode", "tags", "source"):
                     fields[part.name] = await _read_small(part)
+                elif part.name == "columns":
+                    fields[part.name] = await _read_small(part, MAX_COLUMNS_BYTES)
                 else:
                     while await part.read_chunk(CHUNK):  # unknown part: drained, ignored
                         pass
@@ -181,20 +195,26 @@ async def upload(request: web.Request) -> web.Response:
         if not stored:
             raise errors.ValidationError("no 'file' part in the form", code="missing_file")
         mode, tags, source = _parse_options(fields)
+        override = _parse_columns(fields)
         final_path = os.path.abspath(os.path.join(settings.upload_dir, token + ".csv"))
         os.replace(tmp_path, final_path)
+        if override is not None:
+            await _check_columns(final_path, override)
     except BaseException:
-        try:
-            os.remove(tmp_path)
-        except OSError:
-            pass
+        for p in (tmp_path, final_path, final_path and final_path + ".utf8"):
+            try:
+                if p:
+                    os.remove(p)
+            except OSError:
+                pass
         raise
     pool = app[mkeys.DB]
     try:
         import_id = await pool.fetchval(
-            """INSERT INTO imports (filename, path, bytes, sha256, mode, tags, source)
-               VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id""",
-            filename, final_path, size, digest.hexdigest(), mode, tags, source)
+            """INSERT INTO imports (filename, path, bytes, sha256, mode, tags, source, columns)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb) RETURNING id""",
+            filename, final_path, size, digest.hexdigest(), mode, tags, source,
+            None if override is None else json.dumps(override))
     except BaseException:
         os.remove(final_path)
         raise
@@ -212,8 +232,126 @@ async def upload(request: web.Request) -> web.Response:
         raise errors.Unavailable("the job queue is unavailable; try again shortly") from None
     log.info("upload stored and queued", extra={"import_id": import_id, "bytes": size})
     return json_response({"id": import_id, "status": "queued", "bytes": size,
-                          "sha256": digest.hexdigest(), "mode": mode, "tags": tags, "source": source},
+                          "sha256": digest.hexdigest(), "mode": mode, "tags": tags, "source": source,
+                          "columns": override},
                          status=202)
+
+
+def _parse_columns(fields: dict[str, str]) -> dict[str, str] | None:
+    raw = fields.get("columns")
+    if not raw:
+        return None
+    try:
+        return parse_override(raw)
+    except MappingProblem as exc:
+        raise errors.ValidationError(str(exc), code="invalid_columns") from None
+
+
+async def _check_columns(path: str, override: dict[str, str]) -> None:
+    """An explicit mapping must fit the file's header: checked on the first bytes, at upload."""
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(None, lambda: sniff(path, override, scan=False,
+                                                       max_line=ImportOptions.from_env().max_line))
+    except FileProblem as exc:
+        raise errors.ValidationError(f"the columns mapping does not fit the file: {exc}",
+                                     code="invalid_columns") from None
+
+
+# -- preview -----------------------------------------------------------------------------------
+
+def _preview(path: str, override: dict[str, str] | None, n_rows: int, truncated: bool) -> dict:
+    opts = ImportOptions.from_env()
+    if truncated:  # the last line was cut by the byte limit: drop it
+        with open(path, "r+b") as f:
+            data = f.read()
+            if b"\n" in data:
+                f.truncate(data.rindex(b"\n") + 1)
+    try:
+        info = sniff(path, override, scan=False, max_line=opts.max_line)
+    except FileProblem as exc:
+        code = "invalid_columns" if override is not None else "unusable_file"
+        raise errors.ValidationError(str(exc), code=code) from None
+    reader = BatchReader(info, batch_rows=n_rows, max_field=opts.max_field, max_line=opts.max_line)
+    batch = next(iter(reader.batches()), None)
+    rows, rejected = [], []
+    if batch is not None:
+        for rec in csv.reader(io.StringIO(batch.copy_data.decode("utf-8"))):
+            line, email, first, last, company, phone, tags, source, attrs = rec
+            rows.append({"line": int(line), "email": email, "first_name": first.strip() or None,
+                         "last_name": last.strip() or None, "company": company.strip() or None,
+                         "phone": phone.strip() or None, "tags": pg_array_items(tags),
+                         "source": source.strip() or None,
+                         "attributes": json.loads(attrs) if attrs else {}})
+        rejected = [{"line": ln, "reason": reason, "raw": raw} for ln, reason, raw in batch.errors]
+    mapping = info.mapping.describe()
+    return {
+        "encoding": info.encoding, "delimiter": info.delimiter,
+        "header": [m["column"] for m in mapping],
+        "mapping": mapping,
+        "fields": {f: info.mapping.header[i].strip().lstrip("\ufeff") for f, i in info.columns.items()},
+        "attributes": [m["column"] for m in mapping if m["field"] in ("attribute", "full_name")],
+        "ignored_columns": [n for _, n in info.mapping.ignored],
+        "rows": rows, "rejected": rejected,
+        "truncated": truncated,
+    }
+
+
+async def upload_preview(request: web.Request) -> web.Response:
+    """What an upload of this file would do, without creating an import: encoding, delimiter,
+    the proposed mapping, the first rows as they would be stored and the rows that would be
+    rejected. Reads at most PREVIEW_BYTES of the file (the rest is drained unread)."""
+    settings = request.app[mkeys.SETTINGS]
+    if request.content_type != "multipart/form-data":
+        raise errors.AppError("send the CSV as multipart/form-data with a 'file' part",
+                              code="unsupported_media_type", status=415)
+    os.makedirs(settings.upload_dir, exist_ok=True)
+    tmp_path = os.path.join(settings.upload_dir, uuid.uuid4().hex + ".preview" + TEMP_SUFFIX)
+    fields: dict[str, str] = {}
+    stored, truncated, size = False, False, 0
+    try:
+        try:
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                if part.name == "file":
+                    if stored:
+                        raise errors.ValidationError("send exactly one 'file' part")
+                    with open(tmp_path, "wb") as f:
+                        while chunk := await part.read_chunk(CHUNK):
+                            size += len(chunk)
+                            if size > settings.upload_max_bytes:
+                                raise errors.PayloadTooLarge("the file exceeds the upload size cap")
+                            room = PREVIEW_BYTES - f.tell()
+                            if room > 0:
+                                f.write(chunk[:room])
+                            if len(chunk) > room:
+                                truncated = True
+                    stored = True
+                elif part.name == "columns":
+                    fields[part.name] = await _read_small(part, MAX_COLUMNS_BYTES)
+                elif part.name == "rows":
+                    fields[part.name] = await _read_small(part)
+                else:
+                    while await part.read_chunk(CHUNK):
+                        pass
+        except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
+            raise errors.AppError(f"malformed multipart body: {exc}", code="invalid_multipart") from None
+        if not stored:
+            raise errors.ValidationError("no 'file' part in the form", code="missing_file")
+        raw_rows = fields.get("rows") or str(PREVIEW_ROWS)
+        if not (raw_rows.isascii() and raw_rows.isdigit()) or not 1 <= int(raw_rows) <= MAX_PREVIEW_ROWS:
+            raise errors.ValidationError(f"rows must be an integer from 1 to {MAX_PREVIEW_ROWS}")
+        override = _parse_columns(fields)
+        loop = asyncio.get_running_loop()
+        body = await loop.run_in_executor(None, _preview, tmp_path, override, int(raw_rows), truncated)
+    finally:
+        for p in (tmp_path, tmp_path + ".utf8"):
+            try:
+                os.remove(p)
+            except OSError:
+                pass
+    body["bytes_read"] = min(size, PREVIEW_BYTES)
+    return json_response(body)
 
 
 # -- reads -------------------------------------------------------------------------------------
@@ -470,6 +608,19 @@ UPLOAD_REQUEST = {
         "mode": {"type": "string", "enum": ["skip", "update"], "default": "skip"},
         "tags": {"type": "string", "description": "comma-separated tags added to every lead"},
         "source": {"type": "string", "maxLength": 200},
+        "columns": {"type": "string", "description": (
+            'JSON object {"<header>": "<field>"} overriding detection; fields: email, first_name, '
+            "last_name, full_name, company, phone, tags, source, attributes_json, attribute, ignore")},
+    },
+}
+
+PREVIEW_REQUEST = {
+    "type": "object",
+    "required": ["file"],
+    "properties": {
+        "file": {"type": "string", "format": "binary", "description": "the CSV (its first MiB is read)"},
+        "columns": {"type": "string", "description": "as for /api/upload"},
+        "rows": {"type": "string", "description": f"rows to show, 1-{MAX_PREVIEW_ROWS} (default {PREVIEW_ROWS})"},
     },
 }
 
@@ -482,6 +633,15 @@ ROUTES = [
                      413: {"description": "over the upload size cap"},
                      415: {"description": "not multipart/form-data"},
                      422: {"description": "bad form field"}}),
+    Route("POST", "/api/upload/preview", upload_preview, scope="import",
+          summary="Preview an upload: encoding, delimiter, proposed mapping, first rows; imports nothing",
+          request_schema=PREVIEW_REQUEST, request_content="multipart/form-data", tags=("importer",),
+          responses={200: _json({"type": "object", "required": ["encoding", "delimiter", "mapping", "rows"],
+                                 "properties": {"encoding": {"type": "string"}, "delimiter": {"type": "string"},
+                                                "mapping": {"type": "array"}, "rows": {"type": "array"}}}),
+                     413: {"description": "over the upload size cap"},
+                     415: {"description": "not multipart/form-data"},
+                     422: {"description": "unusable file or bad columns mapping"}}),
     Route("GET", "/api/imports", list_imports, scope="read", summary="List imports", tags=("importer",),
           responses={200: _json({"type": "object", "properties": {
               "imports": {"type": "array", "items": IMPORT_SCHEMA}}})}),

@@ -7,20 +7,34 @@ rows/s and the ETA follow from them; the query reads at most :data:`RECENT` rows
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 #: finished imports listed below the running ones
 RECENT = 5
 
 _ACTIVE_SQL = """
 SELECT id, status, filename, bytes, total_rows, processed_rows, inserted, updated, duplicates,
-       invalid, error, created_at, started_at, finished_at, now() AS now
+       invalid, error, created_at, started_at, finished_at, mapping, now() AS now
 FROM imports WHERE status IN ('queued', 'running') ORDER BY id DESC LIMIT 20
 """
 _RECENT_SQL = """
 SELECT id, status, filename, bytes, total_rows, processed_rows, inserted, updated, duplicates,
-       invalid, error, created_at, started_at, finished_at, now() AS now
+       invalid, error, created_at, started_at, finished_at, mapping, now() AS now
 FROM imports WHERE status NOT IN ('queued', 'running') ORDER BY created_at DESC LIMIT $1
 """
+
+
+def mapping_summary(mapping: list[dict] | None) -> str | None:
+    """``E-mail → email, Nome → first_name, … (+2 in attributes, 1 ignored)`` from the mapping
+    the importer recorded (one {"column", "field"} per header column); None before it ran."""
+    if not mapping:
+        return None
+    mapped = [f"{m['column']} → {m['field']}" for m in mapping if m.get("field") not in ("attribute", "ignore")]
+    extra = sum(1 for m in mapping if m.get("field") == "attribute")
+    ignored = sum(1 for m in mapping if m.get("field") == "ignore")
+    tail = [f"+{extra} in attributes"] if extra else []
+    tail += [f"{ignored} ignored"] if ignored else []
+    return ", ".join(mapped) + (f" ({', '.join(tail)})" if tail else "")
 
 
 def _row(r) -> dict:
@@ -30,6 +44,7 @@ def _row(r) -> dict:
     processed = int(r["processed_rows"] or 0)
     rate = processed / elapsed if elapsed > 0 else 0.0
     total = r["total_rows"]
+    mapping = json.loads(r["mapping"]) if isinstance(r["mapping"], str) else r["mapping"]
     eta = None
     if r["status"] == "running" and total and rate > 0:
         eta = max(0.0, (int(total) - processed) / rate)
@@ -41,6 +56,7 @@ def _row(r) -> dict:
         "eta_seconds": None if eta is None else round(eta, 1),
         "progress": (processed / int(total)) if total else None,
         "created_at": r["created_at"], "finished_at": r["finished_at"],
+        "mapping": mapping, "mapping_summary": mapping_summary(mapping),
     }
 
 

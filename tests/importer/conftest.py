@@ -3,6 +3,7 @@ job runner with its own metrics registry, and a real `mailgenius worker importer
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -54,7 +55,7 @@ async def upload(client, path_or_bytes, *, filename="leads.csv", **fields) -> ai
     for k, v in fields.items():
         data.add_field(k, v)
     body = path_or_bytes.read_bytes() if isinstance(path_or_bytes, Path) else path_or_bytes
-    data.add_field("file", body, filename=filename, content_type="text/csv")
+    data.add_field("file", io.BytesIO(body), filename=filename, content_type="text/csv")
     return await client.post("/api/upload", data=data, headers=client.headers_)
 
 

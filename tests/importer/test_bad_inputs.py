@@ -130,3 +130,33 @@ async def test_lone_carriage_returns_inside_fields_survive_copy(api, job_runner,
     ann = await pool.fetchrow("SELECT first_name, attributes FROM leads WHERE email = 'ann@example.com'")
     assert ann["first_name"] == "A\rB"
     assert await pool.fetchval("SELECT count(*) FROM leads") == 2
+
+
+async def test_header_over_the_line_cap_fails_the_import_with_the_reason(api, job_runner, pool):
+    # a header of millions of columns (a 60 MB one once took the worker to 1.2 GB) fails cleanly
+    body = b"email" + b",c" * (600_000) + b"\na@example.com\n"
+    import_id = (await (await upload(api, body)).json())["id"]
+    assert await job_runner(import_id) == "failed"
+    error = await pool.fetchval("SELECT error FROM imports WHERE id = $1", import_id)
+    assert "the header line is longer than 1,048,576 bytes" in error
+
+
+async def test_too_many_columns_fails_the_import_with_the_reason(api, job_runner, pool):
+    body = b"email" + b"".join(b",c%d" % i for i in range(3000)) + b"\na@example.com\n"
+    import_id = (await (await upload(api, body)).json())["id"]
+    assert await job_runner(import_id) == "failed"
+    error = await pool.fetchval("SELECT error FROM imports WHERE id = $1", import_id)
+    assert "the header has 3,001 columns; at most 2,000 are accepted" in error
+
+
+async def test_data_line_over_the_cap_is_an_error_row_and_the_rest_imports(api, job_runner, pool):
+    long_line = b"c@example.com," + b"x" * 5000 + b"\n"
+    body = b"email,notes\na@example.com,1\n" + long_line + b"d@example.com,2\n"
+    import_id = (await (await upload(api, body)).json())["id"]
+    assert await job_runner(import_id, max_line=2048) == "completed"
+    row = await pool.fetchrow("SELECT * FROM imports WHERE id = $1", import_id)
+    assert (row["inserted"], row["invalid"]) == (2, 1)
+    errs = await pool.fetch("SELECT line, reason, raw FROM import_errors WHERE import_id = $1", import_id)
+    assert [(r["line"], r["reason"]) for r in errs] == [(3, "line_too_long")]
+    assert errs[0]["raw"].startswith("c@example.com,xxx")
+    assert {r["email"] for r in await pool.fetch("SELECT email FROM leads")} == {"a@example.com", "d@example.com"}

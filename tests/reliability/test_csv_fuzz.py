@@ -206,6 +206,9 @@ def _write_hostile(path: Path, kind: str) -> None:
         elif kind == "one endless line":  # no newline at all after the header
             f.write(b"email,name\n")
             row = b"a" * chunk
+        elif kind == "millions of header columns":  # the whole file is one header row
+            f.write(b"email")
+            row = b",c" * (chunk // 2)
         else:  # "hundreds of thousands of tiny rows"
             f.write(b"email\n")
             row = b"".join(b"u%d@example.com\n" % i for i in range(chunk // 16))
@@ -215,7 +218,8 @@ def _write_hostile(path: Path, kind: str) -> None:
             f.write(row)
 
 
-@pytest.mark.parametrize("kind", ["unclosed quote", "one endless line", "hundreds of thousands of tiny rows"])
+@pytest.mark.parametrize("kind", ["unclosed quote", "one endless line", "hundreds of thousands of tiny rows",
+                                  "millions of header columns"])
 def test_memory_stays_bounded_on_hostile_files(kind, tmp_path):
     path = tmp_path / "hostile.csv"
     _write_hostile(path, kind)
@@ -228,3 +232,5 @@ def test_memory_stays_bounded_on_hostile_files(kind, tmp_path):
     assert growth < MAX_GROWTH_BYTES, f"{kind}: peak RSS grew {growth / 2**20:.0f} MiB reading {HOSTILE_BYTES >> 20} MiB"
     if kind == "hundreds of thousands of tiny rows":
         assert records > 300_000
+    if kind == "millions of header columns":
+        assert "the header line is longer than" in proc.stderr, proc.stderr[-500:]

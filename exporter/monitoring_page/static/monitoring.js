@@ -204,7 +204,8 @@
       const pct = isNum(im.progress) ? `${(im.progress * 100).toFixed(0)} %` : "";
       const progress = `${fmt(im.processed_rows, "int")}${isNum(im.total_rows) ? " / " + fmt(im.total_rows, "int") : ""} ${pct}`;
       return el("tr", { "data-import": String(im.id) },
-        el("th", { scope: "row" }, `#${im.id} `, el("span", { class: "detail", text: im.filename })),
+        el("th", { scope: "row" }, `#${im.id} `, el("span", { class: "detail", text: im.filename }),
+          im.mapping_summary ? el("div", { class: "detail import-mapping", text: im.mapping_summary }) : null),
         el("td", {}, badge(im.status)),
         el("td", { class: "num", text: progress.trim() }),
         el("td", { class: "num", text: fmt(im.rows_per_second, "num") }),
