@@ -87,14 +87,14 @@ IMPORTS = "mailgenius_imports"  #: gauge{status}: queued/running now; completed/
 IMPORT_SUCCESS_RATIO = "mailgenius_import_success_ratio"  #: gauge: completed / (completed + failed), 24 h
 IMPORT_VALIDATION_ERROR_RATIO = "mailgenius_import_validation_error_ratio"  #: gauge: invalid / processed rows, 24 h
 
-# scheduler (console/scheduler.py): the guide's daily/weekly tasks
-SCHEDULED_TASK_LAST_SUCCESS = "mailgenius_scheduled_task_last_success_timestamp_seconds"  #: gauge{task}
-SCHEDULED_TASK_LAST_RUN = "mailgenius_scheduled_task_last_run_timestamp_seconds"  #: gauge{task}
+# -- scheduler (console/scheduler.py: the guide's daily and weekly tasks) -----------------------
+SCHEDULED_TASK_LAST_SUCCESS = "mailgenius_scheduled_task_last_success_timestamp_seconds"  #: gauge{task}: when the task last succeeded (ScheduledTaskFailing)
+SCHEDULED_TASK_LAST_RUN = "mailgenius_scheduled_task_last_run_timestamp_seconds"  #: gauge{task}: when the task last ran, whatever its outcome
 SCHEDULED_TASK_LAST_RUN_SUCCESS = "mailgenius_scheduled_task_last_run_success"  #: gauge{task}: 1 ok, 0 failed
 SCHEDULED_TASK_DURATION = "mailgenius_scheduled_task_duration_seconds"  #: gauge{task}: the last run
-SCHEDULED_TASK_FAILURES = "mailgenius_scheduled_task_failures_total"  #: counter{task}
-SCHEDULED_TASK_NEXT_RUN = "mailgenius_scheduled_task_next_run_timestamp_seconds"  #: gauge{task}
-BACKUP_LAST_SUCCESS = "mailgenius_backup_last_success_timestamp_seconds"  #: gauge
+SCHEDULED_TASK_FAILURES = "mailgenius_scheduled_task_failures_total"  #: counter{task}: failed runs
+SCHEDULED_TASK_NEXT_RUN = "mailgenius_scheduled_task_next_run_timestamp_seconds"  #: gauge{task}: when the schedule runs the task next
+BACKUP_LAST_SUCCESS = "mailgenius_backup_last_success_timestamp_seconds"  #: gauge: when the last backup succeeded (BackupTooOld)
 
 #: The label naming a queue on our series. dramatiq's own series (dramatiq_messages_total...)
 #: call it ``queue_name``; the recording rules of alerting/rules.yml map it to ``queue`` once, and

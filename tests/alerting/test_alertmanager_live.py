@@ -75,6 +75,8 @@ def test_a_still_firing_alert_is_renotified_after_its_cooldown_not_the_group_int
         source = source.replace(old, new)
     rules = stack.tmp / "rules.yml"
     rules.write_text(source)
+    # the webhook receivers send the exporter's bearer token from this file (issue 18)
+    (stack.tmp / "alert_webhook_token").write_text("test-renotify-webhook-token-0123456789")
     with Recorder() as sink:
         variant = generate.local_variant(ports={"exporter": sink.port, "smtp": sink.port,
                                                 "alertmanager": stack.ports["alertmanager"]},

@@ -80,7 +80,7 @@ async def test_round_trip_restores_leads_uploads_and_secrets(settings, pool, scr
     await _seed(pool, upload)
     secret = Path(settings.data_dir) / "run" / "resend-webhook-secret"
     secret.parent.mkdir(parents=True)
-    secret.write_text("whsec_dGVzdA==\n")
+    secret.write_text("whsec_YmFja3VwLXJvdW5kLXRyaXAtc2VjcmV0\n")
     before = await _checksum(settings.database_url)
     assert before[0] == 500
     env = env_for(settings)
@@ -105,7 +105,7 @@ async def test_round_trip_restores_leads_uploads_and_secrets(settings, pool, scr
     # Then counts and the checksum of every lead are equal, and the files are back
     assert await _checksum(scratch_db) == before
     assert upload.read_text() == "email\nx@example.com\n"
-    assert secret.read_text() == "whsec_dGVzdA==\n" and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert secret.read_text() == "whsec_YmFja3VwLXJvdW5kLXRyaXAtc2VjcmV0\n" and stat.S_IMODE(secret.stat().st_mode) == 0o600
 
 
 async def test_restore_refuses_a_non_empty_database_unless_forced(settings, pool, tmp_path):
