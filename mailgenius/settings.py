@@ -106,8 +106,10 @@ def _secret(env: Mapping[str, str], name: str, *, min_chars: int = MIN_SECRET_CH
     """A secret, or "" when unset; a weak one (too short, one repeated character) stops start-up."""
     value = _str(env, name, "").strip()
     if value and (len(value) < min_chars or len(set(value)) < 4):
+        got = (f"got {len(value)} characters" if len(value) < min_chars
+               else f"got only {len(set(value))} distinct characters")
         raise SettingsError(name, f"too weak: use at least {min_chars} random characters "
-                                  f"(e.g. `openssl rand -hex 24`); got {len(value)} characters")
+                                  f"(e.g. `openssl rand -hex 24`); {got}")
     return value
 
 

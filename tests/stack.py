@@ -141,7 +141,7 @@ class Stack:
     procs: dict[str, Proc] = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("sender", "importer", "exporter", "sender-worker", "importer-worker", "sink",
+        for name in ("sender", "importer", "exporter", "sender-worker", "importer-worker", "sink", "scheduler",
                      "prometheus", "alertmanager", "postgres-exporter", "redis-exporter", "node-exporter"):
             self.ports.setdefault(name, free_port())
         self.tmp = Path(self.tmp)
@@ -248,6 +248,15 @@ class Stack:
         wait_until(lambda: _port_open(self.ports["sink"]), 20, what="smtp sink")
         return proc
 
+    def start_scheduler(self, **env: str) -> Proc:
+        """`mailgenius scheduler` (console/scheduler.py); returns once its metrics port answers.
+        Schedules come from ``MAILGENIUS_SCHEDULE_<TASK>`` in ``env`` (``off`` disables one)."""
+        proc = self._spawn("scheduler", [str(VENV_BIN / "mailgenius"), "scheduler"],
+                           self.env(MAILGENIUS_SCHEDULER_METRICS_PORT=str(self.ports["scheduler"]), **env),
+                           self.ports["scheduler"])
+        self.wait_http("scheduler", "/metrics", timeout=30)
+        return proc
+
     def sink_messages(self) -> list[Path]:
         d = self.tmp / "sink"
         return sorted(d.glob("*.eml")) if d.exists() else []
@@ -281,6 +290,8 @@ class Stack:
         for name in WORKERS:
             if f"{name}-worker" in self.procs:
                 jobs[f"{name}-worker"] = self.target(f"{name}-worker")
+        if "scheduler" in self.procs:
+            jobs["scheduler"] = self.target("scheduler")
         for name in ("postgres", "redis", "node"):
             if f"{name}-exporter" in self.procs:
                 jobs[name] = self.target(f"{name}-exporter")

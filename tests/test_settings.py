@@ -63,10 +63,10 @@ def test_secret_files_are_read_and_lose_one_trailing_newline(tmp_path):
     db = tmp_path / "database_url"
     db.write_text("postgresql://app:s3cret@db:5432/mailgenius\n")
     tracking = tmp_path / "tracking"
-    tracking.write_text("x" * 40)
+    tracking.write_text("9f8e7d6c5b4a39281706f5e4d3c2b1a0" + "\n")
     s = load_settings({"DATABASE_URL_FILE": str(db), "MAILGENIUS_TRACKING_SECRET_FILE": str(tracking)})
     assert s.database_url == "postgresql://app:s3cret@db:5432/mailgenius"
-    assert s.tracking_secret == "x" * 40
+    assert s.tracking_secret == "9f8e7d6c5b4a39281706f5e4d3c2b1a0"
     # the value read from a file is validated like the variable itself
     db.write_text("mysql://nope\n")
     with pytest.raises(SettingsError) as exc:

@@ -345,6 +345,10 @@ def live(database_url, redis_url, redis_prefix, tmp_path_factory):
         stack.start_worker("importer", PYTHONFAULTHANDLER="1")
         stack.start_worker("sender", PYTHONFAULTHANDLER="1")
         stack.start_exporters()
+        # the scheduler with a backup every 5 s (the system-health row "Scheduled maintenance")
+        stack.start_scheduler(MAILGENIUS_SCHEDULE_BACKUP="@every 5s", MAILGENIUS_SCHEDULE_CLEANUP_UPLOADS="@every 5s",
+                              MAILGENIUS_SCHEDULE_REPORT_DAILY="off", MAILGENIUS_SCHEDULE_REPORT_WEEKLY="off",
+                              MAILGENIUS_SCHEDULE_DB_MAINTENANCE="off")
         am = tmp / "alertmanager.yml"
         am.write_text(yaml.safe_dump({
             "route": {"receiver": "exporter", "group_wait": "1s", "group_interval": "1s", "repeat_interval": "1h"},

@@ -80,5 +80,5 @@ def test_recommendations_follow_the_guide_thresholds():
     t = ops.THRESHOLDS
     assert (t["p95_seconds"], t["error_ratio"], t["delivery_ratio"], t["bounce_ratio"], t["queue_waiting"]) == \
         (0.5, 0.01, 0.95, 0.05, 1000)
-    assert (t["cpu_percent"], t["memory_percent"], t["disk_percent"], t["cache_hit_ratio"], t["db_connections"]) == \
-        (80, 85, 90, 0.90, 80)
+    assert (t["cpu_percent"], t["memory_percent"], t["disk_percent"], t["cache_hit_ratio"], t["db_connections_ratio"]) == \
+        (80, 85, 90, 0.90, 0.80)
