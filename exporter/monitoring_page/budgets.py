@@ -9,7 +9,9 @@ checks that the two agree). Prometheus being down is an answer, as for the chart
 
 from __future__ import annotations
 
-from .sources import BackendDown, _get_json, _num
+from mailgenius.prom import Prometheus, PrometheusError, finite
+
+from .sources import BACKEND_TIMEOUT
 
 #: field of the page's JSON -> recorded series (every one labelled slo="<name>")
 SERIES = {
@@ -31,17 +33,16 @@ QUERY = ('{__name__=~"' + "|".join(sorted(SERIES.values())) + '",slo!=""}'
 async def slo_budgets(http, prometheus_url: str) -> dict:
     """``{"ok", "error", "slos": [{"slo", <SERIES fields>, "alert"}]}``, SLOs by name; a field is
     None when its series is absent (no traffic yet; ``exhaustion_seconds``: nothing burning)."""
-    url = prometheus_url.rstrip("/") + "/api/v1/query"
+    prom = Prometheus(prometheus_url, session=http, timeout=BACKEND_TIMEOUT)
     try:
-        status, body = await _get_json(http, url, {"query": QUERY})
-    except BackendDown as exc:
-        return {"ok": False, "error": f"Prometheus unreachable: {exc}", "slos": []}
-    if status != 200 or not isinstance(body, dict) or body.get("status") != "success":
-        error = body.get("error") if isinstance(body, dict) else None
-        return {"ok": False, "error": f"Prometheus refused the query: {error or f'HTTP {status}'}", "slos": []}
+        result = await prom.query(QUERY)
+    except PrometheusError as exc:
+        if exc.unreachable:
+            return {"ok": False, "error": f"Prometheus unreachable: {exc}", "slos": []}
+        return {"ok": False, "error": f"Prometheus refused the query: {exc}", "slos": []}
     by_name = {v: k for k, v in SERIES.items()}
     slos: dict[str, dict] = {}
-    for item in body["data"]["result"]:
+    for item in result:
         metric = item.get("metric", {})
         name = metric.get("slo")
         if not name:
@@ -55,5 +56,5 @@ async def slo_budgets(http, prometheus_url: str) -> dict:
             continue
         field = by_name.get(metric.get("__name__", ""))
         if field:
-            row[field] = _num(item.get("value", [None, None])[1])
+            row[field] = finite(item.get("value", [None, None])[1])
     return {"ok": True, "error": None, "slos": [slos[k] for k in sorted(slos)]}
