@@ -13,13 +13,20 @@ from mailgenius.settings import Settings
 from .base import OpsError, format_table
 from .stack import ops_settings
 
+# The importer's own cleanup (``POST /api/upload/cleanup``, importer/routes.py ``upload_cleanup``)
+# is an aiohttp handler bound to the running service (its pool, its broker, requeueing stuck
+# imports), not a function this command can call; until the importer offers one, this keeps to
+# the same rule for which files are still needed: the upload of every queued or running import
+# and its ``.utf8`` transcoding (importer/reader.py writes ``<path>.utf8`` for files it converts).
+
+
 async def _active_upload_paths(settings: Settings) -> set[str]:
     import asyncpg
 
     conn = await asyncpg.connect(settings.database_url, timeout=10)
     try:
         rows = await conn.fetch("SELECT path FROM imports WHERE status IN ('queued', 'running') AND path IS NOT NULL")
-        return {os.path.realpath(r["path"]) for r in rows}
+        return {os.path.realpath(p) for r in rows for p in (r["path"], r["path"] + ".utf8")}
     finally:
         await conn.close()
 

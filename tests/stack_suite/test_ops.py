@@ -224,6 +224,24 @@ async def test_cleanup_uploads_keeps_new_files_and_those_of_running_imports(sett
     assert "1 file(s) older than 24 h removed" in res.stdout
 
 
+async def test_cleanup_uploads_keeps_the_utf8_transcoding_of_a_running_import(settings, tmp_path, pool):
+    # the importer writes <upload>.utf8 for a file it transcodes and reads that while the import
+    # runs; its HTTP cleanup keeps it, and so must this command
+    up = Path(settings.upload_dir)
+    up.mkdir(parents=True)
+    needed = up / "latin1.csv"
+    transcoded, orphan = up / "latin1.csv.utf8", up / "done.csv.utf8"
+    for p in (needed, transcoded, orphan):
+        p.write_text("email\na@example.com\n")
+        two_days_ago = time.time() - 2 * 86400
+        os.utime(p, (two_days_ago, two_days_ago))
+    await pool.execute("INSERT INTO imports (filename, path, status) VALUES ('latin1.csv', $1, 'running')", str(needed))
+    res = run_cli("cleanup-uploads", env=cli_env(settings, tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert needed.exists() and transcoded.exists() and not orphan.exists()
+    assert "1 file(s) older than 24 h removed" in res.stdout and "2 kept" in res.stdout
+
+
 async def test_db_maintenance_vacuums_every_table(settings, tmp_path, pool):
     env = cli_env(settings, tmp_path)
     res = run_cli("db-maintenance", env=env)
