@@ -1,7 +1,8 @@
 """``mailgenius status`` (one table of every service and dependency; exit 1 when unhealthy) and
 ``mailgenius check NAME`` (one of them, in detail).
 
-The statuses and their order are the kernel's health framework's (:mod:`mailgenius.health`).
+The statuses and their order are the kernel's health framework's (:mod:`mailgenius.health`); a
+queue is degraded above the exporter's own queue check threshold (QueueDepthHigh's, from the contract).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urlparse
 
+from exporter.health import queue_depth_degraded
 from mailgenius import contract
 from mailgenius.components import BY_NAME
 from mailgenius.health import _RANK, DEGRADED, HEALTHY, UNHEALTHY
@@ -254,7 +256,7 @@ async def queue_rows(settings: Settings, redis) -> list[dict]:
             status = HEALTHY
             if row.get("waiting", 0) and not row["workers"]:
                 status = UNHEALTHY
-            elif row.get("waiting", 0) > 1000 or not row["workers"]:
+            elif row.get("waiting", 0) > queue_depth_degraded() or not row["workers"]:
                 status = DEGRADED
             row["status"] = status
         except Exception as exc:
