@@ -26,6 +26,20 @@ import jinja2
 import yaml
 
 from mailgenius.contract import expr_env, metric_names
+from mailgenius.slo_series import (  # noqa: F401  (re-exported)
+    BUDGET_EXHAUSTION,
+    BUDGET_REMAINING,
+    CURRENT_BURN_RATE,
+    CURRENT_WINDOW,
+    ERROR_BUDGET,
+    ERROR_RATIO,
+    ERRORS_RATE5M,
+    OBJECTIVE,
+    PERIOD_BURN_RATE,
+    PERIOD_DAYS,
+    TOTAL_RATE5M,
+    ratio_name,
+)
 
 from .generate import Alert, RulesError, Variant, _duration, _env, _seconds, dashboard_link
 
@@ -39,31 +53,10 @@ WINDOWS = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
 #: Grafana uid of the "SLOs and error budgets" dashboard (dashboards/slo.dashboard.py)
 DASHBOARD = "slo"
 
-# -- recorded series (the dashboard and the monitoring page read these) ---------------------------
-#: bad / good+bad events per second over 5 minutes
-ERRORS_RATE5M = "slo:sli_errors:rate5m"
-TOTAL_RATE5M = "slo:sli_total:rate5m"
-#: prefix of the error ratio over a window: ``slo:sli_error:ratio_rate5m`` ... ``_rate3d``, ``_rate30d``
-ERROR_RATIO = "slo:sli_error:ratio_rate"
-OBJECTIVE = "slo:objective:ratio"
-ERROR_BUDGET = "slo:error_budget:ratio"
-PERIOD_DAYS = "slo:time_period:days"
-#: error ratio of the last hour / budget (1 = the budget lasts exactly the period)
-CURRENT_BURN_RATE = "slo:current_burn_rate:ratio"
-#: error ratio of the period / budget
-PERIOD_BURN_RATE = "slo:period_burn_rate:ratio"
-#: share of the period's budget left (1 - period burn rate; negative once overspent)
-BUDGET_REMAINING = "slo:period_error_budget_remaining:ratio"
-#: seconds until the remaining budget is spent at the current burn rate (absent when not burning)
-BUDGET_EXHAUSTION = "slo:error_budget_exhaustion:seconds"
-#: the window of the current burn rate
-CURRENT_WINDOW = "1h"
+# the recorded series' names (ERROR_RATIO, OBJECTIVE, ..., ratio_name) live in mailgenius/slo_series.py:
+# the dashboard and the monitoring page read them too; they are imported above
 
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
-
-
-def ratio_name(window: str) -> str:
-    return f"{ERROR_RATIO}{window}"
 
 
 def alert_name(slo_name: str) -> str:

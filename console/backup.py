@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlparse, urlunparse
 
-from mailgenius.ops import RUN_SUBDIR, OpsError, ops_settings
+from .base import OpsError
+from .stack import RUN_SUBDIR, ops_settings
 
 FORMAT = 1
 DUMP_NAME = "database.dump"

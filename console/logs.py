@@ -106,7 +106,7 @@ def follow(directory: Path, services: list[str] | None, min_level: int, emit, *,
 
 
 def cmd_logs(args) -> int:
-    from mailgenius.ops import effective_environ
+    from .stack import effective_environ
 
     directory = Path(args.dir) if args.dir else log_dir(effective_environ())
     if not directory.is_dir():

@@ -210,7 +210,7 @@ class Scheduler:
         self.schedules = load_schedules(env)
         self.data_dir = env.get("MAILGENIUS_DATA_DIR") or "var"
         self.commands = task_commands(self.data_dir)
-        self.command = command or [sys.executable, "-m", "mailgenius.cli"]
+        self.command = command or [sys.executable, "-m", "console"]
         self.state_path = state_path
         self.metrics = metrics or Metrics()
         self.state = self._load_state()
@@ -340,7 +340,8 @@ class Scheduler:
 
 def cmd_scheduler(args) -> int:
     from mailgenius.logs import setup_logging
-    from mailgenius.ops import ops_env
+
+    from .stack import ops_env
 
     env = ops_env()
     setup_logging("scheduler", env.get("MAILGENIUS_LOG_LEVEL", "INFO"))

@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     env = dict(os.environ)
     if args.env_file:
-        from mailgenius.ops import read_env_file
+        from .stack import read_env_file
 
         env.update(read_env_file(Path(args.env_file)))
     env.setdefault("PYTHONUNBUFFERED", "1")

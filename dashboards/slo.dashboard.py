@@ -2,7 +2,6 @@
 budget left over 30 days, the burn rate over every alert window, time to exhaustion, the error
 ratio. Everything reads the series prometheus/rules/slo.yml records (docs/slos.md)."""
 
-from alerting import slo as S
 from dashboards.helpers import (
     Section,
     alerts_annotation,
@@ -14,6 +13,7 @@ from dashboards.helpers import (
     table,
     timeseries,
 )
+from mailgenius import slo_series as S
 
 SEL = 'slo=~"$slo"'
 

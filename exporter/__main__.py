@@ -1,7 +1,9 @@
-"""`python -m exporter`: parse settings, run the service."""
+"""`python -m exporter [--port N]`: parse settings, run the service (as `mailgenius serve exporter`)."""
 
 import sys
 
-from mailgenius.cli import main
+from mailgenius.serve import service_main
 
-sys.exit(main(["serve", "exporter", *sys.argv[1:]]))
+from .app import create_app
+
+sys.exit(service_main("exporter", create_app, sys.argv[1:]))

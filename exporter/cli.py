@@ -13,9 +13,9 @@ from mailgenius import metrics as m
 
 
 def _settings():
-    from mailgenius.cli import _settings as load
+    from mailgenius.settings import settings_or_exit
 
-    return load()
+    return settings_or_exit()
 
 
 def cmd_queue(args) -> int:

@@ -1,7 +1,9 @@
-"""`python -m importer`: parse settings, run the service."""
+"""`python -m importer [--port N]`: parse settings, run the service (as `mailgenius serve importer`)."""
 
 import sys
 
-from mailgenius.cli import main
+from mailgenius.serve import service_main
 
-sys.exit(main(["serve", "importer", *sys.argv[1:]]))
+from .app import create_app
+
+sys.exit(service_main("importer", create_app, sys.argv[1:]))

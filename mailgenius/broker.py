@@ -10,6 +10,7 @@ from __future__ import annotations
 import dramatiq
 from dramatiq.middleware import AsyncIO
 
+from .heartbeat import WorkerHeartbeat
 from .settings import Settings
 
 
@@ -36,7 +37,6 @@ def build_broker(settings: Settings, *, worker: bool = False) -> dramatiq.Broker
     broker.add_middleware(AsyncIO())
     if worker:
         from .procmetrics import worker_middleware
-        from .queues import WorkerHeartbeat
 
         # dramatiq's Prometheus middleware, its exposition adding every worker process's process_*
         broker.add_middleware(worker_middleware())

@@ -302,3 +302,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         broker_maintenance_chance=_int(env, "MAILGENIUS_BROKER_MAINTENANCE_CHANCE", 1000, lo=0, hi=1_000_000),
         broker_heartbeat_timeout_ms=_int(env, "MAILGENIUS_BROKER_HEARTBEAT_TIMEOUT_MS", 15_000, lo=100),
     )
+
+
+def settings_or_exit(environ: Mapping[str, str] | None = None) -> Settings:
+    """:func:`load_settings` for a command-line entry point: a bad value is one line on stderr and
+    exit code 2."""
+    import sys
+
+    try:
+        return load_settings(environ)
+    except SettingsError as exc:
+        print(f"mailgenius: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

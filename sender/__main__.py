@@ -1,7 +1,9 @@
-"""`python -m sender`: parse settings, run the service."""
+"""`python -m sender [--port N]`: parse settings, run the service (as `mailgenius serve sender`)."""
 
 import sys
 
-from mailgenius.cli import main
+from mailgenius.serve import service_main
 
-sys.exit(main(["serve", "sender", *sys.argv[1:]]))
+from .app import create_app
+
+sys.exit(service_main("sender", create_app, sys.argv[1:]))

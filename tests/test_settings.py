@@ -46,7 +46,7 @@ def test_bad_value_names_the_variable(env, variable):
 def test_bad_value_stops_startup_with_one_line_and_no_traceback():
     # Given a bad port, When the CLI starts, Then it exits 2 with one line naming the variable
     proc = subprocess.run(
-        [sys.executable, "-m", "mailgenius.cli", "serve", "sender"],
+        [sys.executable, "-m", "console", "serve", "sender"],
         env={"MAILGENIUS_SENDER_PORT": "eighty", "PATH": "/usr/bin:/bin"},
         capture_output=True, text=True, timeout=60,
     )

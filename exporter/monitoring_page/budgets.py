@@ -2,25 +2,26 @@
 query for the series ``prometheus/rules/slo.yml`` records, grouped by their ``slo`` label, plus
 the SLO alerts firing now.
 
-The names below are those alerting/slo.py records (services do not import the tools layer; a test
-checks that the two agree). Prometheus being down is an answer, as for the charts:
+The series' names come from the kernel (:mod:`mailgenius.slo_series`), which alerting/slo.py
+records them under: services do not import the tools layer. Prometheus being down is an answer, as for the charts:
 ``{"ok": false, "error": "Prometheus unreachable: ..."}``.
 """
 
 from __future__ import annotations
 
+from mailgenius import slo_series as S
 from mailgenius.prom import Prometheus, PrometheusError, finite
 
 from .sources import BACKEND_TIMEOUT
 
 #: field of the page's JSON -> recorded series (every one labelled slo="<name>")
 SERIES = {
-    "objective": "slo:objective:ratio",
-    "error_budget": "slo:error_budget:ratio",
-    "budget_remaining": "slo:period_error_budget_remaining:ratio",
-    "burn_rate_1h": "slo:current_burn_rate:ratio",
-    "error_ratio_30d": "slo:sli_error:ratio_rate30d",
-    "exhaustion_seconds": "slo:error_budget_exhaustion:seconds",
+    "objective": S.OBJECTIVE,
+    "error_budget": S.ERROR_BUDGET,
+    "budget_remaining": S.BUDGET_REMAINING,
+    "burn_rate_1h": S.CURRENT_BURN_RATE,
+    "error_ratio_30d": S.ratio_name("30d"),
+    "exhaustion_seconds": S.BUDGET_EXHAUSTION,
 }
 #: what a firing SLO alert means for the budget, by severity (alerting/slos.yml `alerts`)
 ALERT_KINDS = {"critical": "page", "warning": "ticket"}

@@ -24,14 +24,15 @@ READERS = r"""
 import json
 from exporter import health, summary
 from exporter.monitoring_page import sources
-from mailgenius import ops, queues, contract
+from console import report
+from mailgenius import queues, contract
 import inspect
 c = contract.get()
 print(json.dumps({
     "contract": str(c.path),
     "health_queue": health.queue_depth_degraded(),
     "kernel_queue_check": inspect.getclosurevars(queues.queue_check(None, None, "q")).nonlocals["max_waiting"],
-    "report": ops.report_thresholds(),
+    "report": report.report_thresholds(),
     "summary_queries": summary.scalar_queries(),
     "page_stats": {k: e for k, (_u, e) in sources.STATS.items()},
     "page_charts": [s.expr for ch in sources.CHARTS for s in ch.series],

@@ -213,7 +213,7 @@ def test_a_moved_variant_renders_every_port_and_the_test_timings(tmp_path):
 
 
 def test_cli_render_moves_ports_and_refuses_an_unknown_job(tmp_path, capsys):
-    from mailgenius.cli import main
+    from console.commands import main
 
     assert main(["alerting", "render", "--out", str(tmp_path), "--port", "exporter=19300", "--interval", "1s"]) == 0
     am = yaml.safe_load((tmp_path / "alertmanager/alertmanager.yml").read_text())

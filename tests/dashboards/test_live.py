@@ -492,12 +492,12 @@ def _page_stats(live, key: str) -> dict:
 
 
 def _report_figures(live) -> dict[str, str]:
-    from mailgenius import ops
+    from console import report
     from mailgenius.prom import Prometheus
 
     async def run():
         async with Prometheus(live.url("prometheus")) as prom:
-            return await ops.collect_report(prom, "daily")
+            return await report.collect_report(prom, "daily")
 
     ctx = asyncio.run(run())
     figures = {k: v for sec in ctx["s"].values() if isinstance(sec, dict) for k, v in sec.get("figures", [])}

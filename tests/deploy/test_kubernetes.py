@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from deploy import k8s
-from mailgenius.ops import BY_NAME
+from mailgenius.components import BY_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "deploy" / "kubernetes"
@@ -43,7 +43,7 @@ def _by_kind(resources, kind):
 
 
 def test_generated_manifests_are_current():
-    res = subprocess.run([sys.executable, "-m", "mailgenius.cli", "build", "--check", "--root", str(ROOT)],
+    res = subprocess.run([sys.executable, "-m", "console", "build", "--check", "--root", str(ROOT)],
                          capture_output=True, text=True)
     stale = [line for line in res.stdout.splitlines() if "deploy/kubernetes" in line]
     assert not stale, "run `mailgenius build`: " + "; ".join(stale)

@@ -83,7 +83,7 @@ def test_setup_ci_and_image_install_from_the_lock():
 
 
 def test_version_flag_prints_the_project_version():
-    res = subprocess.run([sys.executable, "-m", "mailgenius.cli", "--version"], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "console", "--version"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == f"mailgenius {PROJECT['version']}"
 

@@ -17,7 +17,8 @@ from tests.stack import PROMETHEUS, Stack, require_binaries, wait_until
 
 
 def test_the_page_reads_the_series_the_slo_rules_record():
-    # services never import the tools layer: the page spells the names, this keeps them equal
+    # the page reads the names from the kernel (mailgenius.slo_series), as alerting/slo.py does;
+    # the rules really record them
     assert budgets.SERIES == {
         "objective": slo.OBJECTIVE, "error_budget": slo.ERROR_BUDGET, "budget_remaining": slo.BUDGET_REMAINING,
         "burn_rate_1h": slo.CURRENT_BURN_RATE, "error_ratio_30d": slo.ratio_name("30d"),

@@ -71,7 +71,7 @@ def _metric(scheduler: Scheduler, line_start: str) -> float:
 
 def test_runs_record_success_failure_and_duration_and_survive_a_restart(settings, tmp_path):
     state = Path(settings.data_dir) / "run" / "scheduler-state.json"
-    cmd = [sys.executable, "-m", "mailgenius.cli"]
+    cmd = [sys.executable, "-m", "console"]
     sched = Scheduler(_env(settings), state_path=state, command=cmd)
     created = _metric(sched, "mailgenius_backup_last_success_timestamp_seconds ")
     # a real backup of the test database succeeds
@@ -98,7 +98,7 @@ def test_the_loop_runs_a_task_on_its_schedule(settings):
                MAILGENIUS_SCHEDULE_REPORT_DAILY="off", MAILGENIUS_SCHEDULE_REPORT_WEEKLY="off",
                MAILGENIUS_SCHEDULE_DB_MAINTENANCE="off")
     sched = Scheduler(env, state_path=Path(settings.data_dir) / "run" / "s.json",
-                      command=[sys.executable, "-m", "mailgenius.cli"])
+                      command=[sys.executable, "-m", "console"])
 
     async def run():
         task = asyncio.ensure_future(sched.run(None))

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from console import stack
 from exporter.app import create_app
 from exporter.collectors import incident_stats
 from exporter.config import load_config
-from mailgenius import ops, secretfiles
+from mailgenius import secretfiles
 from mailgenius.settings import SettingsError
 from tests.conftest import bearer
 
@@ -115,7 +116,7 @@ def test_generated_token_file_is_0600_from_creation_and_wired_into_alertmanager(
     try:
         # When stack-prepare's helpers create the token and the Svix secret under a fresh data dir
         token = secretfiles.alert_webhook_token(tmp_path / "secrets")
-        env = ops.stack_env({"MAILGENIUS_DATA_DIR": str(tmp_path / "data")})
+        env = stack.stack_env({"MAILGENIUS_DATA_DIR": str(tmp_path / "data")})
     finally:
         os.umask(old)
     token_file = tmp_path / "secrets" / "alert_webhook_token"
@@ -128,7 +129,7 @@ def test_generated_token_file_is_0600_from_creation_and_wired_into_alertmanager(
     assert secretfiles.alert_webhook_token(tmp_path / "secrets") == token  # kept across starts
     assert env["MAILGENIUS_RESEND_WEBHOOK_SECRET"].startswith("whsec_")
     # And the rendered Alertmanager config sends it to the incident webhook (and the Watchdog's)
-    paths = ops.render_configs({**env, "MAILGENIUS_EXPORTER_PORT": "19300"}, ROOT, tmp_path / "run")
+    paths = stack.render_configs({**env, "MAILGENIUS_EXPORTER_PORT": "19300"}, ROOT, tmp_path / "run")
     am = yaml.safe_load(Path(paths["alertmanager"]).read_text())
     hooks = [w for r in am["receivers"] for w in r.get("webhook_configs", []) if w["url"].endswith("/api/alerts/webhook")]
     assert hooks

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from mailgenius import ops
+from console import stack
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -250,15 +250,15 @@ def test_procfile_runs_every_component_with_variables_run_sh_provides():
         if line.strip() and not line.startswith("#"):
             name, _, cmd = line.partition(":")
             procs[name.strip()] = cmd.strip()
-    assert set(procs) == {c.name for c in ops.COMPONENTS}
-    env = ops.stack_env({"MAILGENIUS_RESEND_WEBHOOK_SECRET": "whsec_" + "c3RhY2stc3VpdGUtd2ViaG9vay1zZWNyZXQ="})
+    assert set(procs) == {c.name for c in stack.COMPONENTS}
+    env = stack.stack_env({"MAILGENIUS_RESEND_WEBHOOK_SECRET": "whsec_" + "c3RhY2stc3VpdGUtd2ViaG9vay1zZWNyZXQ="})
     env.update({"MAILGENIUS_RUN_PROMETHEUS_CONFIG": "x", "MAILGENIUS_RUN_ALERTMANAGER_CONFIG": "x"})
     for name, cmd in procs.items():
         for var in re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)(:-)?", cmd):
             name_, has_default = var
             assert has_default or name_ in env, f"Procfile {name} uses ${name_}, which stack-prepare does not set"
         # every listening port comes from its variable, never a literal
-        comp = ops.BY_NAME[name]
+        comp = stack.BY_NAME[name]
         if comp.name in ("sender", "importer", "exporter", "smtp-sink", "sender-worker", "importer-worker", "scheduler"):
             continue  # `mailgenius serve|worker|sink|scheduler` read MAILGENIUS_*_PORT themselves
         assert f"${comp.env}" in cmd, f"{name} does not listen on ${comp.env}"

@@ -38,7 +38,7 @@ import pytest
 import redis as syncredis
 
 from alerting import generate
-from mailgenius import ops
+from console import stack as console_stack
 from mailgenius.queues import STALE_AFTER, workers_key
 from tests.alerting.receivers import Recorder
 from tests.conftest import free_port
@@ -99,7 +99,7 @@ def _make_clone(tmp: Path) -> Path:
     # the clone's code first, then this environment's third-party packages
     (site / "_mailgenius_clone.pth").write_text(f"{clone}\n{sysconfig.get_paths()['purelib']}\n")
     py = venv / "bin" / "python"
-    for name, entry in (("mailgenius", "mailgenius.cli:main"), ("dramatiq", "dramatiq.cli:main")):
+    for name, entry in (("mailgenius", "console.commands:main"), ("dramatiq", "dramatiq.cli:main")):
         mod, func = entry.split(":")
         script = venv / "bin" / name
         script.write_text(f"#!{py}\nimport sys\nfrom {mod} import {func}\nsys.exit({func}())\n")
@@ -116,7 +116,7 @@ def _alert_configs(tmp: Path, ports: dict[str, str], slack_url: str) -> dict[str
     secrets = tmp / "secrets"
     secrets.mkdir()
     (secrets / "slack_api_url").write_text(f"{slack_url}/services/T000/B000/makerun")
-    job_ports = {c.job: int(ports[c.env]) for c in ops.COMPONENTS if c.job}
+    job_ports = {c.job: int(ports[c.env]) for c in console_stack.COMPONENTS if c.job}
     variant = generate.local_variant(
         ports={**job_ports, "smtp": int(ports["MAILGENIUS_SINK_PORT"])}, scrape_interval="2s", evaluation_interval="2s",
         group_wait="1s", group_interval="1s", for_override="2s", secrets_dir=str(secrets))
@@ -133,7 +133,7 @@ def slack():
 def running_stack(tmp_path_factory, database_url, redis_url, redis_prefix, slack):
     tmp = tmp_path_factory.mktemp("makerun")
     clone = _make_clone(tmp)
-    ports = {c.env: str(free_port()) for c in ops.COMPONENTS}
+    ports = {c.env: str(free_port()) for c in console_stack.COMPONENTS}
     configs = _alert_configs(tmp, ports, slack.url)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MAILGENIUS_", "dramatiq_", "PROMETHEUS_MULTIPROC"))}
     env.update(ports)
@@ -205,9 +205,9 @@ def _cli(stack, *args, timeout=120, only_data_dir=False) -> subprocess.Completed
 def test_make_run_brings_everything_up_within_60s(running_stack):
     s = running_stack
     p = s["ports"]
-    services = {n: f"http://127.0.0.1:{p[ops.BY_NAME[n].env]}" for n in ("sender", "importer", "exporter")}
+    services = {n: f"http://127.0.0.1:{p[console_stack.BY_NAME[n].env]}" for n in ("sender", "importer", "exporter")}
     prom = f"http://127.0.0.1:{p['MAILGENIUS_PROMETHEUS_PORT']}"
-    jobs = {c.job for c in ops.COMPONENTS if c.job}
+    jobs = {c.job for c in console_stack.COMPONENTS if c.job}
 
     def everything_up():
         if s["proc"].poll() is not None:
@@ -237,7 +237,7 @@ def test_make_run_brings_everything_up_within_60s(running_stack):
     assert all(t["labels"].get("service") == t["labels"]["job"] for t in targets)
     # run.sh printed where each thing is
     out = s["log"](10**7)
-    for comp in ops.COMPONENTS:
+    for comp in console_stack.COMPONENTS:
         assert f"127.0.0.1:{p[comp.env]}" in out, f"run.sh did not print where {comp.name} is"
 
 
@@ -312,7 +312,7 @@ def _sup_state(s) -> dict:
 
 def _answers(s, name: str) -> bool:
     """The process's port answers: an HTTP answer on its health/ready/metrics path, or the SMTP greeting."""
-    comp = ops.BY_NAME[name]
+    comp = console_stack.BY_NAME[name]
     port = int(s["ports"][comp.env])
     if comp.scheme == "smtp":
         try:
@@ -363,7 +363,7 @@ def test_each_kind_of_process_killed_comes_back_while_the_rest_keeps_running(run
                 continue
             assert after[other]["pid"] == info["pid"] and after[other]["starts"] == info["starts"], (name, other)
             assert _alive(info["pid"]), f"{other} died when {name} was killed"
-        for comp in ops.COMPONENTS:
+        for comp in console_stack.COMPONENTS:
             if comp.name != name:
                 assert _answers(s, comp.name), f"{comp.name} stopped answering when {name} was killed"
         print(f"{name}: back {took:.1f} s after kill -9; nothing else restarted")
@@ -545,7 +545,7 @@ def test_ctrl_c_stops_everything(running_stack):
     proc = s["proc"]
     assert proc.poll() is None, s["log"]()
     below = descendants(proc.pid)
-    assert len(below) >= len(ops.COMPONENTS)
+    assert len(below) >= len(console_stack.COMPONENTS)
     # Ctrl-C in a terminal: SIGINT to the foreground process group (make, and the supervisor under it)
     stopped_at = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)
@@ -554,7 +554,7 @@ def test_ctrl_c_stops_everything(running_stack):
     # the supervisor's own bound, plus the start of make and the last kills
     assert took <= STOP_TIMEOUT + 5, f"Ctrl-C took {took:.1f} s (MAILGENIUS_STOP_TIMEOUT={STOP_TIMEOUT})"
     listening = []
-    for comp in ops.COMPONENTS:
+    for comp in console_stack.COMPONENTS:
         port = int(s["ports"][comp.env])
         with socket.socket() as sock:
             sock.settimeout(0.5)

@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 import yaml
 
-from mailgenius import ops
+from console import stack
 from mailgenius.settings import SettingsError
 from tests.conftest import free_port
 
@@ -25,7 +25,7 @@ MAILGENIUS = str(Path(sys.executable).parent / "mailgenius")
 
 
 def moved_ports() -> dict[str, str]:
-    return {c.env: str(free_port()) for c in ops.COMPONENTS}
+    return {c.env: str(free_port()) for c in stack.COMPONENTS}
 
 
 def cli_env(settings, tmp_path, **extra) -> dict[str, str]:
@@ -44,46 +44,46 @@ def run_cli(*args, env, timeout=60) -> subprocess.CompletedProcess:
 # -- stack variables ----------------------------------------------------------------------------
 
 def test_stack_env_defaults_are_the_documented_ports(tmp_path):
-    env = ops.stack_env({"MAILGENIUS_DATA_DIR": str(tmp_path)})
+    env = stack.stack_env({"MAILGENIUS_DATA_DIR": str(tmp_path)})
     assert env["MAILGENIUS_SENDER_URL"] == "http://127.0.0.1:8001"
     assert env["MAILGENIUS_PROMETHEUS_URL"] == "http://127.0.0.1:9090"
     assert env["MAILGENIUS_SMTP_PORT"] == "1025"
     assert env["MAILGENIUS_POSTGRES_EXPORTER_DSN"].endswith("?sslmode=disable")
-    assert {c.env: int(env[c.env]) for c in ops.COMPONENTS} == {c.env: c.default for c in ops.COMPONENTS}
+    assert {c.env: int(env[c.env]) for c in stack.COMPONENTS} == {c.env: c.default for c in stack.COMPONENTS}
     # the webhook secret is generated once and then kept
     secret = env["MAILGENIUS_RESEND_WEBHOOK_SECRET"]
     assert secret.startswith("whsec_")
-    assert ops.stack_env({"MAILGENIUS_DATA_DIR": str(tmp_path)})["MAILGENIUS_RESEND_WEBHOOK_SECRET"] == secret
+    assert stack.stack_env({"MAILGENIUS_DATA_DIR": str(tmp_path)})["MAILGENIUS_RESEND_WEBHOOK_SECRET"] == secret
 
 
 def test_moved_ports_move_every_url(tmp_path):
     ports = moved_ports()
-    env = ops.stack_env({**ports, "MAILGENIUS_DATA_DIR": str(tmp_path)})
+    env = stack.stack_env({**ports, "MAILGENIUS_DATA_DIR": str(tmp_path)})
     assert env["MAILGENIUS_SENDER_URL"] == f"http://127.0.0.1:{ports['MAILGENIUS_SENDER_PORT']}"
     assert env["MAILGENIUS_PUBLIC_URL"] == env["MAILGENIUS_SENDER_URL"]
     assert env["MAILGENIUS_ALERTMANAGER_URL"] == f"http://127.0.0.1:{ports['MAILGENIUS_ALERTMANAGER_PORT']}"
     assert env["MAILGENIUS_SMTP_PORT"] == ports["MAILGENIUS_SINK_PORT"]
     # the Prometheus port follows MAILGENIUS_PROMETHEUS_URL when only the URL is given
-    env = ops.stack_env({"MAILGENIUS_PROMETHEUS_URL": "http://127.0.0.1:19090", "MAILGENIUS_DATA_DIR": str(tmp_path)})
+    env = stack.stack_env({"MAILGENIUS_PROMETHEUS_URL": "http://127.0.0.1:19090", "MAILGENIUS_DATA_DIR": str(tmp_path)})
     assert env["MAILGENIUS_PROMETHEUS_PORT"] == "19090"
 
 
 def test_bad_and_clashing_ports_are_refused_by_name(tmp_path):
     with pytest.raises(SettingsError, match="MAILGENIUS_NODE_EXPORTER_PORT"):
-        ops.stack_env({"MAILGENIUS_NODE_EXPORTER_PORT": "ninety", "MAILGENIUS_DATA_DIR": str(tmp_path)})
-    with pytest.raises(ops.OpsError, match="prometheus and sender|sender and prometheus"):
-        ops.stack_env({"MAILGENIUS_PROMETHEUS_PORT": "8001", "MAILGENIUS_DATA_DIR": str(tmp_path)})
+        stack.stack_env({"MAILGENIUS_NODE_EXPORTER_PORT": "ninety", "MAILGENIUS_DATA_DIR": str(tmp_path)})
+    with pytest.raises(stack.OpsError, match="prometheus and sender|sender and prometheus"):
+        stack.stack_env({"MAILGENIUS_PROMETHEUS_PORT": "8001", "MAILGENIUS_DATA_DIR": str(tmp_path)})
 
 
 def test_rendered_configs_move_every_port_and_pass_promtool_and_amtool(tmp_path):
     ports = moved_ports()
-    env = ops.stack_env({**ports, "MAILGENIUS_DATA_DIR": str(tmp_path), "MAILGENIUS_SCRAPE_INTERVAL": "2s"})
-    paths = ops.render_configs(env, ROOT, tmp_path / "run")
+    env = stack.stack_env({**ports, "MAILGENIUS_DATA_DIR": str(tmp_path), "MAILGENIUS_SCRAPE_INTERVAL": "2s"})
+    paths = stack.render_configs(env, ROOT, tmp_path / "run")
     prom = yaml.safe_load(paths["prometheus"].read_text())
     assert prom["global"]["scrape_interval"] == "2s"
     targets = {job["job_name"]: t for job in prom["scrape_configs"] for sc in job.get("static_configs", [])
                for t in sc["targets"]}
-    for comp in ops.COMPONENTS:
+    for comp in stack.COMPONENTS:
         if comp.job:
             assert targets[comp.job] == f"127.0.0.1:{ports[comp.env]}", comp.job
     assert prom["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == [
@@ -102,7 +102,7 @@ def test_rendered_configs_move_every_port_and_pass_promtool_and_amtool(tmp_path)
 def test_substitution_is_one_pass_so_swapped_ports_never_chain(tmp_path):
     # sender moved onto importer's default and importer onto sender's
     pm = {8001: 8002, 8002: 8001}
-    got = ops._substitute({"t": ["127.0.0.1:8001", "localhost:8002", "127.0.0.1:18001"]}, pm, tmp_path, tmp_path)
+    got = stack._substitute({"t": ["127.0.0.1:8001", "localhost:8002", "127.0.0.1:18001"]}, pm, tmp_path, tmp_path)
     assert got == {"t": ["127.0.0.1:8002", "localhost:8001", "127.0.0.1:18001"]}
 
 
@@ -123,11 +123,11 @@ def test_stack_prepare_writes_stack_env_that_other_commands_read(settings, tmp_p
     res = run_cli("stack-prepare", "--root", str(ROOT), env=cli_env(settings, tmp_path, **ports))
     assert res.returncode == 0, res.stderr
     assert f"http://127.0.0.1:{ports['MAILGENIUS_SENDER_PORT']}/api/health" in res.stdout
-    saved = ops.read_env_file(tmp_path / "var" / "run" / "stack.env")
+    saved = stack.read_env_file(tmp_path / "var" / "run" / "stack.env")
     assert saved["MAILGENIUS_SENDER_PORT"] == ports["MAILGENIUS_SENDER_PORT"]
     assert saved["DATABASE_URL"] == settings.database_url
     # a second terminal with only the data dir set finds the same stack
-    env = ops.effective_environ({"MAILGENIUS_DATA_DIR": str(tmp_path / "var")})
+    env = stack.effective_environ({"MAILGENIUS_DATA_DIR": str(tmp_path / "var")})
     assert env["MAILGENIUS_SENDER_URL"] == f"http://127.0.0.1:{ports['MAILGENIUS_SENDER_PORT']}"
 
 
@@ -222,6 +222,24 @@ async def test_cleanup_uploads_keeps_new_files_and_those_of_running_imports(sett
     assert res.returncode == 0, res.stderr
     assert not old.exists() and fresh.exists() and needed.exists()
     assert "1 file(s) older than 24 h removed" in res.stdout
+
+
+async def test_cleanup_uploads_keeps_the_utf8_transcoding_of_a_running_import(settings, tmp_path, pool):
+    # the importer writes <upload>.utf8 for a file it transcodes and reads that while the import
+    # runs; its HTTP cleanup keeps it, and so must this command
+    up = Path(settings.upload_dir)
+    up.mkdir(parents=True)
+    needed = up / "latin1.csv"
+    transcoded, orphan = up / "latin1.csv.utf8", up / "done.csv.utf8"
+    for p in (needed, transcoded, orphan):
+        p.write_text("email\na@example.com\n")
+        two_days_ago = time.time() - 2 * 86400
+        os.utime(p, (two_days_ago, two_days_ago))
+    await pool.execute("INSERT INTO imports (filename, path, status) VALUES ('latin1.csv', $1, 'running')", str(needed))
+    res = run_cli("cleanup-uploads", env=cli_env(settings, tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert needed.exists() and transcoded.exists() and not orphan.exists()
+    assert "1 file(s) older than 24 h removed" in res.stdout and "2 kept" in res.stdout
 
 
 async def test_db_maintenance_vacuums_every_table(settings, tmp_path, pool):

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mailgenius import ops
+from console import report
 from tests.stack import (
     NODE_EXPORTER,
     POSTGRES_EXPORTER,
@@ -77,7 +77,7 @@ def test_report_resource_section_from_the_real_exporters(stack, settings, tmp_pa
 
 def test_recommendations_follow_the_guide_thresholds():
     # the thresholds the recommendations use are the operations guide's numbers
-    t = ops.THRESHOLDS
+    t = report.THRESHOLDS
     assert (t["p95_seconds"], t["error_ratio"], t["delivery_ratio"], t["bounce_ratio"], t["queue_waiting"]) == \
         (0.5, 0.01, 0.95, 0.05, 1000)
     assert (t["cpu_percent"], t["memory_percent"], t["disk_percent"], t["cache_hit_ratio"], t["db_connections_ratio"]) == \

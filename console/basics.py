@@ -1,45 +1,23 @@
-"""The ``mailgenius`` command: migrate, API keys, services, workers, and the commands each
-package registers (``COMMAND_MODULES``: a module with ``register(subparsers)``)."""
+"""The stack's own commands: migrate, API keys, serve a service, run a worker group, build the
+generated files, and the sender's local SMTP sink. Every service and generator is named here
+with a plain import (taken when its command runs, so a role without the build or sink extras
+still starts)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
-import importlib
 import os
 import shutil
 import sys
 
-from .settings import SettingsError, load_settings
-
-#: packages that add subcommands; a module not written yet is skipped
-COMMAND_MODULES = ("importer.cli", "sender.cli", "exporter.cli", "alerting.cli", "dashboards.cli", "mailgenius.ops",
-                   "console.cli")
-
-#: service -> (settings attribute of its port, its environment variable)
-SERVICES = {
-    "sender": ("sender_port", "MAILGENIUS_SENDER_PORT"),
-    "importer": ("importer_port", "MAILGENIUS_IMPORTER_PORT"),
-    "exporter": ("exporter_port", "MAILGENIUS_EXPORTER_PORT"),
-}
-#: worker group -> (actor module, queue, metrics port attribute, its environment variable)
-WORKERS = {
-    "sender": ("sender.actors", "email-sending", "sender_worker_metrics_port", "MAILGENIUS_SENDER_WORKER_METRICS_PORT"),
-    "importer": ("importer.actors", "lead-import", "importer_worker_metrics_port", "MAILGENIUS_IMPORTER_WORKER_METRICS_PORT"),
-}
-
-
-def _settings():
-    try:
-        return load_settings()
-    except SettingsError as exc:
-        print(f"mailgenius: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+from mailgenius.components import SERVICES, WORKERS
+from mailgenius.serve import run_service
+from mailgenius.settings import settings_or_exit as _settings
 
 
 def cmd_migrate(args) -> int:
-    from .db import ensure_database, migrate
+    from mailgenius.db import ensure_database, migrate
 
     settings = _settings()
 
@@ -58,7 +36,7 @@ def cmd_migrate(args) -> int:
 def cmd_apikey(args) -> int:
     import asyncpg
 
-    from . import auth
+    from mailgenius import auth
 
     settings = _settings()
 
@@ -90,29 +68,21 @@ def cmd_apikey(args) -> int:
     return asyncio.run(run())
 
 
+def _create_app(service: str):
+    """The service's ``create_app`` (imported when that service is served)."""
+    if service == "sender":
+        from sender.app import create_app
+    elif service == "importer":
+        from importer.app import create_app
+    elif service == "exporter":
+        from exporter.app import create_app
+    else:
+        raise ValueError(f"unknown service {service!r}")
+    return create_app
+
+
 def cmd_serve(args) -> int:
-    from aiohttp import web
-
-    from .logs import setup_logging
-
-    settings = _settings()
-    port_attr, env_name = SERVICES[args.service]
-    port = args.port or getattr(settings, port_attr)
-    setup_logging(args.service, settings.log_level)
-    from .logstream import attach_log_stream
-
-    attach_log_stream(settings, args.service)  # WARNING+ to the capped Redis stream
-    module = importlib.import_module(f"{args.service}.app")
-    app = module.create_app(settings)
-    try:
-        web.run_app(app, host=settings.host, port=port, print=None, access_log=None,
-                    handle_signals=True, shutdown_timeout=10)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            print(f"mailgenius: {args.service}: port {port} is already in use (set {env_name})", file=sys.stderr)
-            return 3
-        raise
-    return 0
+    return run_service(args.service, _create_app(args.service), port=args.port, settings=_settings())
 
 
 def cmd_worker(args) -> int:
@@ -138,9 +108,15 @@ def cmd_worker(args) -> int:
     return 0  # not reached
 
 
-#: generators run by `mailgenius build`: module exposing build(root: Path, check: bool) -> list[Path]
-#: rendered in this order: deploy.k8s reads the rules and dashboards the others wrote
-GENERATORS = ("alerting.generate", "dashboards.generate", "mailgenius.catalogue", "deploy.k8s")
+def _generators():
+    """What `mailgenius build` renders, in this order: deploy.k8s reads the rules and dashboards
+    the others wrote. Each module exposes ``build(root: Path, check: bool) -> list[Path]``."""
+    from alerting import generate as alerting_generate
+    from dashboards import generate as dashboards_generate
+    from deploy import k8s
+    from mailgenius import catalogue
+
+    return (alerting_generate, dashboards_generate, catalogue, k8s)
 
 
 def cmd_build(args) -> int:
@@ -149,21 +125,15 @@ def cmd_build(args) -> int:
     With --check nothing is written; the exit code is 1 when a file would change."""
     from pathlib import Path
 
+    from mailgenius import contract
+
     root = Path(args.root).resolve()
     # a root with its own alerting/rules.yml builds from it: the alerts and every other reader of
     # the contract (dashboards...) follow its thresholds and selectors
-    from . import contract
-
     if not os.environ.get(contract.ENV) and (root / "alerting" / "rules.yml").is_file():
         os.environ[contract.ENV] = str(root / "alerting" / "rules.yml")
     changed: list[Path] = []
-    for name in GENERATORS:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
+    for mod in _generators():
         changed += mod.build(root, check=args.check)
     for path in changed:
         print(("would change: " if args.check else "wrote: ") + str(path.relative_to(root)))
@@ -180,23 +150,7 @@ def cmd_sink(args) -> int:
     return run_sink(settings)
 
 
-def version() -> str:
-    """The installed distribution's version (pyproject.toml ``version``)."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
-    try:
-        return dist_version("mailgenius-monitor")
-    except PackageNotFoundError:  # running from a checkout that was never installed
-        return "0+unknown"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mailgenius", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"mailgenius {version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def register(sub) -> None:
     p = sub.add_parser("migrate", help="create the database if needed and apply SQL migrations")
     p.set_defaults(func=cmd_migrate)
 
@@ -236,31 +190,3 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sink", help="run the local SMTP sink (the default provider's relay)")
     p.set_defaults(func=cmd_sink)
 
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name in (name, name.rsplit(".", 1)[0]):
-                continue
-            raise
-        mod.register(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except SettingsError as exc:
-        print(f"mailgenius: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except (ConnectionError, OSError) as exc:
-        print(f"mailgenius: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

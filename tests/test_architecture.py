@@ -1,0 +1,165 @@
+"""The floors of docs/architecture.md, enforced by reading every product module's imports with
+``ast`` (imports inside functions count too: a lazy import is still a dependency).
+
+* kernel ``mailgenius/`` imports no service, tool or console package;
+* services ``sender/`` ``importer/`` ``exporter/`` import the kernel and themselves, never each other;
+* tools ``alerting/`` ``dashboards/`` ``deploy/`` import the kernel and themselves;
+* console ``console/`` may import anything below it;
+* kernel modules do not import each other in a cycle;
+* no product module loads a module by a name string (``importlib.import_module``, ``__import__``);
+* no product module (outside tests/ and benchmarks/) is longer than 800 lines.
+
+``ROOT`` can be pointed elsewhere (``MAILGENIUS_ARCHITECTURE_ROOT``) to check another checkout.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(os.environ.get("MAILGENIUS_ARCHITECTURE_ROOT") or Path(__file__).resolve().parents[1])
+
+KERNEL = "kernel"
+SERVICE = "service"
+TOOL = "tool"
+CONSOLE = "console"
+FLOOR = {"mailgenius": KERNEL, "sender": SERVICE, "importer": SERVICE, "exporter": SERVICE,
+         "alerting": TOOL, "dashboards": TOOL, "deploy": TOOL, "console": CONSOLE}
+MAX_LINES = 800
+
+#: (importing file, imported package) -> why it is still there. Each entry must still be needed:
+#: the test fails when one is fixed, so the list only shrinks.
+KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {}
+
+
+def product_files() -> list[Path]:
+    files = []
+    for package in FLOOR:
+        files += sorted(p for p in (ROOT / package).rglob("*.py") if ".venv" not in p.parts)
+    return files
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path) -> list[tuple[str, int]]:
+    """Every module ``path`` imports (absolute dotted names), with the line."""
+    tree = ast.parse(path.read_text(), str(path))
+    me = module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            # `from pkg import mod` imports the module pkg.mod when there is such a file
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                if _is_module(sub):
+                    out.append((sub, node.lineno))
+                else:
+                    out.append((target, node.lineno))
+    return out
+
+
+def _is_module(dotted: str) -> bool:
+    rel = Path(*dotted.split("."))
+    return (ROOT / rel.with_suffix(".py")).is_file() or (ROOT / rel / "__init__.py").is_file()
+
+
+def allowed(src_top: str, dst_top: str) -> bool:
+    if dst_top not in FLOOR or dst_top == src_top:
+        return True  # the standard library, third parties, itself
+    src, dst = FLOOR[src_top], FLOOR[dst_top]
+    if src == CONSOLE:
+        return True
+    return dst == KERNEL  # services and tools: the kernel only; the kernel: nothing above
+
+
+def violations() -> list[tuple[str, str, int]]:
+    out = []
+    for path in product_files():
+        rel = str(path.relative_to(ROOT))
+        src_top = rel.split("/")[0]
+        for name, line in imports_of(path):
+            dst_top = name.split(".")[0]
+            if not allowed(src_top, dst_top):
+                out.append((rel, dst_top, line))
+    return out
+
+
+def test_every_import_goes_down_the_floors():
+    found = violations()
+    unexpected = [f"{rel}:{line} imports {dst} ({FLOOR[rel.split('/')[0]]} -> {FLOOR[dst]})"
+                  for rel, dst, line in found if (rel, dst) not in KNOWN_EXCEPTIONS]
+    assert not unexpected, "imports against docs/architecture.md:\n" + "\n".join(unexpected)
+    stale = sorted(set(KNOWN_EXCEPTIONS) - {(rel, dst) for rel, dst, _ in found})
+    assert not stale, f"fixed, remove from KNOWN_EXCEPTIONS: {stale}"
+
+
+def test_kernel_modules_import_each_other_without_cycles():
+    graph: dict[str, set[str]] = {}
+    for path in (ROOT / "mailgenius").rglob("*.py"):
+        me = module_name(path)
+        graph[me] = {name for name, _ in imports_of(path)
+                     if name.startswith("mailgenius.") and name != me and _is_module(name)}
+    cycles = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    assert not cycles, "import cycles in the kernel:\n" + "\n".join(cycles)
+
+
+def test_no_module_is_loaded_by_a_name_string():
+    found = []
+    for path in product_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                fn = node.func
+                name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+                if name in ("import_module", "__import__"):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} calls {name}")
+    assert not found, "modules loaded by name (import them plainly):\n" + "\n".join(found)
+
+
+def test_no_product_module_is_longer_than_800_lines():
+    long = [f"{p.relative_to(ROOT)}: {n} lines" for p in product_files()
+            if (n := len(p.read_text().splitlines())) > MAX_LINES]
+    assert not long, f"split these (over {MAX_LINES} lines):\n" + "\n".join(long)
+
+
+@pytest.mark.parametrize(("src", "dst", "ok"), [
+    ("mailgenius", "sender", False), ("mailgenius", "console", False), ("mailgenius", "alerting", False),
+    ("sender", "importer", False), ("exporter", "sender", False), ("sender", "mailgenius", True),
+    ("alerting", "exporter", False), ("deploy", "mailgenius", True), ("dashboards", "console", False),
+    ("console", "sender", True), ("console", "deploy", True), ("sender", "aiohttp", True),
+])
+def test_the_rule_itself(src, dst, ok):
+    assert allowed(src, dst) is ok
