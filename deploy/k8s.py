@@ -36,7 +36,9 @@ DATA_DIR = "/var/lib/mailgenius"
 SECRET = "mailgenius"
 SECRET_DIR = "/etc/mailgenius/secrets"
 #: secret keys every process needs (a missing key stops start-up with a clear line)
-SECRET_KEYS = ("DATABASE_URL", "REDIS_URL", "MAILGENIUS_TRACKING_SECRET")
+#: (MAILGENIUS_ALERT_WEBHOOK_TOKEN: the bearer token your Alertmanager's webhook receiver must send
+#: to the exporter's /api/alerts/webhook, docs/security.md; the exporter refuses the webhook without it)
+SECRET_KEYS = ("DATABASE_URL", "REDIS_URL", "MAILGENIUS_TRACKING_SECRET", "MAILGENIUS_ALERT_WEBHOOK_TOKEN")
 #: the uid of the image's user (Dockerfile)
 UID = 10001
 
@@ -224,6 +226,7 @@ def secret_example() -> dict:
                 "DATABASE_URL": "postgresql://mailgenius:CHANGE-ME@postgres:5432/mailgenius",
                 "REDIS_URL": "redis://:CHANGE-ME@redis:6379/0",
                 "MAILGENIUS_TRACKING_SECRET": "CHANGE-ME-to-32-or-more-random-characters",
+                "MAILGENIUS_ALERT_WEBHOOK_TOKEN": "CHANGE-ME-to-24-or-more-random-characters",
             }}
 
 
