@@ -29,7 +29,7 @@ EMAILS_SENT = "mailgenius_emails_sent_total"
 #: submission (SMTP 5xx at RCPT/DATA, a Resend per-recipient error)
 EMAIL_SEND_FAILURES = "mailgenius_email_send_failures_total"
 #: counter{provider, event}: delivered, bounced, complained, delivery_delayed (provider receipts),
-#: opened, clicked (our tracking pixel and redirects, every provider)
+#: opened, clicked (our tracking pixel and redirects, every provider; the first open or click of a message)
 EMAIL_EVENTS = "mailgenius_email_events_total"
 #: histogram{provider, operation}: duration of one provider call (operation="send_batch" per batch)
 PROVIDER_REQUEST_DURATION = "mailgenius_provider_request_duration_seconds"

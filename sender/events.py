@@ -112,6 +112,9 @@ async def apply_event(conn, msg, event: str, at: dt.datetime, *, hard_bounce: bo
     return True, latency
 
 
+#: events our own tracking endpoints count for every provider (the pixel and the click redirect)
+TRACKED = ("opened", "clicked")
+
 MSG_FIELDS = "id, campaign_id, lead_id, email, provider, sent_at, delivered_at, opened_at, clicked_at, delivery"
 
 
@@ -203,7 +206,9 @@ async def record_event(pool, metrics: SenderMetrics, report: Report) -> Applied:
         label = None
     if label is not None:
         applied.provider = label
-        if event in EVENTS:
+        # opens and clicks are counted by our own tracking, for every provider (record_tracking):
+        # Resend's own open/click tracking, when enabled, would count the same open twice
+        if event in EVENTS and not (report.source == "resend" and event in TRACKED):
             metrics.events.labels(label, event).inc()
         if applied.latency is not None:
             metrics.delivery_latency.labels(label).observe(applied.latency)
@@ -239,7 +244,10 @@ async def record_tracking(pool, metrics: SenderMetrics, msg_id: int, event: str)
             return None
         changed, _ = await apply_event(conn, msg, event, at)
     provider = msg["provider"] if msg["provider"] in ("resend", "smtp") else "smtp"
-    metrics.events.labels(provider, event).inc()
+    if changed:
+        # the first open (click) of a message: the open and click rates are unique opens (clicks)
+        # over accepted emails, as the campaign's own counters count them
+        metrics.events.labels(provider, event).inc()
     return Applied(event, msg_id, provider, changed)
 
 

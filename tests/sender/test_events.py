@@ -62,13 +62,13 @@ async def test_delivered_event_updates_ledger_and_latency(api, pool, send_ctx):
 
 async def test_replayed_webhook_is_deduplicated(api, pool, send_ctx):
     cid, rows = await sent_campaign(api, pool, send_ctx)
-    raw, headers = signed(event("email.opened", rows[0]["provider_message_id"]), msg_id="msg_replay")
+    raw, headers = signed(event("email.delivered", rows[0]["provider_message_id"]), msg_id="msg_replay")
     assert (await api.post("/webhooks/resend", data=raw, headers=headers)).status == 200
     resp = await api.post("/webhooks/resend", data=raw, headers=headers)
     assert resp.status == 200 and (await resp.json())["duplicate"] is True
     assert await pool.fetchval("SELECT count(*) FROM email_events") == 1
-    assert (await campaign(pool, cid))["opened"] == 1
-    assert api.registry.get_sample_value("mailgenius_email_events_total", {"provider": "resend", "event": "opened"}) == 1
+    assert (await campaign(pool, cid))["delivered"] == 1
+    assert api.registry.get_sample_value("mailgenius_email_events_total", {"provider": "resend", "event": "delivered"}) == 1
 
 
 async def test_forged_stale_and_malformed_webhooks_record_nothing(api, pool, send_ctx):
@@ -140,9 +140,21 @@ async def test_tracking_open_click_and_tampering(api, pool, send_ctx):
     assert resp.status == 302 and resp.headers["Location"] == "https://shop.example.com/sale"
     c = await campaign(pool, cid)
     assert (c["opened"], c["clicked"]) == (1, 1)
-    # a second open counts the event, not the campaign
+
+    def counted(ev: str) -> float | None:
+        return api.registry.get_sample_value("mailgenius_email_events_total", {"provider": "resend", "event": ev})
+
+    assert (counted("opened"), counted("clicked")) == (1, 1)
+    # a second open is neither a campaign open nor a metric one (rates are unique opens / sent)
     await api.get(f"/t/o/{t.token('o', mid)}")
-    assert (await campaign(pool, cid))["opened"] == 1
+    assert (await campaign(pool, cid))["opened"] == 1 and counted("opened") == 1
+    # Resend's own open and click tracking reports the same open again: stored, not counted twice
+    for kind in ("email.opened", "email.clicked"):
+        raw, headers = signed(event(kind, rows[0]["provider_message_id"]))
+        assert (await api.post("/webhooks/resend", data=raw, headers=headers)).status == 200
+    assert (counted("opened"), counted("clicked")) == (1, 1)
+    c = await campaign(pool, cid)
+    assert (c["opened"], c["clicked"]) == (1, 1)
     # tampering: a changed id, a changed mac, a link of another campaign, a foreign kind
     other = await make_campaign(api, html='<a href="https://evil.example.net/">x</a>')
     evil_link = await pool.fetchval("SELECT id FROM links WHERE campaign_id = $1", other)
