@@ -28,6 +28,8 @@ CAMPAIGNS_FINISHED = "mailgenius_campaigns_finished_total"  #: counter{outcome}
 #: counter{provider, reason}: failed provider calls (one per call, not per recipient); reason is
 #: one of server_error, timeout, connection, rate_limited, client_error
 PROVIDER_ERRORS = "mailgenius_provider_errors_total"
+#: gauge{provider, relay}: SMTP connections a worker holds open to its relay (bounded by its pool)
+SMTP_CONNECTIONS = "mailgenius_smtp_connections_open"
 
 # -- importer --------------------------------------------------------------------------------
 IMPORT_ROWS = "mailgenius_import_rows_total"  #: counter{outcome}

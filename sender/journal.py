@@ -1,0 +1,162 @@
+"""The send journal: a relay's answers that Postgres could not take yet, kept on local disk.
+
+Exactly once over SMTP rests on recording a relay's ``250`` before the batch is let go: a batch
+handed back unrecorded is claimed again and sent again, and SMTP has no idempotency key. So when
+recording fails because Postgres is unreachable (sender/delivery.py ``record_durably``):
+
+1. the outcomes are appended to this journal at once (one JSON line, ``fsync``'d) - from then on
+   no stop of the worker, even ``kill -9``, loses them;
+2. the worker keeps retrying the record on a fresh connection, with back-off, within the retry
+   budget; once it lands, a ``done`` line retires the entry (not fsync'd: replaying an entry twice
+   is harmless, recording only moves rows still ``sending``);
+3. if the worker must stop first (retry budget spent, time limit, shutdown), the entry stays; it is
+   replayed before the next claim of this process, and a journal left by a dead process (its
+   lock is free) is replayed by the next worker that starts on the same data dir.
+
+One file per process, ``<data dir>/sender-journal/journal-<pid>.jsonl``, held under an exclusive
+``flock`` while the process lives. Only a ``kill -9`` between the relay's answer and the fsync
+(the first failed record attempt, a few milliseconds) can still send a recipient twice, and a
+journal is local: a batch claimed on *another* host before this host replays is sent again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import logging
+import os
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+SUBDIR = "sender-journal"
+
+
+class Journal:
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.path = os.path.join(directory, f"journal-{os.getpid()}.jsonl")
+        self._fh = None
+        self._seq = 0
+        #: entries written and not recorded yet, by key
+        self.live: dict[str, dict] = {}
+        #: keys of live entries whose batch gave up: replayed before this process's next claim
+        self.abandoned: set[str] = set()
+        #: other processes' journals may still wait (checked at start, retried until replayed)
+        self.foreign_pending = True
+
+    @classmethod
+    def for_data_dir(cls, data_dir: str) -> Journal:
+        return cls(os.path.join(data_dir, SUBDIR))
+
+    def _file(self):
+        if self._fh is None:
+            os.makedirs(self.directory, exist_ok=True)
+            fh = open(self.path, "ab")  # noqa: SIM115 - kept open for the process's life
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._fh = fh
+        return self._fh
+
+    def write(self, entry: dict) -> str:
+        """Append one entry durably (fsync) and return its key."""
+        self._seq += 1
+        key = f"{os.getpid()}-{self._seq}"
+        entry = {**entry, "key": key}
+        fh = self._file()
+        fh.write(orjson.dumps(entry) + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+        self.live[key] = entry
+        return key
+
+    def done(self, key: str) -> None:
+        """The entry is recorded in Postgres: retire it."""
+        self.live.pop(key, None)
+        self.abandoned.discard(key)
+        fh = self._file()
+        if not self.live:
+            fh.truncate(0)  # append mode: the next write goes to the (new) end
+        else:
+            fh.write(orjson.dumps({"done": key}) + b"\n")
+            fh.flush()
+
+    def abandon(self, key: str) -> None:
+        if key in self.live:
+            self.abandoned.add(key)
+
+    def pending(self) -> list[dict]:
+        """Entries of this process whose batch gave up."""
+        return [self.live[k] for k in sorted(self.abandoned) if k in self.live]
+
+    def foreign(self) -> list[tuple[str, object, list[dict]]]:
+        """Journals of dead processes (their lock is free): (path, locked file, open entries).
+        The caller replays them and calls :meth:`finish_foreign` or :meth:`release_foreign`."""
+        out = []
+        for path in sorted(glob.glob(os.path.join(self.directory, "journal-*.jsonl"))):
+            if path == self.path:
+                continue
+            try:
+                fh = open(path, "rb+")  # noqa: SIM115 - closed by finish/release_foreign
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.close()  # its process is alive: it replays its own entries
+                continue
+            out.append((path, fh, read_entries(fh.read())))
+        return out
+
+    @staticmethod
+    def finish_foreign(path: str, fh) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        fh.close()
+
+    @staticmethod
+    def release_foreign(fh) -> None:
+        fh.close()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            empty = not self.live
+            self._fh.close()
+            self._fh = None
+            if empty:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+
+
+def read_entries(raw: bytes) -> list[dict]:
+    """The entries of a journal's bytes that no ``done`` line retired (a torn last line, from a
+    crash mid-write, is skipped: it was never fsync'd, so its batch was never let go)."""
+    entries: dict[str, dict] = {}
+    for line in raw.splitlines():
+        try:
+            item = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if "done" in item:
+            entries.pop(item["done"], None)
+        elif "key" in item:
+            entries[item["key"]] = item
+    return list(entries.values())
+
+
+def encode_outcomes(provider: str, campaign_id: int | None, sent: dict[int, str],
+                    failed: dict[int, tuple[str, str]], bounced: set[int],
+                    details: dict[int, tuple[str, int | None]]) -> dict:
+    return {"provider": provider, "campaign_id": campaign_id,
+            "sent": [[i, p] for i, p in sent.items()],
+            "failed": [[i, r, m] for i, (r, m) in failed.items()],
+            "bounced": sorted(bounced),
+            "details": [[i, s, c] for i, (s, c) in details.items()]}
+
+
+def decode_outcomes(entry: dict) -> tuple:
+    sent = {int(i): p for i, p in entry.get("sent", [])}
+    failed = {int(i): (r, m) for i, r, m in entry.get("failed", [])}
+    details = {int(i): (s, c) for i, s, c in entry.get("details", [])}
+    return entry["provider"], entry.get("campaign_id"), sent, failed, set(entry.get("bounced", [])), details
