@@ -281,7 +281,7 @@ def mime_bytes(e: OutEmail, *, utf8: bool) -> bytes:
 class _Answer:
     """How one recipient's conversation ended."""
 
-    kind: str            # "accepted", "refused" (permanent), "deferred" (retry)
+    kind: str            # "accepted", "refused" (permanent), "deferred" (retry), "lost" (dropped)
     stage: str = ""
     code: int | None = None
     text: str = ""
@@ -347,6 +347,11 @@ class SmtpProvider:
                                  start_tls=self.start_tls, validate_certs=self.verify_tls, use_tls=False)
         try:
             await client.connect()
+            if client.last_ehlo_response is None:  # the extensions (SMTPUTF8) are needed up front
+                try:
+                    await client.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    await client.helo()
             if self.username:
                 await client.login(self.username, self.password)
         except BaseException:
@@ -382,6 +387,15 @@ class SmtpProvider:
             return _Answer("accepted")
         except aiosmtplib.SMTPResponseException as exc:
             return await self._refusal(client, stage, exc.code, exc.message)
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            # "lost": retried; at MAIL on a reused connection, at once on a fresh one (the relay
+            # closed it while idle). After DATA the relay may have queued it: only a later retry
+            return _Answer("lost", stage, None, f"connection lost: {exc}"[:400], "connection", False, "connection")
+        except (aiosmtplib.SMTPTimeoutError, TimeoutError) as exc:
+            return _Answer("deferred", stage, None, str(exc)[:400] or "SMTP timeout", "timeout", False, "timeout")
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            return _Answer("deferred", stage, None, f"{type(exc).__name__}: {exc}"[:400], "connection", False,
+                           "connection")
 
     async def _refusal(self, client: aiosmtplib.SMTP, stage: str, code: int, text: str) -> _Answer:
         text = " ".join((text or "").split())[:400]
@@ -422,21 +436,14 @@ class SmtpProvider:
                 try:
                     answer = await self._converse(client, e)
                     keep = answer.keep
-                    break
-                except aiosmtplib.SMTPServerDisconnected as exc:
-                    # a reused connection the relay closed while idle: once more on a fresh one
-                    if attempt == 1 and not fresh:
-                        continue
-                    answer = _Answer("deferred", "DATA", None, f"connection lost: {exc}"[:400], "connection",
-                                     False, "connection")
-                except (aiosmtplib.SMTPTimeoutError, TimeoutError) as exc:
-                    answer = _Answer("deferred", "DATA", None, str(exc)[:400] or "SMTP timeout", "timeout",
-                                     False, "timeout")
-                except (aiosmtplib.SMTPException, OSError, UnicodeError) as exc:
-                    answer = _Answer("deferred", "DATA", None, f"{type(exc).__name__}: {exc}"[:400], "connection",
-                                     False, "connection")
+                except (UnicodeError, ValueError) as exc:  # an address the library cannot encode
+                    answer = _Answer("refused", "RCPT", None, f"invalid address: {exc}"[:400], "rejected")
                 finally:
                     self.pool.release(client, reuse=keep)  # closed unless reusable
+                if answer.kind == "lost":
+                    if answer.stage == "MAIL" and attempt == 1 and not fresh:
+                        continue
+                    answer.kind = "deferred"
                 break
         finally:
             if self.observe:
