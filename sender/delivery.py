@@ -148,6 +148,10 @@ DB_DOWN_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: seconds a batch waits for a sibling process replaying a dead worker's journal before claiming
+JOURNAL_WAIT = 30.0
+
+
 class Lease:
     """The Postgres connection a batch works on (and the advisory lock it holds on it).
 
@@ -191,6 +195,17 @@ class Lease:
         self.conn = await self.pool.acquire(timeout=5)
         # the lock died with the old session; take it again unless a newer delivery holds it
         self.locked = bool(await self.conn.fetchval(self.lock_sql, *self.lock_args))
+
+
+async def _ready_to_record(ctx: SendContext, lease: Lease) -> None:
+    """Raise (nothing sent, the rows stay ``sending`` for a later delivery) when Postgres is
+    known to be unreachable: a dropped connection, or a record that failed in this process and
+    has not succeeded since (then one round trip checks). Narrows the kill -9 window to the
+    batches already talking to the relay when Postgres went away."""
+    if lease.conn.is_closed():
+        raise asyncpg.exceptions.ConnectionDoesNotExistError("the ledger connection was lost before sending")
+    if ctx.journal is not None and ctx.journal.live:
+        await lease.conn.fetchval("SELECT 1")
 
 
 async def record_durably(ctx: SendContext, lease: Lease, provider: str, campaign_id: int | None,
@@ -251,8 +266,10 @@ async def replay_journal(ctx: SendContext, conn) -> int:
         await _record(ctx, conn, provider, cid, sent, failed, [], Outcome(), bounced=bounced, details=details)
         journal.done(entry["key"])
         done += 1
-    if journal.foreign_pending:
-        for path, fh, entries in journal.foreign():
+    waited = 0.0
+    while journal.foreign_pending:
+        found, busy = journal.foreign()
+        for path, fh, entries in found:
             try:
                 for entry in entries:
                     provider, cid, sent, failed, bounced, details = decode_outcomes(entry)
@@ -264,7 +281,13 @@ async def replay_journal(ctx: SendContext, conn) -> int:
                 raise
             journal.finish_foreign(path, fh)
             log.warning("replayed a journal left by a stopped worker", extra={"path": path, "entries": len(entries)})
-        journal.foreign_pending = False
+        if not busy:
+            journal.foreign_pending = False
+        elif waited >= JOURNAL_WAIT:  # a sibling is still replaying: let dramatiq retry this batch
+            raise RuntimeError("a stopped worker's send journal is still being replayed")
+        else:
+            await asyncio.sleep(0.1)
+            waited += 0.1
     return done
 
 
@@ -285,6 +308,7 @@ async def _deliver(ctx: SendContext, lease: Lease, campaign_id: int | None, emai
             await ctx.limiter.acquire(len(pending))
         await wait_provider_pause(ctx, provider.name)  # a 429 seen by any worker of the fleet
         key = idempotency_key(key_kind, owner, part, [e.message_id for e in pending])
+        await _ready_to_record(ctx, lease)  # never send what could not be recorded
         try:
             result = await provider.send_batch(pending, key)
         except Exception as exc:  # a bug or an unexpected library error: retry like a 5xx

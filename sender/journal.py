@@ -90,12 +90,19 @@ class Journal:
         """Entries of this process whose batch gave up."""
         return [self.live[k] for k in sorted(self.abandoned) if k in self.live]
 
-    def foreign(self) -> list[tuple[str, object, list[dict]]]:
-        """Journals of dead processes (their lock is free): (path, locked file, open entries).
-        The caller replays them and calls :meth:`finish_foreign` or :meth:`release_foreign`."""
-        out = []
+    def foreign(self) -> tuple[list[tuple[str, object, list[dict]]], int]:
+        """Journals of dead processes: ([(path, locked file, open entries)], how many are busy).
+
+        A journal whose process is alive is its owner's business and skipped. One whose process
+        is dead but whose lock is held is being replayed by a sibling process right now: it is
+        counted as busy, and the caller waits for it before claiming (so no process of this host
+        claims a row a dead process's journal still holds). The caller replays the returned ones
+        and calls :meth:`finish_foreign` or :meth:`release_foreign`."""
+        out, busy = [], 0
         for path in sorted(glob.glob(os.path.join(self.directory, "journal-*.jsonl"))):
             if path == self.path:
+                continue
+            if _pid_alive(_pid_of(path)):
                 continue
             try:
                 fh = open(path, "rb+")  # noqa: SIM115 - closed by finish/release_foreign
@@ -104,10 +111,18 @@ class Journal:
             try:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                fh.close()  # its process is alive: it replays its own entries
+                fh.close()
+                busy += 1
+                continue
+            try:
+                current = os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
+            except FileNotFoundError:
+                current = False
+            if not current:  # a sibling replayed and removed it while we opened it
+                fh.close()
                 continue
             out.append((path, fh, read_entries(fh.read())))
-        return out
+        return out, busy
 
     @staticmethod
     def finish_foreign(path: str, fh) -> None:
@@ -127,6 +142,25 @@ class Journal:
             if empty:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path)
+
+
+def _pid_of(path: str) -> int | None:
+    try:
+        return int(os.path.basename(path)[len("journal-"):-len(".jsonl")])
+    except ValueError:
+        return None
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if pid is None or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_entries(raw: bytes) -> list[dict]:
