@@ -317,13 +317,138 @@ async def start_fake(host: str = "127.0.0.1", port: int = 0, **kw) -> tuple[Fake
     return fake, runner, f"http://{host}:{sock.getsockname()[1]}"
 
 
+class _SinkProtocol(asyncio.Protocol):
+    """One connection of :class:`FastSink`: a minimal ESMTP server (PIPELINING, SMTPUTF8,
+    8BITMIME) that accepts everything; commands are parsed from the buffer as they come, so a
+    pipelining client is answered in one write."""
+
+    def __init__(self, sink: FastSink):
+        self.sink = sink
+        self.buf = b""
+        self.in_data = False
+        self.rcpts = 0
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.sink.open += 1
+        self.sink.connections += 1
+        self.sink.peak = max(self.sink.peak, self.sink.open)
+        transport.write(b"220 fast-sink ESMTP\r\n")
+
+    def connection_lost(self, exc):
+        self.sink.open -= 1
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        out = []
+        while True:
+            if self.in_data:
+                end = self.buf.find(b"\r\n.\r\n")
+                if end < 0:
+                    if len(self.buf) > 64 << 20:
+                        self.transport.close()
+                    break
+                self.buf = self.buf[end + 5:]
+                self.in_data = False
+                self.sink.messages += 1
+                self.sink.recipients += self.rcpts
+                self.rcpts = 0
+                out.append(b"250 2.0.0 Ok: queued\r\n")
+                continue
+            nl = self.buf.find(b"\r\n")
+            if nl < 0:
+                break
+            line, self.buf = self.buf[:nl], self.buf[nl + 2:]
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                out.append(b"250-fast-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n"
+                           b"250 SIZE 52428800\r\n" if verb == b"EHLO" else b"250 fast-sink\r\n")
+            elif verb == b"MAIL":
+                self.rcpts = 0
+                out.append(b"250 2.1.0 Ok\r\n")
+            elif verb == b"RCPT":
+                self.rcpts += 1
+                out.append(b"250 2.1.5 Ok\r\n")
+            elif verb == b"DATA":
+                self.in_data = True
+                out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+            elif verb == b"QUIT":
+                out.append(b"221 2.0.0 Bye\r\n")
+                self.transport.write(b"".join(out))
+                self.transport.close()
+                return
+            elif verb == b"XSTA":  # XSTATS: the counters, for the benchmark
+                s = self.sink
+                out.append(f"250 messages={s.messages} recipients={s.recipients} peak={s.peak} "
+                           f"open={s.open} connections={s.connections}\r\n".encode())
+            elif verb == b"XRES":  # XRESET: zero the counters (peak: the connections open now)
+                s = self.sink
+                s.messages = s.recipients = s.connections = 0
+                s.peak = s.open
+                out.append(b"250 reset\r\n")
+            else:  # RSET, NOOP, ...
+                out.append(b"250 2.0.0 Ok\r\n")
+        if out:
+            self.transport.write(b"".join(out))
+
+
+class FastSink:
+    """An SMTP sink that costs the client as little as possible (benchmarks/send_smtp.py): one
+    asyncio protocol, no handler per command, counts messages, recipients and connections (open
+    now, at peak). Ask for the counters with the ``XSTATS`` command, zero them with ``XRESET``."""
+
+    def __init__(self):
+        self.messages = self.recipients = self.open = self.peak = self.connections = 0
+
+    async def serve(self, host: str, port: int):
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(lambda: _SinkProtocol(self), host, port, backlog=1024)
+
+
+async def sink_stats(host: str, port: int) -> dict[str, int]:
+    """The counters of a running :class:`FastSink` (one short connection of its own, not counted
+    in ``peak`` beyond itself)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        await reader.readline()
+        writer.write(b"XSTATS\r\n")
+        line = (await reader.readline()).decode()
+        writer.write(b"QUIT\r\n")
+        return {k: int(v) for k, v in (kv.split("=") for kv in line[4:].split())}
+    finally:
+        writer.close()
+
+
+async def sink_reset(host: str, port: int) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        await reader.readline()
+        writer.write(b"XRESET\r\nQUIT\r\n")
+        await reader.readline()
+    finally:
+        writer.close()
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="fake Resend batch endpoint (tests, benchmarks)",
+    p = argparse.ArgumentParser(description="fake Resend batch endpoint, or (--smtp-sink) a fast SMTP sink "
+                                            "(tests, benchmarks)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="listen address")
     p.add_argument("--port", type=int, default=8650, help="listen port; pick a free one")
     p.add_argument("--delay", type=float, default=0.0, help="seconds each call takes (provider latency)")
+    p.add_argument("--smtp-sink", action="store_true", help="serve the fast SMTP sink instead (FastSink)")
     args = p.parse_args(argv)
+    if args.smtp_sink:
+        async def serve():
+            server = await FastSink().serve(args.host, args.port)
+            async with server:
+                await server.serve_forever()
+
+        try:
+            asyncio.run(serve())
+        except KeyboardInterrupt:
+            pass
+        return 0
     fake = FakeResend(delay=args.delay)
     web.run_app(fake.app(), host=args.host, port=args.port, print=None, access_log=None)
     return 0
