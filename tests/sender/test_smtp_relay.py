@@ -209,6 +209,12 @@ async def test_hard_bounces_suppress_the_lead_and_the_failures_report_lists_them
     assert errors == 0
     assert ctx.registry.get_sample_value("mailgenius_email_events_total",
                                          {"provider": "smtp", "event": "bounced"}) == 3
+    # ...and the gauge shows the connections the pool holds open to the relay, within its bound
+    provider = await ctx.provider()
+    gauge = ctx.registry.get_sample_value("mailgenius_smtp_connections_open",
+                                          {"provider": "smtp", "relay": f"127.0.0.1:{ctx.relay.port}"})
+    assert gauge == provider.pool.open and 1 <= gauge <= provider.pool.size
+    assert ctx.relay.peak <= provider.pool.size
 
     # The failures report: every failed recipient, reason, stage, code; paged by keyset
     r = await api.get(f"/api/campaigns/{cid}/failures", params={"limit": "2"}, headers=api.read_h)
