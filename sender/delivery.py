@@ -256,7 +256,7 @@ async def record_durably(ctx: SendContext, lease: Lease, provider: str, campaign
 
 
 async def replay_journal(ctx: SendContext, conn) -> int:
-    """Record what this process's abandoned batches and dead processes' journals still hold.
+    """Record what this process's journal and dead processes' journals still hold.
     Returns the number of entries recorded. Raises if Postgres is still unreachable."""
     from .sending import Outcome, _record
     journal = ctx.journal

@@ -87,8 +87,10 @@ class Journal:
             self.abandoned.add(key)
 
     def pending(self) -> list[dict]:
-        """Entries of this process whose batch gave up."""
-        return [self.live[k] for k in sorted(self.abandoned) if k in self.live]
+        """Every entry of this process not recorded yet: those whose batch gave up, and those a
+        batch is still retrying (recording one twice is harmless, and a claim must not see its
+        rows ``sending`` after an outage longer than the stalled-campaign sweeper's patience)."""
+        return [self.live[k] for k in sorted(self.live)]
 
     def foreign(self) -> tuple[list[tuple[str, object, list[dict]]], int]:
         """Journals of dead processes: ([(path, locked file, open entries)], how many are busy).

@@ -305,7 +305,7 @@ async def _replay(ctx: SendContext, conn) -> None:
     """Before claiming: record what a journal still holds (sender/journal.py), so that a row the
     relay accepted during a Postgres outage is never claimed and sent again by this host."""
     journal = ctx.journal
-    if journal is not None and (journal.abandoned or journal.foreign_pending):
+    if journal is not None and (journal.live or journal.foreign_pending):
         await replay_journal(ctx, conn)
 
 
