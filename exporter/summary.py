@@ -112,6 +112,8 @@ RESPONSE_SCHEMA = {
             "growth_rate": _NUM, "import_success_rate": _NUM, "validation_error_rate": _NUM}},
         "campaign_metrics": {"type": "object", "properties": {
             "active_campaigns": _NUM, "completed_campaigns": _NUM, "by_status": {"type": "object"},
+            "auto_paused": {"type": "array", "description": "campaigns paused by a guard-rail: id, name, "
+                            "pause_reason, auto_paused_at", "items": {"type": "object"}},
             "avg_open_rate": _NUM, "avg_click_rate": _NUM}},
         "incidents": {"type": "object", "properties": {
             "open": {"type": "object"}, "mttr_seconds": _NUM, "mtbf_seconds": _NUM}},
@@ -228,7 +230,13 @@ async def campaign_figures(pool) -> tuple[dict, dict]:
     def pct(a, b):
         return _num(100.0 * a / b) if b else None
 
+    # campaigns a guard-rail paused (sender/guardrails.py), with the reason, newest first
+    paused = [{"id": r["id"], "name": r["name"], "pause_reason": r["pause_reason"],
+               "auto_paused_at": r["auto_paused_at"].isoformat()} for r in await pool.fetch(
+        """SELECT id, name, pause_reason, auto_paused_at FROM campaigns
+           WHERE status = 'paused' AND pause_reason IS NOT NULL ORDER BY auto_paused_at DESC LIMIT 20""")]
     campaigns = {
+        "auto_paused": paused,
         "active_campaigns": sum(by_status.get(s, 0) for s in ACTIVE_CAMPAIGN_STATUSES),
         "completed_campaigns": by_status.get("sent", 0),
         "by_status": by_status,

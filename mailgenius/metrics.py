@@ -30,6 +30,12 @@ CAMPAIGNS_FINISHED = "mailgenius_campaigns_finished_total"  #: counter{outcome}
 PROVIDER_ERRORS = "mailgenius_provider_errors_total"
 #: gauge{provider, relay}: SMTP connections a worker holds open to its relay (bounded by its pool)
 SMTP_CONNECTIONS = "mailgenius_smtp_connections_open"
+#: counter{reason}: campaigns that paused themselves (sender/guardrails.py); reason is one of
+#: bounce_rate, error_rate, complaint_rate
+CAMPAIGNS_AUTO_PAUSED = "mailgenius_campaigns_auto_paused_total"
+#: counter{source, outcome}: bounce and complaint reports read from the bounce mailbox (DSN, ARF)
+#: or the signed bounce webhook; outcome is applied, duplicate, unmatched or invalid
+BOUNCE_REPORTS = "mailgenius_bounce_reports_total"
 
 # -- importer --------------------------------------------------------------------------------
 IMPORT_ROWS = "mailgenius_import_rows_total"  #: counter{outcome}

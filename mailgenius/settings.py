@@ -113,6 +113,18 @@ class Settings:
     resend_base_url: str = "https://api.resend.com"
     resend_api_key: str = ""
     resend_webhook_secret: str = ""
+    #: shared secret of the signed bounce/complaint webhook for other ESPs (sender/bounces.py)
+    bounce_webhook_secret: str = ""
+    #: the bounce mailbox (POP3 or IMAP) read for DSNs and ARF reports (sender/mailbox.py); "" = off
+    bounce_mailbox_host: str = ""
+    bounce_mailbox_protocol: str = "pop3"
+    #: 0 = the protocol's port (995 / 993 with ssl, 110 / 143 otherwise)
+    bounce_mailbox_port: int = 0
+    bounce_mailbox_user: str = ""
+    bounce_mailbox_password: str = ""
+    #: ssl (POP3S, port 995), starttls (STLS on port 110) or none (loopback/tests only)
+    bounce_mailbox_tls: str = "ssl"
+    bounce_mailbox_interval: float = 60.0
     public_url: str = "http://127.0.0.1:8001"
     tracking_secret: str = ""
     upload_dir: str = "./var/uploads"
@@ -175,6 +187,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         resend_base_url=_url(env, "MAILGENIUS_RESEND_BASE_URL", "https://api.resend.com", HTTP),
         resend_api_key=_str(env, "RESEND_API_KEY", ""),
         resend_webhook_secret=_str(env, "MAILGENIUS_RESEND_WEBHOOK_SECRET", ""),
+        bounce_webhook_secret=_str(env, "MAILGENIUS_BOUNCE_WEBHOOK_SECRET", ""),
+        bounce_mailbox_host=_str(env, "MAILGENIUS_BOUNCE_MAILBOX_HOST", ""),
+        bounce_mailbox_protocol=_choice(env, "MAILGENIUS_BOUNCE_MAILBOX_PROTOCOL", "pop3", ("pop3", "imap")),
+        bounce_mailbox_port=_int(env, "MAILGENIUS_BOUNCE_MAILBOX_PORT", 0, lo=0, hi=65535),
+        bounce_mailbox_user=_str(env, "MAILGENIUS_BOUNCE_MAILBOX_USER", ""),
+        bounce_mailbox_password=_str(env, "MAILGENIUS_BOUNCE_MAILBOX_PASSWORD", ""),
+        bounce_mailbox_tls=_choice(env, "MAILGENIUS_BOUNCE_MAILBOX_TLS", "ssl", ("ssl", "starttls", "none")),
+        bounce_mailbox_interval=_float(env, "MAILGENIUS_BOUNCE_MAILBOX_INTERVAL", 60.0, lo=1.0),
         public_url=_url(env, "MAILGENIUS_PUBLIC_URL", "http://127.0.0.1:8001", HTTP),
         tracking_secret=_str(env, "MAILGENIUS_TRACKING_SECRET", ""),
         upload_dir=_str(env, "MAILGENIUS_UPLOAD_DIR", os.path.join(data_dir, "uploads")),

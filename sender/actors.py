@@ -7,6 +7,9 @@
   handed back to dramatiq and retried until the retry budget (sender/delivery.py).
 * ``send_transactional_email(message_id)``.
 
+Each worker process also runs the stalled-campaign sweeper and, when configured, the bounce
+mailbox poller (sender/mailbox.py), in threads.
+
 Every actor is safe to run twice: the ledger and the advisory locks make repeats no-ops.
 """
 
@@ -24,6 +27,7 @@ from mailgenius.metrics import QUEUE_EMAIL
 from mailgenius.worker import enqueue, resources, worker_setup
 
 from . import campaigns, config, delivery
+from .mailbox import MailboxConfig, MailboxThread
 from .metrics import SenderMetrics
 from .sending import SendContext
 from .sending import send_campaign_batch as _send_batch
@@ -54,9 +58,31 @@ class Sweeper(dramatiq.Middleware):
             self.thread.stop_event.set()
 
 
+class BounceMailbox(dramatiq.Middleware):
+    """Starts the bounce mailbox poller thread (sender/mailbox.py) in each worker process when
+    ``MAILGENIUS_BOUNCE_MAILBOX_HOST`` is set (one poll per interval runs fleet-wide).
+
+    Parameters: none; the mailbox and interval come from settings (MAILGENIUS_BOUNCE_MAILBOX_*).
+    """
+
+    def __init__(self):
+        self.thread = None
+
+    def after_worker_boot(self, broker, worker):
+        cfg = MailboxConfig.from_settings(settings)
+        if cfg is not None:
+            self.thread = MailboxThread(settings, METRICS, cfg)
+            self.thread.start()
+
+    def before_worker_shutdown(self, broker, worker):
+        if self.thread is not None:
+            self.thread.stop_event.set()
+
+
+METRICS = SenderMetrics()  # the global registry: multiprocess files under `mailgenius worker`
 if os.environ.get("MAILGENIUS_WORKER") == "1":
     broker.add_middleware(Sweeper())
-METRICS = SenderMetrics()  # the global registry: multiprocess files under `mailgenius worker`
+    broker.add_middleware(BounceMailbox())
 _contexts: dict[int, SendContext] = {}
 _ctx_lock: dict[int, asyncio.Lock] = {}
 

@@ -17,7 +17,7 @@ import asyncpg
 from mailgenius.db import LONG_COMMAND_TIMEOUT
 from mailgenius.errors import Conflict, NotFound, ValidationError
 
-from . import templates
+from . import guardrails, templates
 from .config import BATCH_SIZE
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ MAX_TAGS = 50
 CANCEL_CHUNK = 50_000
 
 CAMPAIGN_FIELDS = ("id, name, subject, from_email, segment, status, " + ", ".join(COUNTS)
-                   + ", created_at, started_at, finished_at, updated_at")
+                   + ", pause_reason, auto_paused_at, created_at, started_at, finished_at, updated_at")
 
 
 def valid_email(addr: str) -> bool:
@@ -211,11 +211,15 @@ async def resume(pool, cid: int) -> tuple[list[int], str | None]:
         if cur["status"] != "paused":
             raise Conflict(f"campaign {cid} is {cur['status']}; only a paused campaign resumes", code="invalid_state")
         if cur["queued"] <= 0:
-            outcome = "sent" if cur["sent"] > 0 or cur["failed"] == 0 else "failed"
-            await conn.execute("UPDATE campaigns SET status = $2, finished_at = now(), updated_at = now() WHERE id = $1",
-                               cid, outcome)
+            await conn.execute("""UPDATE campaigns SET status = 'sent', finished_at = now(), updated_at = now(),
+                                         pause_reason = NULL, auto_paused_at = NULL WHERE id = $1""", cid)
+            outcome = await guardrails.after_record(conn, cid, "sent")  # by ratio, as the send path does
             return [], outcome
-        await conn.execute("UPDATE campaigns SET status = 'sending', updated_at = now() WHERE id = $1", cid)
+        # an explicit resume overrides a guard-rail: the reason is cleared and the guard-rails
+        # count afresh from here (sender/guardrails.py), so the old figures do not pause it again
+        await conn.execute("""UPDATE campaigns SET status = 'sending', pause_reason = NULL, auto_paused_at = NULL,
+                                     guard_base = ARRAY[sent, failed, bounced, complained], updated_at = now()
+                              WHERE id = $1""", cid)
         # the provider retry budget (sender/delivery.py) counts failing time, not paused time:
         # rows handed back during an outage and then paused start a fresh budget on resume
         await conn.execute("""UPDATE messages SET retry_since = NULL

@@ -1,6 +1,8 @@
-"""Delivery and engagement events: provider webhooks (Resend, Svix-signed) and our own open /
-click tracking. Each changes the ledger row, the campaign counters and, for hard bounces and
-complaints, the lead (never mailed again), in one transaction."""
+"""Delivery and engagement events: provider webhooks (Resend, Svix-signed), bounce and complaint
+reports (sender/bounces.py: the bounce mailbox's DSNs and ARF reports, the signed bounce webhook)
+and our own open / click tracking. Each changes the ledger row, the campaign counters and, for
+hard bounces and complaints, the lead (never mailed again), in one transaction; every report
+source goes through :func:`record_event`."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import asyncpg
 
 from mailgenius.errors import AppError
 
-from .metrics import EVENTS, SenderMetrics
+from . import guardrails
+from .metrics import EVENTS, PROVIDERS, SenderMetrics
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +127,92 @@ def parse_resend(body: bytes) -> tuple[str, dict, dt.datetime]:
     return payload["type"], payload, at
 
 
+@dataclass
+class Report:
+    """One delivery event from any source, before it is matched to our message.
+
+    ``source`` is the ``email_events.provider`` column (resend, dsn, arf, webhook) and
+    ``event_id`` the dedup key within it: a report seen twice is stored and applied once."""
+
+    source: str
+    event_id: str
+    type: str
+    event: str | None
+    at: dt.datetime
+    payload: str
+    provider_message_id: str | None = None
+    message_id: int | None = None
+    hard: bool = True
+    #: the address the report is about; when given it must be the message's (a report naming our
+    #: Message-ID for another recipient is not applied)
+    recipient: str | None = None
+
+
+async def record_event(pool, metrics: SenderMetrics, report: Report) -> Applied:
+    """Store ``report`` once (``email_events``), find its message, apply it to the message, the
+    lead and the campaign counters in one transaction, check the campaign's guard-rails, and
+    count it in the same metrics. The one path of Resend's webhooks, the bounce mailbox (DSN,
+    ARF) and the signed bounce webhook."""
+    event = report.event
+    applied = Applied(event, provider=report.source)
+    paused = None
+    async with pool.acquire() as conn, conn.transaction():
+        try:
+            async with conn.transaction():  # a savepoint: a payload Postgres refuses is a 400
+                eid = await conn.fetchval(
+                    """INSERT INTO email_events (provider, event_id, type, provider_message_id, payload, occurred_at)
+                       VALUES ($1, $2, $3, $4, $5::jsonb, $6)
+                       ON CONFLICT (provider, event_id) DO NOTHING RETURNING id""",
+                    report.source, report.event_id[:200], report.type[:100],
+                    report.provider_message_id[:200] if report.provider_message_id else None, report.payload, report.at)
+        except asyncpg.DataError as exc:
+            raise WebhookError(f"the payload cannot be stored: {exc}") from None
+        if eid is None:
+            applied.duplicate = True
+            return applied
+        msg = None
+        if report.provider_message_id:
+            msg = await conn.fetchrow(
+                f"""SELECT {MSG_FIELDS} FROM messages
+                    WHERE id = (SELECT message_id FROM message_provider_ids WHERE provider_message_id = $1 LIMIT 1)
+                    FOR UPDATE""", report.provider_message_id)
+        if msg is None and report.message_id is not None and 0 < report.message_id < 2**63:
+            msg = await conn.fetchrow(f"SELECT {MSG_FIELDS} FROM messages WHERE id = $1 FOR UPDATE", report.message_id)
+        if msg is not None and report.recipient and msg["email"].lower() != report.recipient.strip().lower():
+            log.warning("report names another recipient than its message; not applied",
+                        extra={"message_id": msg["id"], "source": report.source})
+            msg = None
+        if msg is not None:
+            applied.message_id = msg["id"]
+            await conn.execute("UPDATE email_events SET message_id = $2 WHERE id = $1", eid, msg["id"])
+            if event is not None:
+                applied.changed, applied.latency = await apply_event(conn, msg, event, report.at,
+                                                                     hard_bounce=report.hard)
+                if applied.changed and event in ("bounced", "complained") and msg["campaign_id"] is not None:
+                    paused = await guardrails.check(conn, msg["campaign_id"])
+    if paused is not None:  # counted once committed
+        metrics.auto_paused.labels(guardrails.reason_label(paused)).inc()
+    # Resend's events count as they always have (every new event); the other sources count what
+    # changed a message of ours, under the provider that sent it (the bounce and complaint
+    # ratios divide by that provider's sends)
+    if report.source == "resend":
+        label = "resend"
+    elif msg is not None and applied.changed:
+        label = msg["provider"] if msg["provider"] in PROVIDERS else "smtp"
+    else:
+        label = None
+    if label is not None:
+        applied.provider = label
+        if event in EVENTS:
+            metrics.events.labels(label, event).inc()
+        if applied.latency is not None:
+            metrics.delivery_latency.labels(label).observe(applied.latency)
+    return applied
+
+
 async def record_resend(pool, metrics: SenderMetrics, svix_id: str, body: bytes) -> Applied:
     etype, payload, at = parse_resend(body)
     data = payload["data"]
-    event = RESEND_TYPES.get(etype)
     pid = data.get("email_id") if isinstance(data.get("email_id"), str) else None
     tag_id = None
     tags = data.get("tags")
@@ -139,38 +224,10 @@ async def record_resend(pool, metrics: SenderMetrics, svix_id: str, body: bytes)
                 tag_id = t.get("value")
     bounce = data.get("bounce") if isinstance(data.get("bounce"), dict) else {}
     hard = str(bounce.get("type", "Permanent")).lower() not in ("transient", "undetermined", "soft")
-    applied = Applied(event)
-    async with pool.acquire() as conn, conn.transaction():
-        try:
-            async with conn.transaction():  # a savepoint: a payload Postgres refuses is a 400
-                eid = await conn.fetchval(
-                    """INSERT INTO email_events (provider, event_id, type, provider_message_id, payload, occurred_at)
-                       VALUES ('resend', $1, $2, $3, $4::jsonb, $5)
-                       ON CONFLICT (provider, event_id) DO NOTHING RETURNING id""",
-                    svix_id[:200], etype[:100], pid[:200] if pid else None, body.decode("utf-8", "replace"), at)
-        except asyncpg.DataError as exc:
-            raise WebhookError(f"the payload cannot be stored: {exc}") from None
-        if eid is None:
-            applied.duplicate = True
-            return applied
-        msg = None
-        if pid:
-            msg = await conn.fetchrow(
-                f"""SELECT {MSG_FIELDS} FROM messages
-                    WHERE id = (SELECT message_id FROM message_provider_ids WHERE provider_message_id = $1 LIMIT 1)
-                    FOR UPDATE""", pid)
-        if msg is None and tag_id is not None and str(tag_id).isdigit():
-            msg = await conn.fetchrow(f"SELECT {MSG_FIELDS} FROM messages WHERE id = $1 FOR UPDATE", int(tag_id))
-        if msg is not None:
-            applied.message_id = msg["id"]
-            await conn.execute("UPDATE email_events SET message_id = $2 WHERE id = $1", eid, msg["id"])
-            if event is not None:
-                applied.changed, applied.latency = await apply_event(conn, msg, event, at, hard_bounce=hard)
-    if event in EVENTS:
-        metrics.events.labels("resend", event).inc()
-    if applied.latency is not None:
-        metrics.delivery_latency.labels("resend").observe(applied.latency)
-    return applied
+    return await record_event(pool, metrics, Report(
+        "resend", svix_id, etype, RESEND_TYPES.get(etype), at, body.decode("utf-8", "replace"),
+        provider_message_id=pid, message_id=int(tag_id) if tag_id is not None and str(tag_id).isdigit() else None,
+        hard=hard))
 
 
 async def record_tracking(pool, metrics: SenderMetrics, msg_id: int, event: str) -> Applied | None:

@@ -20,6 +20,11 @@ REASONS = ("rejected", "invalid_request", "auth", "rate_limited", "server_error"
 PROVIDER_ERROR_REASONS = ("server_error", "timeout", "connection", "rate_limited", "client_error")
 EVENTS = ("delivered", "bounced", "complained", "opened", "clicked", "delivery_delayed")
 OUTCOMES = ("sent", "failed", "cancelled")
+#: why a campaign paused itself (sender/guardrails.py REASONS)
+AUTO_PAUSE_REASONS = ("bounce_rate", "error_rate", "complaint_rate")
+#: where a bounce or complaint report came from, and what became of it (sender/bounces.py)
+REPORT_SOURCES = ("dsn", "arf", "webhook")
+REPORT_OUTCOMES = ("applied", "duplicate", "unmatched", "invalid")
 
 #: provider call latency: a Resend batch call takes 50 ms - 2 s; SMTP single messages ~ms
 PROVIDER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -48,6 +53,16 @@ class SenderMetrics:
         # per process (multiprocess "livesum": the fleet's total per relay)
         self.smtp_connections = Gauge(m.SMTP_CONNECTIONS, "SMTP connections open to the relay.",
                                       ["provider", "relay"], multiprocess_mode="livesum", **kw)
+        self.auto_paused = Counter(m.CAMPAIGNS_AUTO_PAUSED[: -len("_total")],
+                                   "Campaigns paused by a guard-rail, by reason.", ["reason"], **kw)
+        self.bounce_reports = Counter(m.BOUNCE_REPORTS[: -len("_total")],
+                                      "Bounce and complaint reports read (mailbox DSN/ARF, signed webhook), by outcome.",
+                                      ["source", "outcome"], **kw)
+        for r in AUTO_PAUSE_REASONS:
+            self.auto_paused.labels(r)
+        for src in REPORT_SOURCES:
+            for o in REPORT_OUTCOMES:
+                self.bounce_reports.labels(src, o)
         for p in PROVIDERS:
             self.sent.labels(p)
             self.delivery_latency.labels(p)

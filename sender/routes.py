@@ -15,7 +15,7 @@ from mailgenius.metrics import QUEUE_EMAIL
 from mailgenius.web import Route, json_response, read_json
 from mailgenius.worker import enqueue
 
-from . import campaigns, dnsauth, email_settings, events, failures, transactional
+from . import bounces, campaigns, dnsauth, email_settings, events, failures, transactional
 from . import keys as skeys
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,23 @@ async def resend_webhook(request: web.Request) -> web.Response:
                           "message_id": applied.message_id, "changed": applied.changed})
 
 
+async def bounce_webhook(request: web.Request) -> web.Response:
+    """Bounces and complaints from other ESPs (sender/bounces.py), HMAC-signed."""
+    secret = request.app[keys.SETTINGS].bounce_webhook_secret
+    if not secret:
+        raise errors.AppError("no bounce webhook secret is configured (MAILGENIUS_BOUNCE_WEBHOOK_SECRET)",
+                              code="webhook_not_configured", status=503)
+    if request.content_length is not None and request.content_length > events.MAX_WEBHOOK_BYTES:
+        raise errors.PayloadTooLarge("webhook body too large")
+    body = await request.read()
+    if len(body) > events.MAX_WEBHOOK_BYTES:
+        raise errors.PayloadTooLarge("webhook body too large")
+    bounces.verify(secret, request.headers.get(bounces.TS_HEADER), request.headers.get(bounces.SIG_HEADER), body)
+    applied = await bounces.record_webhook(request.app[keys.DB], request.app[skeys.METRICS], body)
+    return json_response({"ok": True, "duplicate": applied.duplicate, "event": applied.event,
+                          "message_id": applied.message_id, "changed": applied.changed})
+
+
 async def track_open(request: web.Request) -> web.Response:
     hit = (await _tracker(request.app)).verify("o", request.match_info["token"])
     if hit is None or await events.record_tracking(request.app[keys.DB], request.app[skeys.METRICS], hit[0], "opened") is None:
@@ -246,6 +263,8 @@ CAMPAIGN_SCHEMA = {"type": "object", "required": ["id", "status", *campaigns.COU
                    "properties": {"id": {"type": "integer"}, "name": {"type": "string"},
                                   "status": {"type": "string", "enum": ["draft", "queued", "sending", "paused",
                                                                         "sent", "failed", "cancelled"]},
+                                  "pause_reason": {"type": "string", "nullable": True},
+                                  "auto_paused_at": {"type": "string", "format": "date-time", "nullable": True},
                                   **COUNTS_PROPS}}
 CREATE_SCHEMA = {
     "type": "object", "required": ["name", "subject", "from_email"], "additionalProperties": False,
@@ -319,6 +338,10 @@ def routes() -> list[Route]:
               summary="SPF, DKIM and DMARC findings from DNS", request_schema=DNS_SCHEMA,
               responses={200: _json(obj)}, tags=("settings",)),
         Route("POST", "/webhooks/resend", resend_webhook, scope=None, summary="Resend events (Svix-signed)",
+              responses={200: _json(obj), 401: _json(obj, "bad signature"), 400: _json(obj, "malformed")},
+              tags=("webhooks",)),
+        Route("POST", "/webhooks/bounces", bounce_webhook, scope=None,
+              summary="Bounces and complaints from other ESPs (HMAC-SHA256 signed, see sender/README.md)",
               responses={200: _json(obj), 401: _json(obj, "bad signature"), 400: _json(obj, "malformed")},
               tags=("webhooks",)),
         Route("GET", "/t/o/{token}", track_open, scope=None, summary="Open-tracking pixel",

@@ -28,7 +28,7 @@ import aiohttp
 
 from mailgenius.cache import rkey
 
-from . import templates
+from . import guardrails, templates
 from .delivery import Lease, _deliver, replay_journal
 from .email_settings import RateLimiter, SettingsCache
 from .journal import Journal
@@ -288,10 +288,13 @@ async def _record(ctx: SendContext, conn, provider: str, campaign_id: int | None
         reasons[reason] = reasons.get(reason, 0) + 1
     for reason, n in reasons.items():
         m.failures.labels(provider, reason).inc(n)
-    if row is not None and row["old_status"] == "sending" and row["new_status"] in ("sent", "failed"):
-        outcome.finished = row["new_status"]
-        m.campaigns_finished.labels(row["new_status"]).inc()
-        log.info("campaign finished", extra={"campaign_id": campaign_id, "outcome": row["new_status"]})
+    finished = row["new_status"] if row["old_status"] == "sending" and row["new_status"] in ("sent", "failed") else None
+    # issue 15: a finished campaign's outcome by its failed share; a sending one's guard-rails
+    finished = await guardrails.after_record(conn, campaign_id, finished, m)
+    if finished:
+        outcome.finished = finished
+        m.campaigns_finished.labels(finished).inc()
+        log.info("campaign finished", extra={"campaign_id": campaign_id, "outcome": finished})
     await ctx.count_stats(n_sent, n_failed)
 
 

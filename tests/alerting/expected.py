@@ -36,6 +36,8 @@ ALERTS = {
     ("ProviderRateLimited", "warning"): (None, None),
     # added by the reliability issue (provider failing for several minutes)
     ("EmailProviderFailing", "critical"): (None, None),
+    # added by issue 15 (campaign guard-rails)
+    ("CampaignAutoPaused", "warning"): (None, None),
     # an early-warning tier (inhibited while the critical one fires)
     ("DiskSpaceLow", "warning"): (None, None),
 }

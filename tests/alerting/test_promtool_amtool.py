@@ -3,8 +3,10 @@ amtool (config check + the route of every alert)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,44 @@ def test_promtool_rule_unit_tests_pass():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def _groups(rule_file: Path) -> dict[str, list[dict]]:
+    return {g["name"]: g["rules"] for g in yaml.safe_load(rule_file.read_text())["groups"]}
+
+
+@pytest.mark.parametrize("test_file", RULE_TESTS, ids=lambda p: Path(p).name)
+def test_every_rule_test_file_fixes_the_group_order_producers_first(test_file):
+    """promtool evaluates rule groups in random order at each step unless `group_eval_order`
+    names them; an alert then reads a recorded series of another group one evaluation late in
+    some runs and not others (issue 14: one CI run in ten failed). Every group of the test's
+    rule files is listed, and a group that records a series comes before any group reading it."""
+    doc = yaml.safe_load(Path(test_file).read_text())
+    groups: dict[str, list[dict]] = {}
+    for rule_file in doc["rule_files"]:
+        groups.update(_groups((Path(test_file).parent / rule_file).resolve()))
+    order = doc.get("group_eval_order") or []
+    assert sorted(order) == sorted(groups), f"group_eval_order must list exactly the groups {sorted(groups)}"
+    position = {name: i for i, name in enumerate(order)}
+    for producer, rules in groups.items():
+        for record in (r["record"] for r in rules if "record" in r):
+            used = re.compile(r"(?<![\w:])" + re.escape(record) + r"(?![\w:])")
+            for consumer, crules in groups.items():
+                if consumer != producer and any(used.search(r["expr"]) for r in crules):
+                    assert position[producer] < position[consumer], (
+                        f"{consumer} reads {record} recorded by {producer}: list {producer} first")
+
+
+def test_promtool_rule_unit_tests_are_deterministic():
+    """The same rule tests give the same result 20 times in a row (4 at a time)."""
+    def once(_i: int) -> tuple[int, str]:
+        res = run(PROMTOOL, "test", "rules", *RULE_TESTS)
+        return res.returncode, res.stdout + res.stderr
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(once, range(20)))
+    outcomes = {rc for rc, _out in results}
+    failing = [out for rc, out in results if rc != 0]
+    assert outcomes == {0}, f"{len(failing)} of 20 runs failed; first failure:\n{failing[0] if failing else ''}"
+
+
 def test_every_alert_has_unit_tests_on_both_sides_of_its_threshold_and_for_window():
     """Each alert (and severity) is expected firing in some test case, and expected silent at
     an earlier evaluation (inside `for:` or below the threshold)."""
@@ -77,6 +117,8 @@ def test_every_alert_has_unit_tests_on_both_sides_of_its_threshold_and_for_windo
     ("api_latency_p95_seconds", 0.55),
     ("email_delivery_ratio", 0.93),
     ("postgres_connections", 79),
+    # issue 14's flaky case: the 80 % failing provider must no longer fire at 85 %
+    ("provider_error_ratio", 0.85),
 ])
 def test_the_unit_tests_catch_a_moved_threshold(tmp_path, threshold, nudged):
     # Given rules rendered from a rules.yml whose threshold was moved

@@ -185,6 +185,12 @@ def _insert_running_import(database_url: str) -> None:
             await conn.execute(
                 """INSERT INTO imports (status, filename, total_rows, processed_rows, inserted, invalid, started_at)
                    VALUES ('running', 'page-test-leads.csv', 50000, 12000, 11950, 50, now() - interval '30 seconds')""")
+            # and a campaign a guard-rail paused (sender/guardrails.py), shown with its reason
+            await conn.execute(
+                """INSERT INTO campaigns (name, subject, from_email, status, recipients, sent, complained,
+                                          pause_reason, auto_paused_at)
+                   VALUES ('Spring <sale>', 's', 'n@example.com', 'paused', 2000, 1000, 3,
+                           'complaint_rate: 3 complaints of 1000 sent (0.30 %) >= 0.30 %', now())""")
         finally:
             await conn.close()
 
@@ -308,6 +314,8 @@ def test_monitoring_page_in_a_browser(stack, browser, settings, tmp_path):
         page.wait_for_selector("#incidents-table tbody tr:not(:has(.empty))", timeout=20_000)
         assert "MonitoringPageProbe" in _text(page, "#incidents-table")
         page.wait_for_selector("#summary .summary-grid")
+        paused = _text(page, "#summary [data-auto-paused] li[data-campaign]")
+        assert "Spring <sale>" in paused and "complaint_rate: 3 complaints of 1000 sent" in paused
         for message in ("provider latency high", "rejected row 17", "SMTP relay refused", "batch 3 retried"):
             page.wait_for_selector(f"#logs-table tr[data-log-id] >> text={message}")
         page.wait_for_selector('[data-chart="api_traffic"][data-state="drawn"] .uplot', timeout=20_000)

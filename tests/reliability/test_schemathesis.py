@@ -37,7 +37,8 @@ async def test_schemathesis_no_5xx_and_schema_conformance(service, stack, make_k
     # Given the service (and what its answers depend on) running for real
     key = await make_key(*ALL_SCOPES)
     # as deployed: the sender has its webhook secret (unset, the webhook honestly answers 503)
-    stack.start_service(service, MAILGENIUS_RESEND_WEBHOOK_SECRET="whsec_" + "c2NoZW1hdGhlc2lzLXRlc3Qtc2VjcmV0")
+    stack.start_service(service, MAILGENIUS_RESEND_WEBHOOK_SECRET="whsec_" + "c2NoZW1hdGhlc2lzLXRlc3Qtc2VjcmV0",
+                        MAILGENIUS_BOUNCE_WEBHOOK_SECRET="schemathesis-bounce-secret")
     if service == "exporter":
         stack.start_prometheus(jobs={"exporter": stack.target("exporter")}, alertmanager=False)
     # When schemathesis explores every operation of its OpenAPI document

@@ -168,6 +168,14 @@
         ["bounce", fmt(em.bounce_rate, "pct")], ["open", fmt(em.open_rate, "pct")],
         ["click", fmt(em.click_rate, "pct")]]),
     ];
+    // campaigns a guard-rail paused (bounce, error or complaint rate), with the reason
+    const paused = camp.auto_paused || [];
+    if (paused.length) {
+      blocks.push(el("section", { "data-auto-paused": String(paused.length) },
+        el("h3", { text: "auto-paused campaigns" }),
+        el("ul", {}, ...paused.map((c) => el("li", { "data-campaign": String(c.id) },
+          badge("degraded", "paused"), ` #${c.id} ${c.name}: `, el("span", { class: "detail", text: c.pause_reason }))))));
+    }
     $("#summary").replaceChildren(el("div", { class: "summary-grid" }, ...blocks));
     return s;
   }
