@@ -13,8 +13,8 @@ recording fails because Postgres is unreachable (sender/delivery.py ``record_dur
    replayed before the next claim of this process, and a journal left by a dead process (its
    lock is free) is replayed by the next worker that starts on the same data dir.
 
-One file per process, ``<data dir>/sender-journal/journal-<pid>.jsonl``, held under an exclusive
-``flock`` while the process lives. Only a ``kill -9`` between the relay's answer and the fsync
+One file per process, ``<data dir>/sender-journal/journal-<host>-<pid>.jsonl``, held under an
+exclusive ``flock`` while the process lives. Only a ``kill -9`` between the relay's answer and the fsync
 (the first failed record attempt, a few milliseconds) can still send a recipient twice, and a
 journal is local: a batch claimed on *another* host before this host replays is sent again.
 """
@@ -26,18 +26,22 @@ import fcntl
 import glob
 import logging
 import os
+import re
+import socket
 
 import orjson
 
 log = logging.getLogger(__name__)
 
 SUBDIR = "sender-journal"
+#: this host in journal file names (a data dir shared by containers: their pids repeat)
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
 
 
 class Journal:
     def __init__(self, directory: str):
         self.directory = directory
-        self.path = os.path.join(directory, f"journal-{os.getpid()}.jsonl")
+        self.path = os.path.join(directory, f"journal-{_HOST}-{os.getpid()}.jsonl")
         self._fh = None
         self._seq = 0
         #: entries written and not recorded yet, by key
@@ -104,7 +108,8 @@ class Journal:
         for path in sorted(glob.glob(os.path.join(self.directory, "journal-*.jsonl"))):
             if path == self.path:
                 continue
-            if _pid_alive(_pid_of(path)):
+            host, pid = _owner_of(path)
+            if host == _HOST and _pid_alive(pid):
                 continue
             try:
                 fh = open(path, "rb+")  # noqa: SIM115 - closed by finish/release_foreign
@@ -114,8 +119,10 @@ class Journal:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 fh.close()
-                busy += 1
-                continue
+                if host == _HOST:  # its owner is dead: a sibling is replaying it
+                    busy += 1
+                continue  # another host's: alive (or being replayed there); not ours to wait for
+
             try:
                 current = os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
             except FileNotFoundError:
@@ -146,11 +153,13 @@ class Journal:
                     os.unlink(self.path)
 
 
-def _pid_of(path: str) -> int | None:
+def _owner_of(path: str) -> tuple[str, int | None]:
+    """(host, pid) of a journal file name ``journal-<host>-<pid>.jsonl``."""
+    host, _, pid = os.path.basename(path)[len("journal-"):-len(".jsonl")].rpartition("-")
     try:
-        return int(os.path.basename(path)[len("journal-"):-len(".jsonl")])
+        return host, int(pid)
     except ValueError:
-        return None
+        return host, None
 
 
 def _pid_alive(pid: int | None) -> bool:
