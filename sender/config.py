@@ -47,8 +47,10 @@ REDELIVERY_MAX = _num("REDELIVERY_MAX", 30.0)
 RETRY_AFTER_MAX = _num("RETRY_AFTER_MAX", 60.0)
 #: one provider HTTP call / SMTP conversation, seconds
 PROVIDER_TIMEOUT = _num("PROVIDER_TIMEOUT", 30.0)
-#: SMTP connections kept open per worker process
-SMTP_POOL_SIZE = int(_num("SMTP_POOL_SIZE", 4))
+#: SMTP connections a worker process keeps open to its relay, at most (idle or in use): the
+#: relay sees at most processes x this many connections from the fleet (Postfix's default limit
+#: per client is 50)
+SMTP_POOL_SIZE = int(_num("SMTP_POOL_SIZE", 8))
 #: seconds a worker trusts its cached copy of the email settings (provider)
 SETTINGS_CACHE_SECONDS = _num("SETTINGS_CACHE_SECONDS", 1.0)
 #: window of the "recent failure ratio" of the email health check, minutes
@@ -67,3 +69,11 @@ QUEUED_STALL_SECONDS = _num("QUEUED_STALL_SECONDS", 120.0)
 #: the sweeper stays quiet while more messages than this wait in the queue (they may simply
 #: be the stalled campaign's turn coming)
 SWEEP_MAX_WAITING = int(_num("SWEEP_MAX_WAITING", 100))
+#: STARTTLS when the relay offers it (opportunistic, like Postfix's "may"; MAILGENIUS_SMTP_STARTTLS
+#: makes it required). 0 turns it off.
+SMTP_OPPORTUNISTIC_TLS = bool(_num("SMTP_OPPORTUNISTIC_TLS", 1))
+#: verify the relay's certificate on opportunistic STARTTLS (required STARTTLS always verifies)
+SMTP_TLS_VERIFY = bool(_num("SMTP_TLS_VERIFY", 0))
+#: attempts to record a relay's answers while Postgres is unreachable, spaced by this many seconds
+#: (doubling up to 5 s), within SEND_RETRY_BUDGET; then the answers go to the local journal
+RECORD_RETRY_BASE = _num("RECORD_RETRY_BASE", 0.2)

@@ -29,13 +29,16 @@ import asyncio
 import hashlib
 import logging
 import random
+import time
 from typing import TYPE_CHECKING
 
+import asyncpg
 import dramatiq
 
 from mailgenius.cache import rkey
 
 from . import config
+from .journal import decode_outcomes, encode_outcomes
 from .providers import OutEmail, ProviderError, SendResult
 
 if TYPE_CHECKING:
@@ -136,24 +139,176 @@ async def wait_provider_pause(ctx: SendContext, provider: str) -> float:
     return seconds
 
 
-async def _deliver(ctx: SendContext, conn, campaign_id: int | None, emails: list[OutEmail],
+#: errors that mean "Postgres is unreachable (or dropped us)", not "this statement is wrong":
+#: recording the relay's answers is retried through them (plus deadlocks, retried as usual)
+DB_DOWN_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.DeadlockDetectedError,
+)
+
+
+#: seconds a batch waits for a sibling process replaying a dead worker's journal before claiming
+JOURNAL_WAIT = 30.0
+
+
+class Lease:
+    """The Postgres connection a batch works on (and the advisory lock it holds on it).
+
+    Postgres may drop it mid-batch; :meth:`reconnect` takes a fresh connection from the pool and
+    tries to take the lock again, so the batch can record what the provider already accepted.
+    """
+
+    def __init__(self, pool, lock_sql: str, unlock_sql: str, lock_args: tuple):
+        self.pool = pool
+        self.lock_sql, self.unlock_sql, self.lock_args = lock_sql, unlock_sql, lock_args
+        self.conn = None
+        self.locked = False
+
+    async def __aenter__(self) -> Lease:
+        self.conn = await self.pool.acquire()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        try:
+            if self.locked:
+                await conn.execute(self.unlock_sql, *self.lock_args)
+        except DB_DOWN_ERRORS:
+            pass  # a dropped connection: its session locks died with it
+        finally:
+            await self._release(conn)
+
+    async def _release(self, conn) -> None:
+        try:
+            await self.pool.release(conn, timeout=5)
+        except Exception:  # noqa: BLE001 - a broken connection: the pool replaces it
+            conn.terminate()
+
+    async def reconnect(self) -> None:
+        old, self.conn = self.conn, None
+        self.locked = False
+        if old is not None:
+            await self._release(old)
+        self.conn = await self.pool.acquire(timeout=5)
+        # the lock died with the old session; take it again unless a newer delivery holds it
+        self.locked = bool(await self.conn.fetchval(self.lock_sql, *self.lock_args))
+
+
+async def _ready_to_record(ctx: SendContext, lease: Lease) -> None:
+    """Raise (nothing sent, the rows stay ``sending`` for a later delivery) when Postgres is
+    known to be unreachable: a dropped connection, or a record that failed in this process and
+    has not succeeded since (then one round trip checks). Narrows the kill -9 window to the
+    batches already talking to the relay when Postgres went away."""
+    if lease.conn.is_closed():
+        raise asyncpg.exceptions.ConnectionDoesNotExistError("the ledger connection was lost before sending")
+    if ctx.journal is not None and ctx.journal.live:
+        await lease.conn.fetchval("SELECT 1")
+
+
+async def record_durably(ctx: SendContext, lease: Lease, provider: str, campaign_id: int | None,
+                         sent: dict[int, str], failed: dict[int, tuple[str, str]], outcome: Outcome, *,
+                         bounced: set[int] | None = None,
+                         details: dict[int, tuple[str, int | None]] | None = None) -> None:
+    """Record a provider's answers, holding on to them through a Postgres outage.
+
+    The first failure journals them (sender/journal.py, fsync'd) and the record is retried on a
+    fresh connection with back-off for up to the retry budget; if it still fails, or the worker
+    stops meanwhile, the journal keeps the entry for replay and the error propagates. Nothing the
+    provider accepted is let go unrecorded *and* unjournaled.
+    """
+    from .sending import _record  # at call time: sending imports this module
+    bounced, details = bounced or set(), details or {}
+    try:
+        await _record(ctx, lease.conn, provider, campaign_id, sent, failed, [], outcome,
+                      bounced=bounced, details=details)
+        return
+    except DB_DOWN_ERRORS as exc:
+        first = exc
+    if not sent and not failed:
+        raise first
+    key = ctx.journal.write(encode_outcomes(provider, campaign_id, sent, failed, bounced, details))
+    log.warning("could not record the provider's answers; journaled, retrying",
+                extra={"campaign_id": campaign_id, "sent": len(sent), "failed": len(failed),
+                       "error": f"{type(first).__name__}: {first}"})
+    deadline = time.monotonic() + config.SEND_RETRY_BUDGET
+    delay = config.RECORD_RETRY_BASE
+    try:
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(5.0, delay * 2)
+            try:
+                await lease.reconnect()
+                await _record(ctx, lease.conn, provider, campaign_id, sent, failed, [], outcome,
+                              bounced=bounced, details=details)
+            except DB_DOWN_ERRORS:
+                if time.monotonic() >= deadline:
+                    raise
+                continue
+            ctx.journal.done(key)
+            log.info("recorded the journaled answers", extra={"campaign_id": campaign_id, "sent": len(sent)})
+            return
+    except BaseException:
+        ctx.journal.abandon(key)  # replayed before this process's next claim, or by the next worker
+        raise
+
+
+async def replay_journal(ctx: SendContext, conn) -> int:
+    """Record what this process's journal and dead processes' journals still hold.
+    Returns the number of entries recorded. Raises if Postgres is still unreachable."""
+    from .sending import Outcome, _record
+    journal = ctx.journal
+    done = 0
+    for entry in journal.pending():
+        provider, cid, sent, failed, bounced, details = decode_outcomes(entry)
+        await _record(ctx, conn, provider, cid, sent, failed, [], Outcome(), bounced=bounced, details=details)
+        journal.done(entry["key"])
+        done += 1
+    waited = 0.0
+    while journal.foreign_pending:
+        found, busy = journal.foreign()
+        for path, fh, entries in found:
+            try:
+                for entry in entries:
+                    provider, cid, sent, failed, bounced, details = decode_outcomes(entry)
+                    await _record(ctx, conn, provider, cid, sent, failed, [], Outcome(), bounced=bounced,
+                                  details=details)
+                    done += 1
+            except BaseException:
+                journal.release_foreign(fh)
+                raise
+            journal.finish_foreign(path, fh)
+            log.warning("replayed a journal left by a stopped worker", extra={"path": path, "entries": len(entries)})
+        if not busy:
+            journal.foreign_pending = False
+        elif waited >= JOURNAL_WAIT:  # a sibling is still replaying: let dramatiq retry this batch
+            raise RuntimeError("a stopped worker's send journal is still being replayed")
+        else:
+            await asyncio.sleep(0.1)
+            waited += 0.1
+    return done
+
+
+async def _deliver(ctx: SendContext, lease: Lease, campaign_id: int | None, emails: list[OutEmail],
                    key_kind: str, owner: int, part: int, outcome: Outcome) -> None:
     """Send with retries, recording after every call (see the module docstring for the policy).
 
     Raises :class:`ProviderUnavailable` when the quick attempts are used up and the retry budget
     is not: the caller's advisory lock is released and dramatiq redelivers the batch.
     """
-    from .sending import _record  # at call time: sending imports this module
-    provider = await ctx.provider(conn)
+    provider = await ctx.provider(lease.conn)
     errors = ctx.metrics.provider_errors
     pending = emails
     attempt = 0
     while pending:
         attempt += 1
-        if float((await ctx.settings_cache.get(conn)).get("rate_limit") or 0) > 0:  # re-read every second
+        if float((await ctx.settings_cache.get(lease.conn)).get("rate_limit") or 0) > 0:  # re-read every second
             await ctx.limiter.acquire(len(pending))
         await wait_provider_pause(ctx, provider.name)  # a 429 seen by any worker of the fleet
         key = idempotency_key(key_kind, owner, part, [e.message_id for e in pending])
+        await _ready_to_record(ctx, lease)  # never send what could not be recorded
         try:
             result = await provider.send_batch(pending, key)
         except Exception as exc:  # a bug or an unexpected library error: retry like a 5xx
@@ -171,20 +326,21 @@ async def _deliver(ctx: SendContext, conn, campaign_id: int | None, emails: list
             delay = min(err.retry_after, config.RETRY_AFTER_MAX)
         if retry_ids and err.reason == "rate_limited":  # first, before any other batch calls
             await pause_provider(ctx, provider.name, delay)
-        failing_for = 0.0
-        exhausted = False
-        if retry_ids:
-            row = await conn.fetchrow(MARK_RETRY_SQL, list(retry_ids), f"{err.reason}: {err.message}"[:500],
-                                      campaign_id)
-            failing_for = float(row["failing_for"] or 0.0) if row is not None else 0.0
-            exhausted = failing_for >= config.SEND_RETRY_BUDGET
-            if exhausted:
-                for i in retry_ids:
-                    failed[i] = (err.reason, f"gave up after {failing_for:.0f} s of provider errors "
-                                             f"(retry budget {config.SEND_RETRY_BUDGET:.0f} s): {err.message}"[:500])
-        # (recording clears retry_since of every row it finalises: retry-failed starts a fresh budget)
-        await _record(ctx, conn, provider.name, campaign_id, result.accepted, failed, [], outcome)
-        if not retry_ids or exhausted:
+        # what the provider answered for good is recorded first, durably: an accepted send must
+        # never be let go unrecorded (it would be claimed and sent again)
+        await record_durably(ctx, lease, provider.name, campaign_id, result.accepted, failed, outcome,
+                             bounced=result.bounced & set(failed), details=result.details)
+        if not retry_ids:
+            return
+        row = await lease.conn.fetchrow(MARK_RETRY_SQL, list(retry_ids), f"{err.reason}: {err.message}"[:500],
+                                        campaign_id)
+        failing_for = float(row["failing_for"] or 0.0) if row is not None else 0.0
+        if failing_for >= config.SEND_RETRY_BUDGET:
+            gave_up = {i: (err.reason, f"gave up after {failing_for:.0f} s of provider errors (retry budget "
+                                       f"{config.SEND_RETRY_BUDGET:.0f} s): {err.message}"[:500]) for i in retry_ids}
+            # (recording clears retry_since of every row it finalises: retry-failed starts a fresh budget)
+            await record_durably(ctx, lease, provider.name, campaign_id, {}, gave_up, outcome,
+                                 details={i: result.details[i] for i in retry_ids if i in result.details})
             return
         pending = [e for e in pending if e.message_id in retry_ids]
         if attempt >= config.MAX_ATTEMPTS:

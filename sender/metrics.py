@@ -6,14 +6,16 @@ process registers them on its own registry for the webhook events and cancellati
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mailgenius import metrics as m
 
 PROVIDERS = ("resend", "smtp")
 #: bounded failure reasons (the label of email_send_failures_total)
+#: (bounced: a hard bounce, the recipient's mailbox does not exist; smtputf8: a non-ASCII address
+#: and a relay without SMTPUTF8; deferred: 4xx at RCPT until the retry budget ran out)
 REASONS = ("rejected", "invalid_request", "auth", "rate_limited", "server_error", "timeout",
-           "connection", "render_error", "suppressed")
+           "connection", "render_error", "suppressed", "bounced", "smtputf8", "deferred")
 #: why a provider call failed as a whole (the label of provider_errors_total)
 PROVIDER_ERROR_REASONS = ("server_error", "timeout", "connection", "rate_limited", "client_error")
 EVENTS = ("delivered", "bounced", "complained", "opened", "clicked", "delivery_delayed")
@@ -48,6 +50,9 @@ class SenderMetrics:
                                        ["provider", "reason"], **kw)
         self.campaigns_finished = Counter(m.CAMPAIGNS_FINISHED[: -len("_total")],
                                           "Campaigns finished, by outcome.", ["outcome"], **kw)
+        # per process (multiprocess "livesum": the fleet's total per relay)
+        self.smtp_connections = Gauge(m.SMTP_CONNECTIONS, "SMTP connections open to the relay.",
+                                      ["provider", "relay"], multiprocess_mode="livesum", **kw)
         self.auto_paused = Counter(m.CAMPAIGNS_AUTO_PAUSED[: -len("_total")],
                                    "Campaigns paused by a guard-rail, by reason.", ["reason"], **kw)
         self.bounce_reports = Counter(m.BOUNCE_REPORTS[: -len("_total")],

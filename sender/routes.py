@@ -15,7 +15,7 @@ from mailgenius.metrics import QUEUE_EMAIL
 from mailgenius.web import Route, json_response, read_json
 from mailgenius.worker import enqueue
 
-from . import bounces, campaigns, dnsauth, email_settings, events, transactional
+from . import bounces, campaigns, dnsauth, email_settings, events, failures, transactional
 from . import keys as skeys
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,15 @@ async def list_campaigns(request: web.Request) -> web.Response:
 async def get_campaign(request: web.Request) -> web.Response:
     # one row by primary key (the counts are counters on it); ReadOnlyPool skips the reset round trip
     return json_response(await campaigns.get(ReadOnlyPool(request.app[keys.DB]), _id(request)))
+
+
+async def campaign_failures(request: web.Request) -> web.StreamResponse:
+    """Failed recipients with reason and stage (sender/failures.py); CSV with ?format=csv."""
+    cid, pool = _id(request), request.app[keys.DB]
+    if failures.wants_csv(request):
+        return await failures.csv_response(request, pool, cid)
+    after, limit = failures.parse(request)
+    return json_response(await failures.page(pool, cid, after, limit))
 
 
 async def send_campaign(request: web.Request) -> web.Response:
@@ -296,6 +305,12 @@ def routes() -> list[Route]:
               responses={200: _json(obj)}),
         Route("GET", r"/api/campaigns/{id:\d+}", get_campaign, summary="A campaign with its counts",
               responses={200: _json(CAMPAIGN_SCHEMA), 404: _json(obj, "unknown")}, tags=("campaigns",)),
+        Route("GET", r"/api/campaigns/{id:\d+}/failures", campaign_failures, tags=("campaigns",),
+              summary="Failed recipients with reason, SMTP stage and code (keyset: after, limit; format=csv)",
+              responses={200: _json(obj), 404: _json(obj, "unknown"), 422: _json(obj, "bad paging")}),
+        Route("GET", r"/api/campaigns/{id:\d+}/failures.csv", campaign_failures, tags=("campaigns",),
+              summary="Failed recipients as CSV", responses={200: {"description": "CSV",
+                                                                     "content": {"text/csv": {}}}}),
         Route("POST", r"/api/campaigns/{id:\d+}/send", send_campaign, scope="send", summary="Send a draft campaign",
               responses={202: _json(obj, "queued"), 409: _json(obj, "wrong state")}, tags=("campaigns",)),
         Route("POST", r"/api/campaigns/{id:\d+}/pause", pause_campaign, scope="send", summary="Pause sending",

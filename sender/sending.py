@@ -11,8 +11,10 @@ Exactly once per recipient:
 * outcomes are written after every provider call, in one transaction with the campaign's
   counters (set-based updates over ``unnest`` arrays), so a redelivered batch skips what was sent.
 
-SMTP has no idempotency key: there the window between the relay's 250 and our commit is the one
-place a crash can duplicate a message.
+SMTP has no idempotency key: a relay's answers are kept until recorded, through a Postgres outage
+(retried on a fresh connection, journaled to local disk if the worker must stop first:
+sender/delivery.py ``record_durably``, sender/journal.py). Only a ``kill -9`` between the relay's
+250 and the journal's fsync can still send a recipient twice.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import aiohttp
 from mailgenius.cache import rkey
 
 from . import guardrails, templates
-from .delivery import _deliver
+from .delivery import Lease, _deliver, replay_journal
 from .email_settings import RateLimiter, SettingsCache
+from .journal import Journal
 from .metrics import SenderMetrics
 from .providers import OutEmail, ResendProvider, SmtpProvider
 from .tracking import Tracker, load_secret
@@ -63,7 +66,10 @@ LEFT JOIN (SELECT cl.id, cl.email, l.id AS lead_id, l.first_name, l.last_name, l
            FROM claimed cl LEFT JOIN leads l ON l.id = cl.lead_id) x ON true
 """
 
-#: one round of outcomes and the campaign counters in one statement (one round trip, atomic)
+#: one round of outcomes and the campaign counters in one statement (one round trip, atomic).
+#: A hard bounce ($8) ends ``failed`` with delivery ``bounced``, counts in the campaign's
+#: ``bounced`` and suppresses its lead (``leads.status = bounced``) in the same statement; every
+#: failed row gets its report row (message_refusals, 0220: reason $11, stage $9, SMTP code $10).
 RECORD_SQL = """
 WITH s AS (
     UPDATE messages m SET status = 'sent', provider = $6, provider_message_id = v.pid,
@@ -73,10 +79,12 @@ WITH s AS (
     RETURNING m.id, v.pid),
 f AS (
     UPDATE messages m SET status = v.st, provider = $6, last_error = v.err, updated_at = now(),
-           retry_since = NULL  -- a final state: a later retry-failed starts a fresh budget
-    FROM unnest($3::bigint[], $4::text[], $5::text[]) AS v(id, err, st)
+           retry_since = NULL,  -- a final state: a later retry-failed starts a fresh budget
+           delivery = CASE WHEN v.bounce THEN 'bounced' ELSE m.delivery END
+    FROM unnest($3::bigint[], $4::text[], $5::text[], $8::bool[], $9::text[], $10::int[], $11::text[])
+         AS v(id, err, st, bounce, stage, code, reason)
     WHERE m.id = v.id AND m.status = 'sending'
-    RETURNING m.id, m.campaign_id, m.status),
+    RETURNING m.id, m.campaign_id, m.status, m.lead_id, m.email, v.bounce, v.stage, v.code, v.reason),
 -- the lookups that must not be indexes of messages (0201: they would make both updates non-HOT);
 -- one row per message sent (rows leave 'sending' once), hash-indexed (0202)
 pids AS (
@@ -85,15 +93,28 @@ pids AS (
 fails AS (
     INSERT INTO message_failures (message_id, campaign_id)
     SELECT id, campaign_id FROM f WHERE status = 'failed' ON CONFLICT DO NOTHING),
+refusals AS (
+    INSERT INTO message_refusals (message_id, campaign_id, reason, stage, smtp_code)
+    SELECT id, campaign_id, reason, stage, code FROM f WHERE status = 'failed'
+    ON CONFLICT (message_id) DO UPDATE SET reason = EXCLUDED.reason, stage = EXCLUDED.stage,
+        smtp_code = EXCLUDED.smtp_code, failed_at = now()),
+suppressed AS (
+    UPDATE leads l SET status = 'bounced', updated_at = now()
+    FROM f
+    WHERE f.bounce AND l.status IN ('active', 'unsubscribed')
+      AND (l.id = f.lead_id OR (f.lead_id IS NULL AND lower(l.email) = lower(f.email)))
+    RETURNING l.id),
 n AS (
     SELECT (SELECT count(*) FROM s) AS sent,
            (SELECT count(*) FROM f WHERE status = 'failed') AS failed,
-           (SELECT count(*) FROM f WHERE status = 'cancelled') AS cancelled),
+           (SELECT count(*) FROM f WHERE status = 'failed' AND bounce) AS bounced,
+           (SELECT count(*) FROM f WHERE status = 'cancelled') AS cancelled,
+           (SELECT count(*) FROM suppressed) AS suppressed),
 old AS (SELECT id, status FROM campaigns WHERE id = $7::bigint FOR UPDATE),
 c AS (
     UPDATE campaigns c
     SET queued = c.queued - (n.sent + n.failed + n.cancelled), sent = c.sent + n.sent,
-        failed = c.failed + n.failed, updated_at = now(),
+        failed = c.failed + n.failed, bounced = c.bounced + n.bounced, updated_at = now(),
         status = CASE WHEN c.status = 'sending' AND c.queued - (n.sent + n.failed + n.cancelled) <= 0
                       THEN (CASE WHEN c.sent + n.sent > 0 OR c.failed + n.failed = 0 THEN 'sent' ELSE 'failed' END)
                       ELSE c.status END,
@@ -101,7 +122,7 @@ c AS (
                            THEN now() ELSE c.finished_at END
     FROM old, n WHERE c.id = old.id AND n.sent + n.failed + n.cancelled > 0
     RETURNING old.status AS old_status, c.status AS new_status)
-SELECT n.sent, n.failed, n.cancelled, c.old_status, c.new_status FROM n LEFT JOIN c ON true
+SELECT n.sent, n.failed, n.bounced, n.cancelled, n.suppressed, c.old_status, c.new_status FROM n LEFT JOIN c ON true
 """
 
 @dataclass
@@ -125,6 +146,8 @@ class SendContext:
     http: aiohttp.ClientSession | None = None
     settings_cache: SettingsCache | None = None
     limiter: RateLimiter | None = None
+    #: the relay answers Postgres could not take yet (sender/journal.py); under the data dir
+    journal: Journal | None = None
     _providers: dict = field(default_factory=dict)
     _compiled: dict = field(default_factory=dict)
     #: per-minute [sent, failed] not yet written to Redis, and the task that will write them
@@ -139,6 +162,7 @@ class SendContext:
             self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
         self.settings_cache = self.settings_cache or SettingsCache(self.redis, self.pool, self.settings)
         self.limiter = self.limiter or RateLimiter(self.redis, self.settings)
+        self.journal = self.journal or Journal.for_data_dir(self.settings.data_dir)
         return self
 
     async def close(self) -> None:
@@ -151,6 +175,8 @@ class SendContext:
                 await p.close()
         if self.http is not None:
             await self.http.close()
+        if self.journal is not None:
+            self.journal.close()
 
     def observe(self, provider: str):
         hist = self.metrics.provider_duration
@@ -168,8 +194,10 @@ class SendContext:
             if name == "resend":
                 p = ResendProvider(self.http, s.resend_base_url, s.resend_api_key, observe=self.observe("resend"))
             else:
+                gauge = self.metrics.smtp_connections
                 p = SmtpProvider(s.smtp_host, s.smtp_port, starttls=s.smtp_starttls, username=s.smtp_username,
-                                 password=s.smtp_password, observe=self.observe("smtp"))
+                                 password=s.smtp_password, observe=self.observe("smtp"),
+                                 on_connections=lambda relay, n: gauge.labels("smtp", relay).set(n))
             self._providers[name] = p
         return p
 
@@ -228,15 +256,27 @@ def list_headers(unsubscribe_url: str) -> dict[str, str]:
 
 async def _record(ctx: SendContext, conn, provider: str, campaign_id: int | None,
                   sent: dict[int, str], failed: dict[int, tuple[str, str]], cancelled: list[int],
-                  outcome: Outcome) -> None:
-    """Write one round of outcomes and the campaign counters (one atomic statement)."""
+                  outcome: Outcome, *, bounced: set[int] | frozenset = frozenset(),
+                  details: dict[int, tuple[str, int | None]] | None = None) -> None:
+    """Write one round of outcomes and the campaign counters (one atomic statement).
+
+    ``failed``: id -> (reason, text); ``bounced``: the failed ids that are hard bounces (their
+    leads are suppressed); ``details``: id -> (SMTP stage, reply code) for the failures report."""
     if not sent and not failed and not cancelled:
         return
+    details = details or {}
     ids = list(failed) + cancelled
     errs = [failed[i][1] for i in failed] + ["lead is suppressed"] * len(cancelled)
     sts = ["failed"] * len(failed) + ["cancelled"] * len(cancelled)
-    row = await conn.fetchrow(RECORD_SQL, list(sent), list(sent.values()), ids, errs, sts, provider, campaign_id)
+    bounce = [i in bounced for i in failed] + [False] * len(cancelled)
+    stages = [details.get(i, (None, None))[0] for i in failed] + [None] * len(cancelled)
+    codes = [details.get(i, (None, None))[1] for i in failed] + [None] * len(cancelled)
+    reasons = [failed[i][0] for i in failed] + ["suppressed"] * len(cancelled)
+    row = await conn.fetchrow(RECORD_SQL, list(sent), list(sent.values()), ids, errs, sts, provider, campaign_id,
+                              bounce, stages, codes, reasons)
     n_sent, n_failed, n_cancelled = row["sent"], row["failed"], row["cancelled"]
+    if row["bounced"]:
+        ctx.metrics.events.labels(provider, "bounced").inc(row["bounced"])  # as a provider's bounce event
     outcome.sent += n_sent
     outcome.failed += n_failed
     outcome.cancelled += n_cancelled
@@ -258,74 +298,87 @@ async def _record(ctx: SendContext, conn, provider: str, campaign_id: int | None
     await ctx.count_stats(n_sent, n_failed)
 
 
+CAMPAIGN_LOCK_SQL = "SELECT pg_try_advisory_lock($1::int, $2::int)"
+CAMPAIGN_UNLOCK_SQL = "SELECT pg_advisory_unlock($1::int, $2::int)"
+TX_LOCK_SQL = "SELECT pg_try_advisory_lock($1::bigint)"
+TX_UNLOCK_SQL = "SELECT pg_advisory_unlock($1::bigint)"
+
+
+async def _replay(ctx: SendContext, conn) -> None:
+    """Before claiming: record what a journal still holds (sender/journal.py), so that a row the
+    relay accepted during a Postgres outage is never claimed and sent again by this host."""
+    journal = ctx.journal
+    if journal is not None and (journal.live or journal.foreign_pending):
+        await replay_journal(ctx, conn)
+
+
 async def send_campaign_batch(ctx: SendContext, campaign_id: int, batch: int) -> Outcome:
     outcome = Outcome()
-    async with ctx.pool.acquire() as conn:
-        rows = await conn.fetch(CLAIM_SQL, campaign_id, batch)
+    async with Lease(ctx.pool, CAMPAIGN_LOCK_SQL, CAMPAIGN_UNLOCK_SQL, (campaign_id, batch)) as lease:
+        await _replay(ctx, lease.conn)
+        rows = await lease.conn.fetch(CLAIM_SQL, campaign_id, batch)
         head = rows[0]
         if not head["locked"]:
             outcome.detail = "locked"  # a live worker holds this batch; it will finish it
             return outcome
-        try:
-            if head["campaign_id"] is None or head["campaign_status"] != "sending":
-                outcome.detail = f"campaign {head['campaign_status'] or 'missing'}"
-                return outcome
-            if head["id"] is None:
-                outcome.detail = "nothing to send"
-                return outcome
-            compiled = await ctx.compiled(conn, campaign_id)
-            campaign_view = {"id": campaign_id, "name": head["campaign_name"]}
-            from_email = head["from_email"]
-            tracker = ctx.tracker
-            emails: list[OutEmail] = []
-            failed: dict[int, tuple[str, str]] = {}
-            cancelled: list[int] = []
-            render, add_pixel, lead_context = templates.render, templates.add_open_pixel, templates.lead_context
-            click = tracker.click_url
-            for r in rows:
-                mid = r["id"]
-                if r["lead_id"] is None or r["lead_status"] != "active":
-                    cancelled.append(mid)  # unsubscribed / bounced / deleted since the ledger was written
-                    continue
-                unsub = tracker.unsubscribe_url(mid)
-                ctx_vars = lead_context(r, lead_id=r["lead_id"], campaign=campaign_view, unsubscribe_url=unsub,
-                                        click_url=lambda link_id, _m=mid: click(_m, int(link_id)))
-                try:
-                    subject, html, text = render(compiled, ctx_vars)
-                except templates.RenderError as exc:
-                    failed[mid] = ("render_error", str(exc)[:500])
-                    continue
-                html = add_pixel(html, tracker.open_url(mid))
-                emails.append(OutEmail(mid, r["email"], from_email, subject, html, text, list_headers(unsub)))
-            if failed or cancelled:
-                provider = await ctx.provider(conn)
-                await _record(ctx, conn, provider.name, campaign_id, {}, failed, cancelled, outcome)
-            if emails:
-                await _deliver(ctx, conn, campaign_id, emails, "c", campaign_id, batch, outcome)
+        lease.locked = True  # released by the lease (on whichever connection holds it by then)
+        if head["campaign_id"] is None or head["campaign_status"] != "sending":
+            outcome.detail = f"campaign {head['campaign_status'] or 'missing'}"
             return outcome
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1::int, $2::int)", campaign_id, batch)
+        if head["id"] is None:
+            outcome.detail = "nothing to send"
+            return outcome
+        conn = lease.conn
+        compiled = await ctx.compiled(conn, campaign_id)
+        campaign_view = {"id": campaign_id, "name": head["campaign_name"]}
+        from_email = head["from_email"]
+        tracker = ctx.tracker
+        emails: list[OutEmail] = []
+        failed: dict[int, tuple[str, str]] = {}
+        cancelled: list[int] = []
+        render, add_pixel, lead_context = templates.render, templates.add_open_pixel, templates.lead_context
+        click = tracker.click_url
+        for r in rows:
+            mid = r["id"]
+            if r["lead_id"] is None or r["lead_status"] != "active":
+                cancelled.append(mid)  # unsubscribed / bounced / deleted since the ledger was written
+                continue
+            unsub = tracker.unsubscribe_url(mid)
+            ctx_vars = lead_context(r, lead_id=r["lead_id"], campaign=campaign_view, unsubscribe_url=unsub,
+                                    click_url=lambda link_id, _m=mid: click(_m, int(link_id)))
+            try:
+                subject, html, text = render(compiled, ctx_vars)
+            except templates.RenderError as exc:
+                failed[mid] = ("render_error", str(exc)[:500])
+                continue
+            html = add_pixel(html, tracker.open_url(mid))
+            emails.append(OutEmail(mid, r["email"], from_email, subject, html, text, list_headers(unsub)))
+        if failed or cancelled:
+            provider = await ctx.provider(conn)
+            await _record(ctx, conn, provider.name, campaign_id, {}, failed, cancelled, outcome)
+        if emails:
+            await _deliver(ctx, lease, campaign_id, emails, "c", campaign_id, batch, outcome)
+        return outcome
 
 
 async def send_transactional(ctx: SendContext, message_id: int) -> Outcome:
     outcome = Outcome()
     lock = -int(message_id)  # negative: never one of the kernel's positive bigint lock keys
-    async with ctx.pool.acquire() as conn:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1::bigint)", lock):
+    async with Lease(ctx.pool, TX_LOCK_SQL, TX_UNLOCK_SQL, (lock,)) as lease:
+        await _replay(ctx, lease.conn)
+        if not await lease.conn.fetchval(TX_LOCK_SQL, lock):
             outcome.detail = "locked"
             return outcome
-        try:
-            row = await conn.fetchrow(
-                """UPDATE messages m SET status = 'sending', attempts = m.attempts + 1, updated_at = now()
-                   FROM transactional_emails t
-                   WHERE m.id = $1 AND t.message_id = m.id AND m.campaign_id IS NULL
-                     AND m.status IN ('pending', 'sending')
-                   RETURNING m.id, m.email, t.from_email, t.subject, t.html, t.text""", message_id)
-            if row is None:
-                outcome.detail = "nothing to send"
-                return outcome
-            e = OutEmail(row["id"], row["email"], row["from_email"], row["subject"], row["html"], row["text"])
-            await _deliver(ctx, conn, None, [e], "t", message_id, 0, outcome)
+        lease.locked = True
+        row = await lease.conn.fetchrow(
+            """UPDATE messages m SET status = 'sending', attempts = m.attempts + 1, updated_at = now()
+               FROM transactional_emails t
+               WHERE m.id = $1 AND t.message_id = m.id AND m.campaign_id IS NULL
+                 AND m.status IN ('pending', 'sending')
+               RETURNING m.id, m.email, t.from_email, t.subject, t.html, t.text""", message_id)
+        if row is None:
+            outcome.detail = "nothing to send"
             return outcome
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1::bigint)", lock)
+        e = OutEmail(row["id"], row["email"], row["from_email"], row["subject"], row["html"], row["text"])
+        await _deliver(ctx, lease, None, [e], "t", message_id, 0, outcome)
+        return outcome

@@ -28,7 +28,7 @@ IN_CI = bool(os.environ.get("CI"))
 TABLES = ("email_events", "messages", "links", "campaigns", "import_errors", "imports", "leads",
           "incidents", "api_keys", "settings",
           # the sender's side tables of messages (0201): no foreign key, so CASCADE misses them
-          "message_provider_ids", "message_failures")
+          "message_provider_ids", "message_failures", "message_refusals")
 
 
 def _reachable(host: str, port: int) -> bool:

@@ -165,7 +165,7 @@ async def test_smtp_provider_against_the_sink_reuses_connections():
         res = await p.send_batch(emails, "k")
         assert sorted(res.accepted) == list(range(1, 11)) and not res.retry and not res.rejected
         assert handler.received == 10
-        assert len(p._idle) <= 2  # at most pool_size connections were opened and kept
+        assert p.pool.peak <= 2 and p.pool.open <= 2  # at most pool_size connections were opened
         raw = handler.messages[0][2]
         assert b"List-Unsubscribe" in raw and b"multipart/alternative" in raw
         await p.close()

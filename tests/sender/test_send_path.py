@@ -62,7 +62,9 @@ async def test_claim_and_record_are_hot_updates(api, pool):
         await _wait_for_no_older_transactions(conn)
         async with conn.transaction():
             row = await conn.fetchrow(RECORD_SQL, sent, [f"pid-{i}" for i in sent], failed,
-                                      ["boom"] * len(failed), ["failed"] * len(failed), "resend", cid)
+                                      ["boom"] * len(failed), ["failed"] * len(failed), "resend", cid,
+                                      [False] * len(failed), [None] * len(failed), [None] * len(failed),
+                                      ["rejected"] * len(failed))
             record = await conn.fetchrow(xact_stats)
         await conn.execute("SELECT pg_advisory_unlock($1::int, 0)", cid)
     # Then every one of the 2 x 100 row updates was HOT (no index of messages touched)
