@@ -41,7 +41,7 @@ CAMPAIGNS_FINISHED = "mailgenius_campaigns_finished_total"
 #: one of server_error, timeout, connection, rate_limited, client_error
 PROVIDER_ERRORS = "mailgenius_provider_errors_total"
 #: gauge{provider, relay}: SMTP connections a worker holds open to its relay (bounded by its pool)
-SMTP_CONNECTIONS = "mailgenius_smtp_connections_open"
+SMTP_CONNECTIONS = "mailgenius_smtp_connections"
 #: counter{reason}: campaigns that paused themselves (sender/guardrails.py); reason is one of
 #: bounce_rate, error_rate, complaint_rate
 CAMPAIGNS_AUTO_PAUSED = "mailgenius_campaigns_auto_paused_total"

@@ -50,7 +50,7 @@ PROVIDER_TIMEOUT = _num("PROVIDER_TIMEOUT", 30.0)
 #: SMTP connections a worker process keeps open to its relay, at most (idle or in use): the
 #: relay sees at most processes x this many connections from the fleet (Postfix's default limit
 #: per client is 50)
-SMTP_POOL_SIZE = int(_num("SMTP_POOL_SIZE", 8))
+SMTP_POOL_SIZE = int(_num("SMTP_POOL_SIZE", 16))
 #: seconds a worker trusts its cached copy of the email settings (provider)
 SETTINGS_CACHE_SECONDS = _num("SETTINGS_CACHE_SECONDS", 1.0)
 #: window of the "recent failure ratio" of the email health check, minutes

@@ -7,7 +7,7 @@ exceeds the number of slots. Every connection that is not handed back for reuse 
 ``421``, a drop) is closed on release: nothing is left half-open for the relay to count.
 
 ``open`` is the number of connections open now; ``on_change(open)`` is called after every change
-(the sender sets its ``mailgenius_smtp_connections_open`` gauge from it).
+(the sender sets its ``mailgenius_smtp_connections`` gauge from it).
 """
 
 from __future__ import annotations

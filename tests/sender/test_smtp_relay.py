@@ -211,7 +211,7 @@ async def test_hard_bounces_suppress_the_lead_and_the_failures_report_lists_them
                                          {"provider": "smtp", "event": "bounced"}) == 3
     # ...and the gauge shows the connections the pool holds open to the relay, within its bound
     provider = await ctx.provider()
-    gauge = ctx.registry.get_sample_value("mailgenius_smtp_connections_open",
+    gauge = ctx.registry.get_sample_value("mailgenius_smtp_connections",
                                           {"provider": "smtp", "relay": f"127.0.0.1:{ctx.relay.port}"})
     assert gauge == provider.pool.open and 1 <= gauge <= provider.pool.size
     assert ctx.relay.peak <= provider.pool.size
