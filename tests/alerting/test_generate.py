@@ -134,13 +134,13 @@ def test_every_alert_has_a_runbook_with_diagnosis_and_resolution(model):
 
 
 def test_prometheus_configs_scrape_every_component_with_a_service_label():
-    jobs = {"sender", "importer", "exporter", "sender-worker", "importer-worker", "postgres", "redis",
+    jobs = {"sender", "importer", "exporter", "sender-worker", "importer-worker", "scheduler", "postgres", "redis",
             "node", "alertmanager", "prometheus"}
     local = yaml.safe_load((ROOT / "prometheus/prometheus.yml").read_text())
     targets = {c["job_name"]: c["static_configs"][0] for c in local["scrape_configs"]}
     assert set(targets) == jobs
     ports = {"sender": 8001, "importer": 8002, "exporter": 9300, "sender-worker": 9191, "importer-worker": 9192,
-             "postgres": 9187, "redis": 9121, "node": 9100, "alertmanager": 9093, "prometheus": 9090}
+             "scheduler": 9194, "postgres": 9187, "redis": 9121, "node": 9100, "alertmanager": 9093, "prometheus": 9090}
     for job, sc in targets.items():
         assert sc["targets"] == [f"127.0.0.1:{ports[job]}"], job
         assert sc["labels"] == {"service": job}
@@ -157,8 +157,8 @@ def test_prometheus_configs_scrape_every_component_with_a_service_label():
             hosts[c["job_name"]] = c["static_configs"][0]["targets"][0].split(":")[0]
             assert c["static_configs"][0]["labels"] == {"service": c["job_name"]}
     assert set(hosts) == jobs
-    compose_services = {"sender", "sender-worker", "importer", "importer-worker", "exporter", "alertmanager",
-                        "postgres-exporter", "redis-exporter", "node-exporter"}
+    compose_services = {"sender", "sender-worker", "importer", "importer-worker", "exporter", "scheduler",
+                        "alertmanager", "postgres-exporter", "redis-exporter", "node-exporter"}
     assert set(hosts.values()) - {"localhost"} <= compose_services
 
 

@@ -19,7 +19,7 @@ from console import stack
 ROOT = Path(__file__).resolve().parents[2]
 
 #: the compose service names every config of the repository relies on (shared contract)
-SERVICES = {"postgres", "redis", "migrate", "sender", "sender-worker", "importer", "importer-worker", "exporter",
+SERVICES = {"postgres", "redis", "migrate", "sender", "sender-worker", "importer", "importer-worker", "exporter", "scheduler",
             "smtp-sink", "prometheus", "alertmanager", "postgres-exporter", "redis-exporter",
             "node-exporter", "grafana", "loki", "alloy"}
 #: host paths (not in the repository) a container may mount, and why
@@ -188,8 +188,8 @@ def test_prometheus_compose_targets_name_compose_services():
         for dns in job.get("dns_sd_configs", []):
             for n in dns["names"]:
                 assert n in SERVICES, f"job {job['job_name']} resolves {n}: not a compose service"
-    assert {"sender", "importer", "exporter", "sender-worker", "importer-worker", "postgres", "redis", "node",
-            "alertmanager", "prometheus"} <= jobs
+    assert {"sender", "importer", "exporter", "sender-worker", "importer-worker", "scheduler", "postgres", "redis",
+            "node", "alertmanager", "prometheus"} <= jobs
     for am in cfg["alerting"]["alertmanagers"]:
         for sc in am["static_configs"]:
             assert all(_host(t) in SERVICES for t in sc["targets"])
