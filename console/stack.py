@@ -131,6 +131,10 @@ def stack_env(environ: dict[str, str] | None = None, *, generate_secret: bool = 
     }
     for key, value in defaults.items():
         out[key] = env.get(key) or value
+    # where alerts link and where the Watchdog goes (render_configs renders the rules with them)
+    for key in ("MAILGENIUS_GRAFANA_URL", "MAILGENIUS_WATCHDOG_URL"):
+        if env.get(key):
+            out[key] = env[key]
     settings = load_settings({**env, **out})
     dsn = settings.database_url
     out["MAILGENIUS_POSTGRES_EXPORTER_DSN"] = env.get("MAILGENIUS_POSTGRES_EXPORTER_DSN") or (
@@ -226,9 +230,20 @@ def render_configs(env: dict[str, str], root: Path, out_dir: Path) -> dict[str, 
     port_map = _port_map(env)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
+    prometheus_default, alertmanager_default = DEFAULT_PROMETHEUS_CONFIG, DEFAULT_ALERTMANAGER_CONFIG
+    links = {k: v for k, v in (("grafana_url", env.get("MAILGENIUS_GRAFANA_URL")),
+                               ("watchdog_url", env.get("MAILGENIUS_WATCHDOG_URL"))) if v}
+    if links:
+        # the committed rules link alerts to the built-in monitoring page and send the Watchdog to
+        # the exporter: with a Grafana or a dead man's switch configured, render them afresh
+        # (default ports: moved below like the committed files' ones)
+        from alerting import generate
+
+        rendered = generate.render_to(out_dir / "generated", generate.local_variant(**links))
+        prometheus_default, alertmanager_default = str(rendered["prometheus"]), str(rendered["alertmanager"])
     sources = {
-        "prometheus": (env.get("MAILGENIUS_PROMETHEUS_CONFIG") or DEFAULT_PROMETHEUS_CONFIG, fallback_prometheus_config),
-        "alertmanager": (env.get("MAILGENIUS_ALERTMANAGER_CONFIG") or DEFAULT_ALERTMANAGER_CONFIG,
+        "prometheus": (env.get("MAILGENIUS_PROMETHEUS_CONFIG") or prometheus_default, fallback_prometheus_config),
+        "alertmanager": (env.get("MAILGENIUS_ALERTMANAGER_CONFIG") or alertmanager_default,
                          lambda _env: fallback_alertmanager_config()),
     }
     for name, (rel, fallback) in sources.items():

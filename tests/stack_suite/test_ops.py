@@ -99,6 +99,34 @@ def test_rendered_configs_move_every_port_and_pass_promtool_and_amtool(tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_a_configured_grafana_and_dead_mans_switch_reach_the_rendered_stack(tmp_path):
+    # Given make run's environment with a Grafana URL and an external Watchdog receiver
+    ports = moved_ports()
+    env = stack.stack_env({**ports, "MAILGENIUS_DATA_DIR": str(tmp_path),
+                           "MAILGENIUS_GRAFANA_URL": "https://grafana.example.org",
+                           "MAILGENIUS_WATCHDOG_URL": "https://deadman.example.org/ping/abc"})
+    # When stack-prepare renders the configs
+    paths = stack.render_configs(env, ROOT, tmp_path / "run")
+    # Then the alerts Prometheus loads link to that Grafana, not to the built-in page
+    prom = yaml.safe_load(paths["prometheus"].read_text())
+    rules = [p for pattern in prom["rule_files"] for p in Path(pattern).parent.glob(Path(pattern).name)]
+    annotations = [r["annotations"] for f in rules for g in yaml.safe_load(f.read_text())["groups"]
+                   for r in g["rules"] if "alert" in r]
+    assert annotations and all(a["dashboard_url"].startswith("https://grafana.example.org/d/") for a in annotations)
+    # and the Watchdog goes to the dead man's switch, the ports still moved, both configs valid
+    am = yaml.safe_load(paths["alertmanager"].read_text())
+    watchdog = next(r for r in am["receivers"] if r["name"] == "watchdog")
+    assert watchdog["webhook_configs"][0]["url"] == "https://deadman.example.org/ping/abc"
+    assert f"127.0.0.1:{ports['MAILGENIUS_EXPORTER_PORT']}" in paths["alertmanager"].read_text()
+    for tool, kind, path in (("promtool", "check", paths["prometheus"]), ("amtool", "check-config", paths["alertmanager"])):
+        args = [tool, kind, "config", str(path)] if tool == "promtool" else [tool, kind, str(path)]
+        out = subprocess.run(args, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+    # Without them, the committed files are used as they are
+    plain = stack.render_configs(stack.stack_env({**ports, "MAILGENIUS_DATA_DIR": str(tmp_path)}), ROOT, tmp_path / "run2")
+    assert str(ROOT / "prometheus" / "rules") in plain["prometheus"].read_text()
+
+
 def test_substitution_is_one_pass_so_swapped_ports_never_chain(tmp_path):
     # sender moved onto importer's default and importer onto sender's
     pm = {8001: 8002, 8002: 8001}
