@@ -151,6 +151,12 @@ def zero_fill(expr: str, like: str) -> str:
     return f"({expr}) or ({like}) * 0"
 
 
+def per_queue(expr: str, by: str = "") -> str:
+    """dramatiq's own series (labelled ``queue_name``) summed by our ``queue`` label, mapped the
+    one way :func:`mailgenius.metrics.as_queue_label` maps it (``by``: more labels to keep)."""
+    return f"sum by ({', '.join(['queue', *([by] if by else [])])}) ({M.as_queue_label(expr)})"
+
+
 def quantile(q: float, histogram: str, selector: str = "", by: str = "",
              window: str = "$__rate_interval") -> str:
     grouping = ", ".join(["le", *([b.strip() for b in by.split(",")] if by else [])])

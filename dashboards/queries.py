@@ -31,7 +31,9 @@ PROMQL_KEYWORDS = {
     "offset", "inf", "nan", "Inf", "NaN", "e", "atan2",
 }
 
-_VAR = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
+#: a Grafana variable reference. Names start with a letter or "_": ``$1`` in a label_replace()
+#: replacement is a regex group, which Grafana leaves as it is (it names no variable)
+_VAR = re.compile(r"\$\{([A-Za-z_]\w*)(?::\w+)?\}|\$([A-Za-z_]\w*)|\[\[([A-Za-z_]\w*)\]\]")
 
 
 @dataclass(frozen=True)

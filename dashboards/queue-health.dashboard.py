@@ -11,6 +11,7 @@ from dashboards.helpers import (
     high_bad,
     increase,
     panel_link,
+    per_queue,
     prom,
     queue_var,
     rate,
@@ -24,7 +25,8 @@ from dashboards.helpers import (
 from mailgenius import metrics as M
 
 Q = 'queue=~"$queue"'
-#: dramatiq labels messages with queue_name; its delay queue is "<queue>.DQ", dead letters ".XQ"
+#: dramatiq labels messages with queue_name; its delay queue is "<queue>.DQ", dead letters ".XQ";
+#: panels show our `queue` label (helpers.per_queue, the mapping of mailgenius.metrics)
 DQ = 'queue_name=~"($queue)(\\\\.[DX]Q)?"'
 WORKER_SEL = 'job=~"{}"'.format("|".join(WORKER_JOBS))
 
@@ -49,7 +51,7 @@ dead = stat(
 )
 
 processed = timeseries(
-    "Messages processed per second", [prom(rate("dramatiq_messages_total", DQ, "queue_name"), "{{queue_name}}")],
+    "Messages processed per second", [prom(per_queue(rate("dramatiq_messages_total", DQ, "queue_name")), "{{queue}}")],
     unit="ops",
 )
 processed_now = stat(
@@ -57,10 +59,10 @@ processed_now = stat(
 )
 duration = timeseries(
     "Message processing time p50 / p95",
-    [prom("histogram_quantile(0.5, sum by (le, queue_name) (rate(dramatiq_message_duration_milliseconds_bucket"
-          f"{{{DQ}}}[$__rate_interval]))) / 1000", "{{queue_name}} p50"),
-     prom("histogram_quantile(0.95, sum by (le, queue_name) (rate(dramatiq_message_duration_milliseconds_bucket"
-          f"{{{DQ}}}[$__rate_interval]))) / 1000", "{{queue_name}} p95")],
+    [prom("histogram_quantile(0.5, " + per_queue(f"rate(dramatiq_message_duration_milliseconds_bucket{{{DQ}}}"
+                                                 "[$__rate_interval])", "le") + ") / 1000", "{{queue}} p50"),
+     prom("histogram_quantile(0.95, " + per_queue(f"rate(dramatiq_message_duration_milliseconds_bucket{{{DQ}}}"
+                                                  "[$__rate_interval])", "le") + ") / 1000", "{{queue}} p95")],
     unit="s",
 )
 
@@ -74,7 +76,7 @@ worker_up = stat(
     thresholds=[(None, "red"), (1, "green")], text_mode="value_and_name",
 )
 in_progress = timeseries(
-    "Messages in progress", [prom(f"sum by (queue_name) (dramatiq_messages_inprogress{{{DQ}}})", "{{queue_name}}")],
+    "Messages in progress", [prom(per_queue(f"dramatiq_messages_inprogress{{{DQ}}}"), "{{queue}}")],
 )
 workers_ts = timeseries(
     "Workers over time", [prom(f"sum by (queue) ({M.WORKERS}{{{Q}}})", "{{queue}}")],
@@ -82,30 +84,33 @@ workers_ts = timeseries(
 
 jobs_table = table(
     "Job statistics by actor (range)",
-    [prom(increase("dramatiq_messages_total", DQ, "queue_name, actor_name"), instant=True, fmt="table"),
-     prom(zero_fill(increase("dramatiq_message_errors_total", DQ, "queue_name, actor_name"),
-                    increase("dramatiq_messages_total", DQ, "queue_name, actor_name")), instant=True, fmt="table"),
-     prom(zero_fill(increase("dramatiq_message_retries_total", DQ, "queue_name, actor_name"),
-                    increase("dramatiq_messages_total", DQ, "queue_name, actor_name")), instant=True, fmt="table")],
+    [prom(per_queue(increase("dramatiq_messages_total", DQ, "queue_name, actor_name"), "actor_name"),
+          instant=True, fmt="table"),
+     prom(zero_fill(per_queue(increase("dramatiq_message_errors_total", DQ, "queue_name, actor_name"), "actor_name"),
+                    per_queue(increase("dramatiq_messages_total", DQ, "queue_name, actor_name"), "actor_name")),
+          instant=True, fmt="table"),
+     prom(zero_fill(per_queue(increase("dramatiq_message_retries_total", DQ, "queue_name, actor_name"), "actor_name"),
+                    per_queue(increase("dramatiq_messages_total", DQ, "queue_name, actor_name"), "actor_name")),
+          instant=True, fmt="table")],
     description="Value #A: processed; #B: errored; #C: retried.",
 )
 completed = stat(
-    "Processed (range)", [prom(increase("dramatiq_messages_total", DQ, "queue_name"), "{{queue_name}}")],
+    "Processed (range)", [prom(per_queue(increase("dramatiq_messages_total", DQ, "queue_name")), "{{queue}}")],
     decimals=0, text_mode="value_and_name",
 )
 retries = timeseries(
     "Retries and dead letters per second",
-    [prom(zero_fill(rate("dramatiq_message_retries_total", DQ, "queue_name"),
-                    rate("dramatiq_messages_total", DQ, "queue_name")), "{{queue_name}} retried"),
-     prom(zero_fill(rate("dramatiq_message_rejects_total", DQ, "queue_name"),
-                    rate("dramatiq_messages_total", DQ, "queue_name")), "{{queue_name}} dead-lettered")],
+    [prom(zero_fill(per_queue(rate("dramatiq_message_retries_total", DQ, "queue_name")),
+                    per_queue(rate("dramatiq_messages_total", DQ, "queue_name"))), "{{queue}} retried"),
+     prom(zero_fill(per_queue(rate("dramatiq_message_rejects_total", DQ, "queue_name")),
+                    per_queue(rate("dramatiq_messages_total", DQ, "queue_name"))), "{{queue}} dead-lettered")],
     unit="ops",
 )
 
 failure_ratio = timeseries(
     "Job failure ratio",
-    [prom(ratio(rate("dramatiq_message_errors_total", DQ, "queue_name", "5m"),
-                rate("dramatiq_messages_total", DQ, "queue_name", "5m")), "{{queue_name}}")],
+    [prom(ratio(per_queue(rate("dramatiq_message_errors_total", DQ, "queue_name", "5m")),
+                per_queue(rate("dramatiq_messages_total", DQ, "queue_name", "5m"))), "{{queue}}")],
     unit="percentunit", thresholds=[(None, "green"), (threshold("worker_error_ratio"), "red")],
     description=fires("WorkerFailureRateHigh", "above", "worker_error_ratio"),
 )
@@ -117,8 +122,9 @@ failure_stat = stat(
 )
 errors = timeseries(
     "Errors per second by actor",
-    [prom(zero_fill(rate("dramatiq_message_errors_total", DQ, "queue_name, actor_name"),
-                    rate("dramatiq_messages_total", DQ, "queue_name, actor_name")), "{{actor_name}}")],
+    [prom(zero_fill(per_queue(rate("dramatiq_message_errors_total", DQ, "queue_name, actor_name"), "actor_name"),
+                    per_queue(rate("dramatiq_messages_total", DQ, "queue_name, actor_name"), "actor_name")),
+          "{{actor_name}}")],
     unit="ops", bars=True, links=[panel_link("structured-logs")],
 )
 

@@ -109,7 +109,9 @@ latency_by_service = timeseries(
     [prom(mean_of(M.HTTP_REQUEST_DURATION, HTTP_SEL, "service"), "{{service}}")], unit="s",
 )
 p95_stat = stat(
-    "API p95 now", [prom(quantile(0.95, M.HTTP_REQUEST_DURATION, HTTP_SEL))], unit="s",
+    # the series HighAPILatency reads (per service, 5 min): the worst of the selected services
+    "API p95 now (worst service)", [prom("max(" + recorded("api_latency_p95", 'service=~"$service"') + ")")], unit="s",
+    description=fires("HighAPILatency", "when a service's p95 stays above", "api_latency_p95_seconds", "ms"),
     thresholds=[(None, "green"), (threshold("api_latency_p95_seconds") * 0.7, "orange"),
                 (threshold("api_latency_p95_seconds"), "red")], graph=True,
 )
