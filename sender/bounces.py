@@ -32,7 +32,7 @@ import time
 from mailgenius.errors import Unauthorized
 
 from . import dsn
-from .events import Applied, Report, WebhookError, record_event
+from .events import Applied, Report, WebhookError, _ts, record_event
 from .metrics import SenderMetrics
 
 #: seconds a signed webhook stays valid (either side of now)
@@ -63,16 +63,6 @@ def verify(secret: str, timestamp: str | None, signature: str | None, body: byte
     given = [s.strip() for s in signature.split(",") if s.strip()]
     if not any(hmac.compare_digest(want, g) for g in given):
         raise Unauthorized("the signature does not match the body", code="invalid_signature")
-
-
-def _ts(value) -> dt.datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
 
 
 def parse_webhook(body: bytes) -> Report:
