@@ -101,6 +101,12 @@ async def apply_event(conn, msg, event: str, at: dt.datetime, *, hard_bounce: bo
     if inc and cid is not None:
         cols = ", ".join(f"{k} = {k} + {v}" for k, v in inc.items())
         await conn.execute(f"UPDATE campaigns SET {cols}, updated_at = now() WHERE id = $1", cid)
+    if event == "bounced" and inc.get("bounced"):
+        # a hard bounce reported after the send (a DSN, a provider's receipt) is a failed
+        # recipient too: the campaign's failures report lists it (sender/failures.py)
+        await conn.execute(
+            """INSERT INTO message_refusals (message_id, campaign_id, reason, stage, failed_at)
+               VALUES ($1, $2, 'bounced', 'report', $3) ON CONFLICT (message_id) DO NOTHING""", mid, cid, at)
     if lead_status and msg["lead_id"] is not None:
         await conn.execute(
             "UPDATE leads SET status = $2, updated_at = now() WHERE id = $1 AND status IN ('active', 'unsubscribed')",

@@ -2,14 +2,17 @@
 keyset-paged) and its CSV export (``?format=csv`` or ``/failures.csv``, every page streamed).
 
 Reads ``message_refusals`` (migration 0220, written by the send path's record statement) joined
-to ``messages``: one row per recipient that is still ``failed``, with
+to ``messages``: one row per recipient that is still ``failed``, or that bounced after it was
+sent, with
 
 * ``status``: ``bounced`` for a hard bounce (the relay said the mailbox does not exist; the lead
   was suppressed) or ``failed``;
 * ``reason``: the failure label (``bounced``, ``rejected``, ``smtputf8``, ``deferred``,
   ``render_error``, ``server_error``...), ``error``: the relay's reply text or our message;
 * ``stage``: where the SMTP conversation ended (``connect``, ``MAIL``, ``RCPT``, ``DATA``; null
-  for a failure before the provider or on Resend), ``smtp_code``: the reply code;
+  for a failure before the provider or on Resend; ``report`` for a hard bounce reported after the
+  send: a DSN from the bounce mailbox, the bounce webhook, Resend's ``email.bounced``),
+  ``smtp_code``: the reply code;
 * ``failed_at``.
 
 Paging: ``limit`` (1-1000, default 100) rows after ``after`` (a message id, default 0), ordered by
@@ -65,7 +68,7 @@ async def page(pool, campaign_id: int, after: int = 0, limit: int = DEFAULT_LIMI
               "status": "bounced" if r["delivery"] == "bounced" else "failed",
               "reason": r["reason"], "error": r["last_error"], "stage": r["stage"], "smtp_code": r["smtp_code"],
               "failed_at": r["failed_at"].isoformat()}
-             for r in rows if r["status"] == "failed"]
+             for r in rows if r["status"] == "failed" or r["delivery"] == "bounced"]
     more = bool(rows) and rows[0]["scanned"] == limit
     return {"campaign_id": campaign_id, "failures": items, "next_after": rows[0]["last_id"] if more else None}
 

@@ -201,3 +201,21 @@ async def test_webhook_for_an_unknown_email_is_recorded_unlinked(api, pool):
     resp = await api.post("/webhooks/resend", data=raw, headers=headers)
     assert resp.status == 200 and (await resp.json())["message_id"] is None
     assert await pool.fetchval("SELECT count(*) FROM email_events WHERE message_id IS NULL") == 1
+
+
+async def test_a_bounce_reported_after_the_send_is_in_the_failures_report(api, pool, send_ctx):
+    # Given a sent campaign, When Resend reports a hard bounce of one of its messages
+    cid, rows = await sent_campaign(api, pool, send_ctx)
+    raw, headers = signed(event("email.bounced", rows[0]["provider_message_id"]))
+    assert (await api.post("/webhooks/resend", data=raw, headers=headers)).status == 200
+    # and the same bounce again, and a soft bounce of another message
+    raw, headers = signed(event("email.bounced", rows[0]["provider_message_id"]))
+    assert (await api.post("/webhooks/resend", data=raw, headers=headers)).status == 200
+    raw, headers = signed(event("email.bounced", rows[1]["provider_message_id"], bounce={"type": "Transient"}))
+    assert (await api.post("/webhooks/resend", data=raw, headers=headers)).status == 200
+    # Then the campaign's failures report lists the hard bounce once, as a bounce reported late
+    resp = await api.get(f"/api/campaigns/{cid}/failures", headers=api.read_h)
+    assert resp.status == 200, await resp.text()
+    failures = (await resp.json())["failures"]
+    assert [(f["message_id"], f["status"], f["reason"], f["stage"]) for f in failures] == [
+        (rows[0]["id"], "bounced", "bounced", "report")]
