@@ -7,7 +7,7 @@ accepted message, written ahead of the record); the replacement worker replays t
 before it claims, so the redelivered batches send only what the relay never accepted. Repeats
 are at most the messages in flight at the kill: one per open connection of the killed process
 (its SMTP pool). Before the write-ahead, every answer of the batches in flight was lost with the
-process and those batches were sent again whole (about 50 repeats per kill here).
+process and those batches were sent again whole (about 100 repeats per kill here).
 
 The helpers (campaign, polling, worker environment) are tests/reliability/test_smtp_outage.py's.
 """
