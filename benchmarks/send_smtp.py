@@ -225,7 +225,7 @@ async def run(args) -> int:
             "MAILGENIUS_REDIS_PREFIX": prefix, "MAILGENIUS_EMAIL_PROVIDER": "smtp",
             "MAILGENIUS_SMTP_HOST": "127.0.0.1", "MAILGENIUS_SMTP_PORT": str(sink_port),
             "MAILGENIUS_SENDER_SMTP_POOL_SIZE": str(args.pool),
-            "MAILGENIUS_TRACKING_SECRET": "bench-secret", "MAILGENIUS_LOG_LEVEL": "warning",
+            "MAILGENIUS_TRACKING_SECRET": "bench-secret-not-for-production", "MAILGENIUS_LOG_LEVEL": "warning",
             "MAILGENIUS_DATA_DIR": str(logdir / prefix), "MAILGENIUS_DB_POOL_MAX": str(args.threads + 4),
         })
         sink_cmd = [py, "-m", "sender.testing", "--smtp-sink", "--port", str(sink_port)]

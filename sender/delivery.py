@@ -26,6 +26,7 @@ every worker waits it out before calling that provider.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import random
@@ -211,25 +212,43 @@ async def _ready_to_record(ctx: SendContext, lease: Lease) -> None:
 async def record_durably(ctx: SendContext, lease: Lease, provider: str, campaign_id: int | None,
                          sent: dict[int, str], failed: dict[int, tuple[str, str]], outcome: Outcome, *,
                          bounced: set[int] | None = None,
-                         details: dict[int, tuple[str, int | None]] | None = None) -> None:
+                         details: dict[int, tuple[str, int | None]] | None = None,
+                         wal: str | None = None) -> None:
     """Record a provider's answers, holding on to them through a Postgres outage.
 
     The first failure journals them (sender/journal.py, fsync'd) and the record is retried on a
     fresh connection with back-off for up to the retry budget; if it still fails, or the worker
     stops meanwhile, the journal keeps the entry for replay and the error propagates. Nothing the
     provider accepted is let go unrecorded *and* unjournaled.
+
+    ``wal``: the journal key of the call's write-ahead (SMTP, :func:`_deliver`); it is retired
+    once the answers are recorded or the outage entry holds them, and on an error that is not an
+    outage (a bug: replaying it would fail the same way before every claim). If the batch is
+    interrupted instead (cancelled, time limit), :func:`_deliver` keeps it for replay.
     """
     from .sending import _record  # at call time: sending imports this module
     bounced, details = bounced or set(), details or {}
+    journal = ctx.journal
     try:
         await _record(ctx, lease.conn, provider, campaign_id, sent, failed, [], outcome,
                       bounced=bounced, details=details)
-        return
     except DB_DOWN_ERRORS as exc:
         first = exc
+    except Exception:
+        if wal is not None:  # not an outage (a bug): replaying it would fail the same way forever
+            journal.close_batch(wal)
+        raise
+    else:
+        if wal is not None:
+            journal.close_batch(wal)
+        return
     if not sent and not failed:
+        if wal is not None:
+            journal.close_batch(wal)
         raise first
-    key = ctx.journal.write(encode_outcomes(provider, campaign_id, sent, failed, bounced, details))
+    key = journal.write(encode_outcomes(provider, campaign_id, sent, failed, bounced, details))
+    if wal is not None:
+        journal.close_batch(wal)  # the fsync'd entry holds every answer of the call now
     log.warning("could not record the provider's answers; journaled, retrying",
                 extra={"campaign_id": campaign_id, "sent": len(sent), "failed": len(failed),
                        "error": f"{type(first).__name__}: {first}"})
@@ -247,11 +266,11 @@ async def record_durably(ctx: SendContext, lease: Lease, provider: str, campaign
                 if time.monotonic() >= deadline:
                     raise
                 continue
-            ctx.journal.done(key)
+            journal.done(key)
             log.info("recorded the journaled answers", extra={"campaign_id": campaign_id, "sent": len(sent)})
             return
     except BaseException:
-        ctx.journal.abandon(key)  # replayed before this process's next claim, or by the next worker
+        journal.abandon(key)  # replayed before this process's next claim, or by the next worker
         raise
 
 
@@ -299,6 +318,7 @@ async def _deliver(ctx: SendContext, lease: Lease, campaign_id: int | None, emai
     is not: the caller's advisory lock is released and dramatiq redelivers the batch.
     """
     provider = await ctx.provider(lease.conn)
+    journal = ctx.journal if getattr(provider, "write_ahead", False) else None
     errors = ctx.metrics.provider_errors
     pending = emails
     attempt = 0
@@ -309,27 +329,41 @@ async def _deliver(ctx: SendContext, lease: Lease, campaign_id: int | None, emai
         await wait_provider_pause(ctx, provider.name)  # a 429 seen by any worker of the fleet
         key = idempotency_key(key_kind, owner, part, [e.message_id for e in pending])
         await _ready_to_record(ctx, lease)  # never send what could not be recorded
+        # SMTP (no idempotency key): every 250 is written ahead to the journal as it comes, so a
+        # kill -9 mid-batch loses none of the answers already read (sender/journal.py)
+        wal = journal.open_batch(provider.name, campaign_id) if journal is not None else None
         try:
-            result = await provider.send_batch(pending, key)
-        except Exception as exc:  # a bug or an unexpected library error: retry like a 5xx
-            log.exception("provider call raised")
-            result = SendResult(retry=[e.message_id for e in pending],
-                                error=ProviderError("server_error", f"{type(exc).__name__}: {exc}"[:500], True),
-                                call_error="server_error")
-        if result.call_error:
-            errors.labels(provider.name, result.call_error).inc()
-        retry_ids = set(result.retry)
-        failed = dict(result.rejected)
-        err = result.error or ProviderError("server_error", "provider asked for a retry", True)
-        delay = backoff(attempt)
-        if err.retry_after is not None:
-            delay = min(err.retry_after, config.RETRY_AFTER_MAX)
-        if retry_ids and err.reason == "rate_limited":  # first, before any other batch calls
-            await pause_provider(ctx, provider.name, delay)
-        # what the provider answered for good is recorded first, durably: an accepted send must
-        # never be let go unrecorded (it would be claimed and sent again)
-        await record_durably(ctx, lease, provider.name, campaign_id, result.accepted, failed, outcome,
-                             bounced=result.bounced & set(failed), details=result.details)
+            try:
+                if wal is None:
+                    result = await provider.send_batch(pending, key)
+                else:
+                    result = await provider.send_batch(pending, key, on_accepted=functools.partial(journal.accepted, wal))
+            except Exception as exc:  # a bug or an unexpected library error: retry like a 5xx
+                log.exception("provider call raised")
+                accepted = dict(journal.open[wal]["sent"]) if wal is not None and wal in journal.open else {}
+                result = SendResult(accepted=accepted, retry=[e.message_id for e in pending if e.message_id not in accepted],
+                                    error=ProviderError("server_error", f"{type(exc).__name__}: {exc}"[:500], True),
+                                    call_error="server_error")
+            if result.call_error:
+                errors.labels(provider.name, result.call_error).inc()
+            retry_ids = set(result.retry)
+            failed = dict(result.rejected)
+            err = result.error or ProviderError("server_error", "provider asked for a retry", True)
+            delay = backoff(attempt)
+            if err.retry_after is not None:
+                delay = min(err.retry_after, config.RETRY_AFTER_MAX)
+            if retry_ids and err.reason == "rate_limited":  # first, before any other batch calls
+                await pause_provider(ctx, provider.name, delay)
+            # what the provider answered for good is recorded first, durably: an accepted send must
+            # never be let go unrecorded (it would be claimed and sent again)
+            await record_durably(ctx, lease, provider.name, campaign_id, result.accepted, failed, outcome,
+                                 bounced=result.bounced & set(failed), details=result.details, wal=wal)
+        except BaseException:
+            # cancelled, time limit, the journal unwritable: what the relay accepted and is not
+            # recorded stays in the journal, replayed before the next claim (no-op once retired)
+            if wal is not None:
+                journal.keep(wal)
+            raise
         if not retry_ids:
             return
         row = await lease.conn.fetchrow(MARK_RETRY_SQL, list(retry_ids), f"{err.reason}: {err.message}"[:500],

@@ -6,6 +6,9 @@ which should be retried (with the error that made them so, honouring Retry-After
 call failed as a whole, ``call_error``: one of :data:`CALL_ERRORS`, the label of
 ``mailgenius_provider_errors_total`` (counted once per call by sender/delivery.py). It raises
 nothing for provider trouble: the caller decides about retries and records every outcome.
+A provider without idempotency keys (SMTP, ``write_ahead = True``) also takes
+``on_accepted(message_id, provider_id)``, called the moment each message is accepted, so the
+caller can write that down before the batch ends (sender/journal.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import email.utils
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 
@@ -384,14 +388,20 @@ class SmtpProvider:
     outage (EmailProviderFailing counts ``mailgenius_provider_errors_total``).
 
     SMTP has no idempotency key: every attempt at a recipient carries the same Message-ID
-    (:func:`message_id_header`). The sender keeps a relay's 250 until it is recorded (it retries
-    recording through a Postgres outage and journals it to disk if it must stop, see
-    sender/journal.py), so an outage does not resend. What remains: a worker killed with -9 between
-    the 250 and the record, and a 250 lost on the wire (connection reset after the body was sent:
-    we retry, the relay may have queued the first copy).
+    (:func:`message_id_header`). Each relay 250 is handed to ``send_batch``'s ``on_accepted`` at
+    once, and the sender appends it to its journal (one unbuffered write, sender/journal.py), so a
+    worker killed with -9 mid-batch loses none of the answers it read: the next claim records them
+    and sends only the rest. The sender also keeps the answers until they are recorded (it retries
+    recording through a Postgres outage, journaled and fsync'd), so an outage does not resend.
+    What remains: the messages in flight when a worker is killed (at most one per open
+    connection: the relay accepted, the 250 was not read or written yet), the write-ahead lines a
+    machine crash loses (not fsync'd), and a 250 lost on the wire (connection reset after the body
+    was sent: we retry, the relay may have queued the first copy).
     """
 
     name = "smtp"
+    #: send_batch takes ``on_accepted``: no idempotency key, so every 250 is written ahead
+    write_ahead = True
 
     def __init__(self, host: str, port: int, *, starttls: bool = False, username: str = "",
                  password: str = "", pool_size: int = config.SMTP_POOL_SIZE,
@@ -479,7 +489,7 @@ class SmtpProvider:
             return _Answer("deferred", stage, code, text, "deferred", keep)  # greylisted, mailbox full
         return _Answer("deferred", stage, code, text, "server_error", keep, call_error="server_error")
 
-    async def _send_one(self, e: OutEmail, result: SendResult) -> None:
+    async def _send_one(self, e: OutEmail, result: SendResult, on_accepted) -> None:
         start = time.perf_counter()
         answer: _Answer | None = None
         try:
@@ -516,12 +526,14 @@ class SmtpProvider:
         finally:
             if self.observe:
                 self.observe("send", time.perf_counter() - start)
-        self._note(e, answer, result)
+        self._note(e, answer, result, on_accepted)
 
-    def _note(self, e: OutEmail, a: _Answer, result: SendResult) -> None:
+    def _note(self, e: OutEmail, a: _Answer, result: SendResult, on_accepted=None) -> None:
         mid = e.message_id
         if a.kind == "accepted":
-            result.accepted[mid] = message_id_header(mid, e.from_email)
+            pid = result.accepted[mid] = message_id_header(mid, e.from_email)
+            if on_accepted is not None:  # the write-ahead: before anything else can happen
+                on_accepted(mid, pid)
             return
         result.details[mid] = (a.stage, a.code)
         text = f"{a.code} {a.text}" if a.code else a.text
@@ -537,12 +549,15 @@ class SmtpProvider:
                              or _SEVERITY[a.call_error] > _SEVERITY.get(result.call_error, 0)):
             result.call_error = a.call_error
 
-    async def send_batch(self, emails: list[OutEmail], idempotency_key: str) -> SendResult:
-        # SMTP has no idempotency key: see the class docstring
+    async def send_batch(self, emails: list[OutEmail], idempotency_key: str, *,
+                         on_accepted: Callable[[int, str], None] | None = None) -> SendResult:
+        """Send every email; ``on_accepted(message_id, provider_id)`` is called the moment the
+        relay's final 250 for a message is read, before the batch ends (SMTP has no idempotency
+        key: the sender appends it to its journal, see the class docstring)."""
         result = SendResult()
         start = time.perf_counter()
         try:
-            await asyncio.gather(*(self._send_one(e, result) for e in emails))
+            await asyncio.gather(*(self._send_one(e, result, on_accepted) for e in emails))
         finally:
             # one "send_batch" per call, as for Resend: the denominator of the provider error ratio
             if self.observe:

@@ -11,10 +11,11 @@ Exactly once per recipient:
 * outcomes are written after every provider call, in one transaction with the campaign's
   counters (set-based updates over ``unnest`` arrays), so a redelivered batch skips what was sent.
 
-SMTP has no idempotency key: a relay's answers are kept until recorded, through a Postgres outage
-(retried on a fresh connection, journaled to local disk if the worker must stop first:
-sender/delivery.py ``record_durably``, sender/journal.py). Only a ``kill -9`` between the relay's
-250 and the journal's fsync can still send a recipient twice.
+SMTP has no idempotency key: each relay 250 is written ahead to a local journal the moment it is
+read (sender/journal.py), and the answers are kept until recorded through a Postgres outage
+(retried on a fresh connection, journaled and fsync'd if the worker must stop first:
+sender/delivery.py ``record_durably``). A ``kill -9`` mid-batch can still send twice only the
+messages in flight at that instant (at most one per open SMTP connection).
 """
 
 from __future__ import annotations
@@ -306,9 +307,11 @@ TX_UNLOCK_SQL = "SELECT pg_advisory_unlock($1::bigint)"
 
 async def _replay(ctx: SendContext, conn) -> None:
     """Before claiming: record what a journal still holds (sender/journal.py), so that a row the
-    relay accepted during a Postgres outage is never claimed and sent again by this host."""
+    relay accepted (during a Postgres outage, or in a batch of a worker killed mid-send) is never
+    claimed and sent again by this host. Every claim looks for a dead sibling's journal (one
+    directory scan): a killed process's batches are redelivered to whichever process is left."""
     journal = ctx.journal
-    if journal is not None and (journal.live or journal.foreign_pending):
+    if journal is not None and (journal.live or journal.dead_sibling()):
         await replay_journal(ctx, conn)
 
 

@@ -21,6 +21,7 @@ import time
 import aiohttp
 import pytest
 
+from sender.journal import read_entries
 from sender.testing import TestRelay
 from tests.conftest import bearer
 from tests.reliability.conftest import _stack_class
@@ -92,9 +93,10 @@ async def test_postgres_cut_mid_campaign_on_smtp_sends_each_recipient_once(
         t_cut = time.monotonic()
         journal_dir = tmp_path / "var" / "sender-journal"
         if kill_worker:
-            # the relay's answers for the batches in flight are journaled within moments
-            await poll(lambda: asyncio.sleep(0, any(p.stat().st_size > 0 for p in journal_dir.glob("*.jsonl"))
-                                              if journal_dir.exists() else False),
+            # the relay's answers for the batches in flight are journaled (fsync'd outcome entries,
+            # not only the write-ahead of accepted messages) within moments
+            await poll(lambda: asyncio.sleep(0, any(not e.get("open") for p in journal_dir.glob("*.jsonl")
+                                                     for e in read_entries(p.read_bytes()))),
                        PG_OUTAGE, f"the journal written\n{stack.log('sender-worker')}", interval=0.05)
             # batches already talking to the relay finish theirs and journal it; no new one starts
             await asyncio.sleep(2.0)

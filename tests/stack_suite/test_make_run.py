@@ -53,6 +53,8 @@ UP_WITHIN = 60.0
 ALERT_WITHIN = 120.0
 #: Ctrl-C bound given to the stack (MAILGENIUS_STOP_TIMEOUT)
 STOP_TIMEOUT = 15
+#: SMTP connections of the send worker process (MAILGENIUS_SENDER_SMTP_POOL_SIZE, the default)
+SMTP_POOL = 16
 
 
 def descendants(pid: int) -> set[int]:
@@ -150,6 +152,8 @@ def running_stack(tmp_path_factory, database_url, redis_url, redis_prefix, slack
         "MAILGENIUS_SCHEDULE_DB_MAINTENANCE": "off", "MAILGENIUS_RESTART_BACKOFF_MAX": "8",
         # a killed worker's unacknowledged messages are redelivered within seconds (as tests/sender does)
         "MAILGENIUS_BROKER_MAINTENANCE_CHANCE": "1000000", "MAILGENIUS_BROKER_HEARTBEAT_TIMEOUT_MS": "4000",
+        # the send worker's SMTP connections (the default, spelled out: the bound on repeats at a kill)
+        "MAILGENIUS_SENDER_SMTP_POOL_SIZE": str(SMTP_POOL),
     })
     log_path = tmp / "make-run.log"
     log = open(log_path, "wb")
@@ -481,9 +485,10 @@ def test_worker_killed_mid_campaign_is_replaced_and_every_lead_gets_one_message(
     assert counts["recipients"] == leads and counts["sent"] == leads and counts["failed"] == 0, counts
     # exactly once in the ledger (above: sent == leads, no failure), and at the relay every new
     # recipient got its message, and only that one: a repeat can only be the same message (same
-    # Message-ID) sent again from the one window SMTP leaves open (the relay's 250 reached the
-    # killed worker, the ledger had not recorded it: sender/providers.py SmtpProvider), which
-    # relays and mailboxes deduplicating on Message-ID drop
+    # Message-ID) sent again from the one window SMTP leaves open, the messages in flight at the
+    # kill (the relay took them, their 250 was not read or written ahead to the worker's journal
+    # yet: sender/journal.py), at most one per SMTP connection of the killed process; relays and
+    # mailboxes deduplicating on Message-ID drop them
     messages = [(to, mid) for to, mid in _sink_messages(s) if to not in before]
     ids: dict[str, set[str]] = {}
     for to, mid in messages:
@@ -491,8 +496,10 @@ def test_worker_killed_mid_campaign_is_replaced_and_every_lead_gets_one_message(
     assert len(ids) == leads, f"{len(ids)} of {leads} recipients got a message"
     different = {to: m for to, m in ids.items() if len(m) > 1}
     assert not different, f"recipients that got two different messages: {list(different.items())[:3]}"
-    print(f"relay copies: {len(messages)} for {leads} recipients ({len(messages) - leads} repeats of the same "
-          f"Message-ID from the SMTP window at the kill)")
+    repeats = len(messages) - leads
+    print(f"relay copies: {len(messages)} for {leads} recipients ({repeats} repeats of the same Message-ID from "
+          f"the messages in flight at the kill; bound {SMTP_POOL} connections)")
+    assert repeats <= SMTP_POOL, f"{repeats} repeats after one kill: more than the {SMTP_POOL} messages in flight"
     # status agrees: one live send worker again
     status = _cli(s, "status", "--json", only_data_dir=True)
     assert '"email-sending"' in status.stdout
