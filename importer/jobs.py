@@ -44,9 +44,6 @@ from mailgenius.import_states import (
     sql_list,
 )
 
-__all__ = ["ACTIVE", "CANCELLED", "COMPLETED", "FAILED", "FINISHED", "QUEUED", "RUNNING", "STATUSES",
-           "TRANSITIONS", "IMPORT_FIELDS", "SELECT"]
-
 #: status -> the statuses it may move to (finished imports never move)
 TRANSITIONS: dict[str, tuple[str, ...]] = {
     QUEUED: (RUNNING, FAILED, CANCELLED),
@@ -60,10 +57,6 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
 def sources(status: str) -> tuple[str, ...]:
     """The statuses an import may be in to move to ``status``."""
     return tuple(s for s in STATUSES if status in TRANSITIONS[s])
-
-
-def can_move(current: str, new: str) -> bool:
-    return new in TRANSITIONS.get(current, ())
 
 
 # -- the JSON view -----------------------------------------------------------------------------
