@@ -13,6 +13,7 @@ import dramatiq
 from mailgenius.metrics import QUEUE_IMPORT
 from mailgenius.worker import resources, worker_setup
 
+from . import jobs
 from .loader import ImportMetrics, ImportOptions, run_import
 
 settings, broker = worker_setup("importer")
@@ -39,21 +40,17 @@ async def import_leads(import_id: int) -> None:
         # visible from the event-loop thread async actors run on
         text = f"{type(exc).__name__}: {exc}"[:500]
         try:
-            attempts = await res.pool.fetchval("SELECT attempts FROM imports WHERE id = $1", int(import_id)) or 0
+            attempts = await jobs.attempts(res.pool, int(import_id))
             final = attempts > MAX_RETRIES
             log.exception("import attempt failed", extra={"import_id": import_id, "attempt": attempts,
                                                            "final": final})
             if final:
-                done = await res.pool.fetchval(
-                    """UPDATE imports SET status = 'failed', error = $2, finished_at = now(), updated_at = now()
-                       WHERE id = $1 AND status IN ('queued', 'running') RETURNING id""",
-                    int(import_id), f"failed after {attempts} attempts: {text}")
+                done = await jobs.finish(res.pool, int(import_id), jobs.FAILED,
+                                         f"failed after {attempts} attempts: {text}")
                 if done:
-                    METRICS.jobs.labels("failed").inc()
+                    METRICS.jobs.labels(jobs.FAILED).inc()
             else:
-                await res.pool.execute(
-                    "UPDATE imports SET error = $2, updated_at = now() WHERE id = $1 AND status = 'running'",
-                    int(import_id), f"attempt {attempts} failed, retrying: {text}")
+                await jobs.record_retry(res.pool, int(import_id), f"attempt {attempts} failed, retrying: {text}")
         except Exception:
             log.warning("could not record the failure", exc_info=True)
         raise

@@ -36,6 +36,8 @@ from mailgenius.metrics import (
     _bare,
 )
 
+from . import jobs
+from .jobs import CANCELLED, COMPLETED, FAILED, FINISHED, RUNNING
 from .reader import (
     DEFAULT_MAX_LINE,
     DUPLICATE,
@@ -51,7 +53,6 @@ log = logging.getLogger(__name__)
 
 #: advisory-lock namespace of import jobs (first key of pg_try_advisory_lock(int, int))
 LOCK_NAMESPACE = 0x494D50  # "IMP"
-FINISHED = ("completed", "failed", "cancelled")
 #: outcomes of mailgenius_import_rows_total
 OUTCOMES = ("inserted", "updated", "duplicate", "invalid")
 #: seconds between two progress publications / cancel-flag polls
@@ -251,7 +252,7 @@ class ImportJob:
                                              LOCK_NAMESPACE, self.import_id)
                 if not locked:
                     log.warning("import already running elsewhere; this delivery does nothing")
-                    return "running"
+                    return RUNNING
                 try:
                     return await self._run_locked(conn)
                 finally:
@@ -269,15 +270,11 @@ class ImportJob:
         if row["status"] in FINISHED:
             return row["status"]
         if row["cancel_requested"]:
-            await self._finish(conn, "cancelled", None)
-            return "cancelled"
-        row = await conn.fetchrow(
-            """UPDATE imports SET status = 'running', started_at = COALESCE(started_at, now()),
-                   attempts = attempts + 1, updated_at = now()
-               WHERE id = $1 AND status IN ('queued', 'running') AND NOT cancel_requested
-               RETURNING *""", self.import_id)
+            await self._finish(conn, CANCELLED, None)
+            return CANCELLED
+        row = await jobs.claim(conn, self.import_id)
         if row is None:  # cancelled (or finished) between the read above and now
-            return await conn.fetchval("SELECT status FROM imports WHERE id = $1", self.import_id)
+            return await jobs.status_of(conn, self.import_id)
         resumed = row["checkpoint_offset"] > 0
         log.info("import resumed from checkpoint" if resumed else "import started",
                  extra={"checkpoint_row": row["checkpoint_row"], "attempt": row["attempts"]})
@@ -289,8 +286,8 @@ class ImportJob:
             info: FileInfo = await loop.run_in_executor(
                 None, lambda: sniff(row["path"], override, max_line=self.options.max_line))
         except FileProblem as exc:
-            await self._finish(conn, "failed", str(exc))
-            return "failed"
+            await self._finish(conn, FAILED, str(exc))
+            return FAILED
         if not resumed:
             await conn.execute(
                 """UPDATE imports SET encoding = $2, delimiter = $3, total_rows = $4, mapping = $5::jsonb,
@@ -324,19 +321,19 @@ class ImportJob:
             except Exception:
                 log.warning("progress watcher did not stop", exc_info=True)
         if cancelled:  # only now: the watcher can no longer interrupt this statement
-            await self._finish(conn, "cancelled", None)
-            return "cancelled"
+            await self._finish(conn, CANCELLED, None)
+            return CANCELLED
         processed = await conn.fetchval("SELECT processed_rows FROM imports WHERE id = $1", self.import_id)
         if processed == 0:
-            await self._finish(conn, "failed", "the file has a header row but no data rows")
-            return "failed"
-        await self._finish(conn, "completed", None)
+            await self._finish(conn, FAILED, "the file has a header row but no data rows")
+            return FAILED
+        await self._finish(conn, COMPLETED, None)
         for p in {row["path"], info.data_path}:
             try:
                 os.remove(p)
             except OSError:
                 pass
-        return "completed"
+        return COMPLETED
 
     # -- batches -----------------------------------------------------------------------------
 
@@ -459,11 +456,7 @@ class ImportJob:
                 pass
 
     async def _finish(self, conn, status: str, error: str | None) -> None:
-        row = await conn.fetchrow(
-            """UPDATE imports SET status = $2, error = $3, finished_at = now(), updated_at = now(),
-                   total_rows = CASE WHEN $2 = 'completed' THEN processed_rows ELSE total_rows END
-               WHERE id = $1 AND status NOT IN ('completed', 'failed', 'cancelled')
-               RETURNING started_at, finished_at""", self.import_id, status, error)
+        row = await jobs.finish(conn, self.import_id, status, error)
         await conn.execute("DELETE FROM import_skipped WHERE import_id = $1", self.import_id)
         try:
             await self.redis.delete(progress_key(self.settings, self.import_id))
