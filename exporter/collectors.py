@@ -75,9 +75,9 @@ from prometheus_client.registry import Collector
 from mailgenius import metrics as m
 from mailgenius.health import consume_outcome
 from mailgenius.queues import worker_count
+from mailgenius.settings import ExporterSettings
 
 from .brokers import queue_stats
-from .config import ExporterConfig
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class Context:
     """What a source may use while refreshing (never while collecting)."""
 
     settings: Any
-    config: ExporterConfig
+    config: ExporterSettings
     get_pool: Callable[[], Any]
     get_redis: Callable[[], Any]
 

@@ -90,9 +90,7 @@ def test_bad_secret_file_names_the_variable(tmp_path, case):
 
 
 def test_exporter_reads_its_webhook_token_from_a_file(tmp_path):
-    from exporter.config import load_config
-
     token = tmp_path / "token"
     token.write_text("t" * 32 + "\n")
-    cfg = load_config(load_settings({}), {"MAILGENIUS_ALERT_WEBHOOK_TOKEN_FILE": str(token)})
+    cfg = load_settings({"MAILGENIUS_ALERT_WEBHOOK_TOKEN_FILE": str(token)}).exporter
     assert cfg.webhook_token == "t" * 32
