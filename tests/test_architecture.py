@@ -174,8 +174,8 @@ ENVIRON_READERS: dict[str, str] = {
                          "not a service setting)",
     "alerting/cli.py": "write-secrets copies the alert channels' secrets from the operator's environment "
                        "into files (a tool, run beside the services)",
-    "alerting/generate.py": "render-time inputs of the generated Alertmanager config (MAILGENIUS_RULES_FILE, "
-                            "MAILGENIUS_WATCHDOG_URL, MAILGENIUS_GRAFANA_URL): a tool, not a service",
+    "alerting/generate.py": "render-time inputs of the generated Alertmanager config (MAILGENIUS_WATCHDOG_URL, "
+                            "MAILGENIUS_GRAFANA_URL): a tool, not a service",
     "dashboards/helpers.py": "MAILGENIUS_DASHBOARDS_CONFIG, a build-time input of the dashboards tool",
 }
 
