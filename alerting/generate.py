@@ -27,6 +27,7 @@ import jinja2
 import yaml
 
 from mailgenius import contract
+from mailgenius.settings import rules_file
 
 HERE = Path(__file__).resolve().parent
 #: the one source of every alert
@@ -333,7 +334,7 @@ def _receiver_name(channels: tuple[str, ...]) -> str:
 
 def default_source() -> Path:
     """The rules.yml every reader uses: ``$MAILGENIUS_RULES_FILE``, else alerting/rules.yml."""
-    return Path(os.environ.get(contract.ENV) or SOURCE)
+    return Path(rules_file() or SOURCE)
 
 
 def render(variant: Variant | None = None, *, source: Path | None = None,

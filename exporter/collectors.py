@@ -77,9 +77,9 @@ from mailgenius import metrics as m
 from mailgenius.health import consume_outcome
 from mailgenius.import_states import sql_list
 from mailgenius.queues import worker_count
+from mailgenius.settings import ExporterSettings
 
 from .brokers import queue_stats
-from .config import ExporterConfig
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Context:
     """What a source may use while refreshing (never while collecting)."""
 
     settings: Any
-    config: ExporterConfig
+    config: ExporterSettings
     get_pool: Callable[[], Any]
     get_redis: Callable[[], Any]
 

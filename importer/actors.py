@@ -33,7 +33,7 @@ async def import_leads(import_id: int) -> None:
     res = await resources(settings)
     try:
         await run_import(res.pool, res.redis, settings, int(import_id), metrics=METRICS,
-                         options=ImportOptions.from_env())
+                         options=ImportOptions.from_settings(settings))
     except Exception as exc:
         # attempts are counted in Postgres (imports.attempts), not from the message: a
         # redelivery after a crash is an attempt too, and dramatiq's CurrentMessage is not

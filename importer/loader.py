@@ -63,14 +63,6 @@ WORK_MEM = "64MB"
 PROGRESS_TTL = 3600
 
 
-def _env_int(name: str, default: int, lo: int = 1) -> int:
-    raw = os.environ.get(name, "")
-    try:
-        return max(lo, int(raw)) if raw.strip() else default
-    except ValueError:
-        raise ValueError(f"{name}: expected an integer, got {raw!r}") from None
-
-
 @dataclass(frozen=True)
 class ImportOptions:
     #: rows per committed batch: larger is a little faster, smaller gives finer progress,
@@ -85,13 +77,11 @@ class ImportOptions:
     batch_pause: float = 0.0
 
     @classmethod
-    def from_env(cls) -> ImportOptions:
-        return cls(
-            batch_rows=_env_int("MAILGENIUS_IMPORT_BATCH_ROWS", cls.batch_rows),
-            max_field=_env_int("MAILGENIUS_IMPORT_MAX_FIELD", cls.max_field),
-            max_line=_env_int("MAILGENIUS_IMPORT_MAX_LINE_BYTES", cls.max_line, lo=1024),
-            batch_pause=_env_int("MAILGENIUS_IMPORT_BATCH_PAUSE_MS", 0, lo=0) / 1000.0,
-        )
+    def from_settings(cls, settings) -> ImportOptions:
+        """The options of ``settings.importer`` (validated by mailgenius.settings.load_settings)."""
+        s = settings.importer
+        return cls(batch_rows=s.batch_rows, max_field=s.max_field, max_line=s.max_line,
+                   batch_pause=s.batch_pause)
 
 
 class ImportMetrics:
@@ -234,7 +224,7 @@ class ImportJob:
         self.settings = settings
         self.import_id = import_id
         self.metrics = metrics
-        self.options = options or ImportOptions.from_env()
+        self.options = options or ImportOptions.from_settings(settings)
         self.cancel = asyncio.Event()
         self.stop_watch = asyncio.Event()
         self.committed_rows = 0

@@ -161,7 +161,7 @@ async def upload(request: web.Request) -> web.Response:
         final_path = os.path.abspath(os.path.join(settings.upload_dir, token + ".csv"))
         os.replace(tmp_path, final_path)
         if override is not None:
-            await _check_columns(final_path, override)
+            await _check_columns(final_path, override, ImportOptions.from_settings(settings))
     except BaseException:
         for p in (tmp_path, final_path, final_path and final_path + ".utf8"):
             try:
@@ -207,12 +207,12 @@ def _parse_columns(fields: dict[str, str]) -> dict[str, str] | None:
         raise errors.ValidationError(str(exc), code="invalid_columns") from None
 
 
-async def _check_columns(path: str, override: dict[str, str]) -> None:
+async def _check_columns(path: str, override: dict[str, str], opts: ImportOptions) -> None:
     """An explicit mapping must fit the file's header: checked on the first bytes, at upload."""
     loop = asyncio.get_running_loop()
     try:
         await loop.run_in_executor(None, lambda: sniff(path, override, scan=False,
-                                                       max_line=ImportOptions.from_env().max_line))
+                                                       max_line=opts.max_line))
     except FileProblem as exc:
         raise errors.ValidationError(f"the columns mapping does not fit the file: {exc}",
                                      code="invalid_columns") from None
@@ -220,8 +220,8 @@ async def _check_columns(path: str, override: dict[str, str]) -> None:
 
 # -- preview -----------------------------------------------------------------------------------
 
-def _preview(path: str, override: dict[str, str] | None, n_rows: int, truncated: bool) -> dict:
-    opts = ImportOptions.from_env()
+def _preview(path: str, override: dict[str, str] | None, n_rows: int, truncated: bool,
+             opts: ImportOptions) -> dict:
     if truncated:  # the last line was cut by the byte limit: drop it
         with open(path, "r+b") as f:
             data = f.read()
@@ -303,7 +303,8 @@ async def upload_preview(request: web.Request) -> web.Response:
             raise errors.ValidationError(f"rows must be an integer from 1 to {MAX_PREVIEW_ROWS}")
         override = _parse_columns(fields)
         loop = asyncio.get_running_loop()
-        body = await loop.run_in_executor(None, _preview, tmp_path, override, int(raw_rows), truncated)
+        body = await loop.run_in_executor(None, _preview, tmp_path, override, int(raw_rows), truncated,
+                                          ImportOptions.from_settings(settings))
     finally:
         for p in (tmp_path, tmp_path + ".utf8"):
             try:

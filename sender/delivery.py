@@ -6,14 +6,14 @@ at call time, so neither import order is circular.
 
 Retry policy for a provider call that fails as a whole (5xx, timeout, connection, 429):
 
-1. a few quick attempts inside the delivery (``config.MAX_ATTEMPTS``, back-off
-   ``config.BACKOFF_BASE`` doubling, or the provider's Retry-After);
+1. a few quick attempts inside the delivery (``settings.sender.max_attempts``, back-off
+   ``backoff_base`` doubling, or the provider's Retry-After);
 2. then :class:`ProviderUnavailable` (a :class:`dramatiq.Retry`) hands the batch back to dramatiq,
    which redelivers it after :func:`redelivery_delay`. The rows stay ``sending``; the redelivered
    batch claims them again under the advisory lock and calls the provider with the same
    idempotency key, so nothing the provider already accepted is sent twice;
 3. recipients become ``failed`` (with the last error) only once they have been failing for
-   ``config.SEND_RETRY_BUDGET`` seconds, measured in Postgres from their first failed call
+   ``settings.sender.send_retry_budget`` seconds, measured in Postgres from their first failed call
    (``messages.retry_since``), so the budget survives redeliveries and restarts. The actor's
    ``retry_when`` always retries :class:`ProviderUnavailable`: dramatiq's retry count never ends a
    batch before the budget does.
@@ -37,8 +37,8 @@ import asyncpg
 import dramatiq
 
 from mailgenius.cache import rkey
+from mailgenius.settings import SenderSettings
 
-from . import config
 from .journal import decode_outcomes, encode_outcomes
 from .providers import OutEmail, ProviderError, SendResult
 
@@ -78,19 +78,22 @@ class ProviderUnavailable(dramatiq.Retry):
     in milliseconds (dramatiq's unit).
     """
 
-    def __init__(self, error: ProviderError, delay: float, failing_for: float):
+    def __init__(self, error: ProviderError, delay: float, failing_for: float,
+                 budget: float = SenderSettings.send_retry_budget):
         super().__init__(f"provider unavailable ({error.reason}: {error.message}); failing for "
-                         f"{failing_for:.0f} s of a {config.SEND_RETRY_BUDGET:.0f} s budget",
+                         f"{failing_for:.0f} s of a {budget:.0f} s budget",
                          delay=int(delay * 1000))
         self.error = error
         self.failing_for = failing_for
 
 
-def retry_when(retries: int, exc: BaseException) -> bool:
-    """dramatiq ``retry_when`` of the send actors: a provider outage is retried until the retry
-    budget (checked in Postgres by :func:`_deliver`) ends it; anything else (Postgres down, a
-    bug) at most ``config.ACTOR_MAX_RETRIES`` times."""
-    return isinstance(exc, ProviderUnavailable) or retries < config.ACTOR_MAX_RETRIES
+def retry_when(retries: int, exc: BaseException, *,
+               max_retries: int = SenderSettings.actor_max_retries) -> bool:
+    """dramatiq ``retry_when`` of the send actors (bound to ``settings.sender.actor_max_retries``
+    in sender/actors.py): a provider outage is retried until the retry budget (checked in
+    Postgres by :func:`_deliver`) ends it; anything else (Postgres down, a bug) at most
+    ``max_retries`` times."""
+    return isinstance(exc, ProviderUnavailable) or retries < max_retries
 
 
 def idempotency_key(kind: str, owner: int, part: int, ids: list[int]) -> str:
@@ -98,19 +101,19 @@ def idempotency_key(kind: str, owner: int, part: int, ids: list[int]) -> str:
     return f"mailgenius-{kind}{owner}-b{part}-{digest}"
 
 
-def backoff(attempt: int) -> float:
-    return min(config.BACKOFF_MAX, config.BACKOFF_BASE * (2 ** (attempt - 1)))
+def backoff(attempt: int, cfg: SenderSettings) -> float:
+    return min(cfg.backoff_max, cfg.backoff_base * (2 ** (attempt - 1)))
 
 
-def redelivery_delay(failing_for: float, error: ProviderError | None) -> float:
+def redelivery_delay(failing_for: float, error: ProviderError | None, cfg: SenderSettings) -> float:
     """Seconds before dramatiq redelivers a handed-back batch: the provider's Retry-After when it
     gave one, else half the time the batch has been failing (so the spacing roughly doubles),
-    within REDELIVERY_MIN..REDELIVERY_MAX, plus up to 20 % jitter so batches do not stampede."""
+    within ``cfg.redelivery_min``..``cfg.redelivery_max``, plus up to 20 % jitter so batches do not stampede."""
     if error is not None and error.retry_after is not None:
-        base = min(error.retry_after, config.RETRY_AFTER_MAX)
+        base = min(error.retry_after, cfg.retry_after_max)
     else:
         base = failing_for / 2
-    base = max(config.REDELIVERY_MIN, min(config.REDELIVERY_MAX, base))
+    base = max(cfg.redelivery_min, min(cfg.redelivery_max, base))
     return base * (1 + 0.2 * random.random())
 
 
@@ -135,7 +138,7 @@ async def wait_provider_pause(ctx: SendContext, provider: str) -> float:
         return 0.0
     if left_ms is None or left_ms <= 0:
         return 0.0
-    seconds = min(left_ms / 1000, config.RETRY_AFTER_MAX)
+    seconds = min(left_ms / 1000, ctx.settings.sender.retry_after_max)
     await asyncio.sleep(seconds)
     return seconds
 
@@ -252,8 +255,8 @@ async def record_durably(ctx: SendContext, lease: Lease, provider: str, campaign
     log.warning("could not record the provider's answers; journaled, retrying",
                 extra={"campaign_id": campaign_id, "sent": len(sent), "failed": len(failed),
                        "error": f"{type(first).__name__}: {first}"})
-    deadline = time.monotonic() + config.SEND_RETRY_BUDGET
-    delay = config.RECORD_RETRY_BASE
+    deadline = time.monotonic() + ctx.settings.sender.send_retry_budget
+    delay = ctx.settings.sender.record_retry_base
     try:
         while True:
             await asyncio.sleep(delay)
@@ -349,9 +352,9 @@ async def _deliver(ctx: SendContext, lease: Lease, campaign_id: int | None, emai
             retry_ids = set(result.retry)
             failed = dict(result.rejected)
             err = result.error or ProviderError("server_error", "provider asked for a retry", True)
-            delay = backoff(attempt)
+            delay = backoff(attempt, ctx.settings.sender)
             if err.retry_after is not None:
-                delay = min(err.retry_after, config.RETRY_AFTER_MAX)
+                delay = min(err.retry_after, ctx.settings.sender.retry_after_max)
             if retry_ids and err.reason == "rate_limited":  # first, before any other batch calls
                 await pause_provider(ctx, provider.name, delay)
             # what the provider answered for good is recorded first, durably: an accepted send must
@@ -369,21 +372,22 @@ async def _deliver(ctx: SendContext, lease: Lease, campaign_id: int | None, emai
         row = await lease.conn.fetchrow(MARK_RETRY_SQL, list(retry_ids), f"{err.reason}: {err.message}"[:500],
                                         campaign_id)
         failing_for = float(row["failing_for"] or 0.0) if row is not None else 0.0
-        if failing_for >= config.SEND_RETRY_BUDGET:
+        if failing_for >= ctx.settings.sender.send_retry_budget:
             gave_up = {i: (err.reason, f"gave up after {failing_for:.0f} s of provider errors (retry budget "
-                                       f"{config.SEND_RETRY_BUDGET:.0f} s): {err.message}"[:500]) for i in retry_ids}
+                                       f"{ctx.settings.sender.send_retry_budget:.0f} s): {err.message}"[:500])
+                       for i in retry_ids}
             # (recording clears retry_since of every row it finalises: retry-failed starts a fresh budget)
             await record_durably(ctx, lease, provider.name, campaign_id, {}, gave_up, outcome,
                                  details={i: result.details[i] for i in retry_ids if i in result.details})
             return
         pending = [e for e in pending if e.message_id in retry_ids]
-        if attempt >= config.MAX_ATTEMPTS:
-            redeliver = redelivery_delay(failing_for, err)
+        if attempt >= ctx.settings.sender.max_attempts:
+            redeliver = redelivery_delay(failing_for, err, ctx.settings.sender)
             log.warning("provider failing: batch handed back to the queue",
                         extra={"campaign_id": campaign_id, "batch": part, "attempts": attempt,
                                "reason": err.reason, "error": err.message, "failing_for": round(failing_for, 1),
                                "redeliver_in": round(redeliver, 1), "recipients": len(pending)})
-            raise ProviderUnavailable(err, redeliver, failing_for)
+            raise ProviderUnavailable(err, redeliver, failing_for, ctx.settings.sender.send_retry_budget)
         log.warning("provider call to retry", extra={"campaign_id": campaign_id, "attempt": attempt,
                                                      "reason": err.reason, "delay": delay, "error": err.message})
         await asyncio.sleep(delay)

@@ -29,7 +29,8 @@ import aiohttp
 import aiosmtplib
 import orjson
 
-from . import config
+from mailgenius.settings import SenderSettings
+
 from .smtp_pool import SmtpPool
 
 
@@ -94,7 +95,7 @@ class ResendProvider:
     name = "resend"
 
     def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str,
-                 *, timeout: float = config.PROVIDER_TIMEOUT, observe=None):
+                 *, timeout: float = SenderSettings.provider_timeout, observe=None):
         self.session = session
         self.url = base_url.rstrip("/") + "/emails/batch"
         self.base_url = base_url
@@ -404,9 +405,9 @@ class SmtpProvider:
     write_ahead = True
 
     def __init__(self, host: str, port: int, *, starttls: bool = False, username: str = "",
-                 password: str = "", pool_size: int = config.SMTP_POOL_SIZE,
-                 timeout: float = config.PROVIDER_TIMEOUT, observe=None,
-                 opportunistic_tls: bool = config.SMTP_OPPORTUNISTIC_TLS,
+                 password: str = "", pool_size: int = SenderSettings.smtp_pool_size,
+                 timeout: float = SenderSettings.provider_timeout, observe=None,
+                 opportunistic_tls: bool = SenderSettings.smtp_opportunistic_tls,
                  verify_tls: bool | None = None, on_connections=None):
         self.host, self.port = host, port
         self.relay = f"{host}:{port}"
@@ -414,7 +415,7 @@ class SmtpProvider:
         #: True: STARTTLS required (certificate verified); None: when the relay offers it
         #: (opportunistic, like Postfix's "may": not verified unless SMTP_TLS_VERIFY); False: never
         self.start_tls: bool | None = True if starttls else (None if opportunistic_tls else False)
-        self.verify_tls = (starttls or config.SMTP_TLS_VERIFY) if verify_tls is None else verify_tls
+        self.verify_tls = (starttls or SenderSettings.smtp_tls_verify) if verify_tls is None else verify_tls
         self.timeout = timeout
         self.observe = observe
         self.pool = SmtpPool(self._connect, pool_size,

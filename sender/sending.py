@@ -193,11 +193,15 @@ class SendContext:
         if p is None:
             s = self.settings
             if name == "resend":
-                p = ResendProvider(self.http, s.resend_base_url, s.resend_api_key, observe=self.observe("resend"))
+                p = ResendProvider(self.http, s.resend_base_url, s.resend_api_key, observe=self.observe("resend"),
+                                   timeout=s.sender.provider_timeout)
             else:
                 gauge = self.metrics.smtp_connections
                 p = SmtpProvider(s.smtp_host, s.smtp_port, starttls=s.smtp_starttls, username=s.smtp_username,
                                  password=s.smtp_password, observe=self.observe("smtp"),
+                                 pool_size=s.sender.smtp_pool_size, timeout=s.sender.provider_timeout,
+                                 opportunistic_tls=s.sender.smtp_opportunistic_tls,
+                                 verify_tls=s.smtp_starttls or s.sender.smtp_tls_verify,
                                  on_connections=lambda relay, n: gauge.labels("smtp", relay).set(n))
             self._providers[name] = p
         return p

@@ -4,10 +4,10 @@ With the Redis broker, a message whose retry or ack could not be written while R
 stays in the ack set of a worker that is still alive, and is never redelivered; an enqueue that
 failed mid-dispatch loses batches outright. The ledger knows better: a campaign that is
 ``sending`` with recipients still queued, no batch in progress (no advisory lock held on it) and
-no progress for ``STALL_SECONDS`` is re-dispatched (``dispatch_campaign`` enqueues its open
+no progress for ``settings.sender.stall_seconds`` is re-dispatched (``dispatch_campaign`` enqueues its open
 batches again; batches that were merely late become no-ops under the lock and the claim).
 A ``queued`` campaign whose ledger never got written is re-dispatched after
-``QUEUED_STALL_SECONDS``. One sweep per interval runs fleet-wide (a Redis lock), from every
+``queued_stall_seconds``. One sweep per interval runs fleet-wide (a Redis lock), from every
 worker process's sweeper thread.
 """
 
@@ -23,8 +23,9 @@ from mailgenius.broker import dramatiq_namespace
 from mailgenius.cache import create_redis, rkey
 from mailgenius.metrics import QUEUE_EMAIL
 from mailgenius.queues import redis_queue_stats
+from mailgenius.settings import SenderSettings
 
-from . import campaigns, config
+from . import campaigns
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,14 @@ RETURNING c.id, c.status
 """
 
 
-async def find_stalled(pool, *, stall_seconds: float = config.STALL_SECONDS,
-                       queued_stall_seconds: float = config.QUEUED_STALL_SECONDS) -> list[int]:
+async def find_stalled(pool, *, stall_seconds: float = SenderSettings.stall_seconds,
+                       queued_stall_seconds: float = SenderSettings.queued_stall_seconds) -> list[int]:
     """Ids of stalled campaigns, marked (updated_at) so the next sweep leaves them a while."""
     rows = await pool.fetch(STALLED_SQL, float(stall_seconds), float(queued_stall_seconds))
     return [r["id"] for r in rows]
 
 
-async def finish_cancellations(pool, *, stall_seconds: float = config.STALL_SECONDS) -> list[int]:
+async def finish_cancellations(pool, *, stall_seconds: float = SenderSettings.stall_seconds) -> list[int]:
     """Cancelled campaigns whose pending rows were left (the API died mid-cleanup): finish them."""
     rows = await pool.fetch(
         """UPDATE campaigns SET updated_at = now()
@@ -60,15 +61,16 @@ async def finish_cancellations(pool, *, stall_seconds: float = config.STALL_SECO
 async def sweep_once(pool, redis, settings, enqueue_dispatch) -> list[int]:
     """One sweep (if no other process holds this interval's lock); returns re-dispatched ids."""
     got = await redis.set(rkey(settings, "sender", "sweep"), "1", nx=True,
-                          px=max(1000, int(config.SWEEP_INTERVAL * 1000) - 500))
+                          px=max(1000, int(settings.sender.sweep_interval * 1000) - 500))
     if not got:
         return []
     if settings.broker_kind == "redis":
         stats = await redis_queue_stats(redis, dramatiq_namespace(settings), QUEUE_EMAIL)
-        if stats.waiting > config.SWEEP_MAX_WAITING:
+        if stats.waiting > settings.sender.sweep_max_waiting:
             return []
-    await finish_cancellations(pool)
-    ids = await find_stalled(pool)
+    await finish_cancellations(pool, stall_seconds=settings.sender.stall_seconds)
+    ids = await find_stalled(pool, stall_seconds=settings.sender.stall_seconds,
+                             queued_stall_seconds=settings.sender.queued_stall_seconds)
     for cid in ids:
         log.warning("re-dispatching a stalled campaign", extra={"campaign_id": cid})
         await asyncio.get_running_loop().run_in_executor(None, enqueue_dispatch, cid)
@@ -76,7 +78,7 @@ async def sweep_once(pool, redis, settings, enqueue_dispatch) -> list[int]:
 
 
 class SweeperThread(threading.Thread):
-    """Runs :func:`sweep_once` every ``SWEEP_INTERVAL`` seconds in its own event loop."""
+    """Runs :func:`sweep_once` every ``settings.sender.sweep_interval`` seconds in its own event loop."""
 
     def __init__(self, settings, enqueue_dispatch):
         super().__init__(name="sender-sweeper", daemon=True)
@@ -98,7 +100,8 @@ class SweeperThread(threading.Thread):
                     await sweep_once(pool, redis, self.settings, self.enqueue_dispatch)
                 except Exception as exc:  # a dependency down: try again next interval
                     log.warning("sweep failed", extra={"error": f"{type(exc).__name__}: {exc}"})
-                await asyncio.get_running_loop().run_in_executor(None, self.stop_event.wait, config.SWEEP_INTERVAL)
+                await asyncio.get_running_loop().run_in_executor(None, self.stop_event.wait,
+                                                           self.settings.sender.sweep_interval)
         finally:
             if pool is not None:
                 await pool.close()

@@ -7,7 +7,10 @@
 * console ``console/`` may import anything below it;
 * kernel modules do not import each other in a cycle;
 * no product module loads a module by a name string (``importlib.import_module``, ``__import__``);
-* no product module (outside tests/ and benchmarks/) is longer than 800 lines.
+* no product module (outside tests/ and benchmarks/) is longer than 800 lines;
+* only ``mailgenius/settings.py`` reads the environment (``os.environ``, ``os.getenv``): every
+  other kernel and service module gets its settings injected; the console's and the tools'
+  remaining reads are listed in :data:`ENVIRON_READERS` with why.
 
 ``ROOT`` can be pointed elsewhere (``MAILGENIUS_ARCHITECTURE_ROOT``) to check another checkout.
 """
@@ -153,6 +156,79 @@ def test_no_product_module_is_longer_than_800_lines():
     long = [f"{p.relative_to(ROOT)}: {n} lines" for p in product_files()
             if (n := len(p.read_text().splitlines())) > MAX_LINES]
     assert not long, f"split these (over {MAX_LINES} lines):\n" + "\n".join(long)
+
+
+#: the one module that reads configuration from the environment (docs/architecture.md)
+SETTINGS_MODULE = "mailgenius/settings.py"
+#: other product modules allowed to read os.environ -> why. Each entry must still be needed (the
+#: test fails when one stops reading it), so the list only shrinks. Kernel and service modules
+#: never belong here: their configuration comes from load_settings.
+ENVIRON_READERS: dict[str, str] = {
+    "console/basics.py": "builds the environment of the dramatiq worker processes it starts, and points "
+                         "MAILGENIUS_RULES_FILE at `build --root`'s rules.yml for the generators",
+    "console/backup.py": "builds pg_dump / psql children's environment (PGPASSWORD)",
+    "console/supervisor.py": "builds the environment of the processes it supervises",
+    "console/stack.py": "stack-prepare: derives every process's environment (ports, URLs, secrets) from "
+                        "the operator's, before any settings exist",
+    "console/status.py": "MAILGENIUS_API_KEY, the operator's key for health details (a client credential, "
+                         "not a service setting)",
+    "alerting/cli.py": "write-secrets copies the alert channels' secrets from the operator's environment "
+                       "into files (a tool, run beside the services)",
+    "alerting/generate.py": "render-time inputs of the generated Alertmanager config (MAILGENIUS_WATCHDOG_URL, "
+                            "MAILGENIUS_GRAFANA_URL): a tool, not a service",
+    "dashboards/helpers.py": "MAILGENIUS_DASHBOARDS_CONFIG, a build-time input of the dashboards tool",
+}
+
+
+def environ_reads(path: Path) -> list[int]:
+    """Lines of ``path`` that read the environment: ``os.environ`` used other than as the target
+    of an assignment (``os.environ[K] = v`` hands a value to a library, it reads nothing),
+    ``os.getenv``, ``os.environb``, or ``environ`` / ``getenv`` imported from ``os``."""
+    tree = ast.parse(path.read_text(), str(path))
+    stores = {id(node.value) for node in ast.walk(tree)
+              if isinstance(node, ast.Subscript) and isinstance(node.ctx, (ast.Store, ast.Del))}
+    lines = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os"
+                and node.attr in ("environ", "environb", "getenv", "getenvb") and id(node) not in stores):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and node.module == "os" and any(
+                a.name in ("environ", "environb", "getenv", "getenvb") for a in node.names):
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_only_the_settings_module_reads_the_environment():
+    readers = {}
+    for path in product_files():
+        rel = str(path.relative_to(ROOT))
+        if rel != SETTINGS_MODULE and (lines := environ_reads(path)):
+            readers[rel] = lines
+    unexpected = [f"{rel}:{','.join(map(str, lines))}" for rel, lines in sorted(readers.items())
+                  if rel not in ENVIRON_READERS]
+    assert not unexpected, ("reads os.environ: take the value from load_settings (mailgenius/settings.py) "
+                            "and inject it instead:\n" + "\n".join(unexpected))
+    assert not [rel for rel in ENVIRON_READERS if rel.split("/")[0] in ("mailgenius", "sender", "importer",
+                                                                         "exporter")]
+    stale = sorted(set(ENVIRON_READERS) - set(readers))
+    assert not stale, f"no longer read the environment, remove from ENVIRON_READERS: {stale}"
+    assert environ_reads(ROOT / SETTINGS_MODULE), "settings.py is where the environment is read"
+
+
+@pytest.mark.parametrize(("source", "reads"), [
+    ("import os\nx = os.environ.get('A')\n", True),
+    ("import os\nx = os.getenv('A')\n", True),
+    ("import os\nenv = dict(os.environ)\n", True),
+    ("from os import environ\n", True),
+    ("from os import getenv as g\n", True),
+    ("import os\nos.environ['A'] = 'b'\n", False),
+    ("import os\ndel os.environ['A']\n", False),
+    ("import os\npid = os.getpid()\n", False),
+])
+def test_the_environ_rule_itself(tmp_path, source, reads):
+    path = tmp_path / "m.py"
+    path.write_text(source)
+    assert bool(environ_reads(path)) is reads
 
 
 @pytest.mark.parametrize(("src", "dst", "ok"), [

@@ -266,10 +266,10 @@ async def test_lead_deleted_after_the_ledger_is_cancelled_not_sent(api, pool, se
 async def test_sweeper_redispatches_a_stalled_campaign_only(api, pool, send_ctx, fake_resend, ssettings, redis_client,
                                                             monkeypatch):
     from mailgenius.cache import rkey
-    from sender import config, sweeper
+    from sender import sweeper
 
     # messages other in-process tests enqueued (no worker here) must not silence the sweep
-    monkeypatch.setattr(config, "SWEEP_MAX_WAITING", 10**9)
+    ssettings = ssettings.replace(sender=ssettings.sender.replace(sweep_max_waiting=10**9))
     await redis_client.delete(rkey(ssettings, "sender", "sweep"))
 
     # Given a campaign whose batch 0 was claimed by a worker that vanished and whose batch 1
