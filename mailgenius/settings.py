@@ -398,7 +398,7 @@ class Settings:
 
 #: variables that may instead be given as ``<NAME>_FILE``: a path whose content is the value
 #: (Docker / Kubernetes secrets mounted as files; one trailing newline is dropped)
-FILE_VARIABLES = ("DATABASE_URL", "REDIS_URL", "BROKER_URL", "RESEND_API_KEY",
+FILE_VARIABLES = ("DATABASE_URL", "DATABASE_PASSWORD", "REDIS_URL", "BROKER_URL", "RESEND_API_KEY",
                   "MAILGENIUS_RESEND_WEBHOOK_SECRET", "MAILGENIUS_TRACKING_SECRET",
                   "MAILGENIUS_SMTP_PASSWORD", "MAILGENIUS_ALERT_WEBHOOK_TOKEN")
 
@@ -426,13 +426,38 @@ def with_secret_files(env: Mapping[str, str]) -> Mapping[str, str]:
     return out
 
 
+def _database_url(env: Mapping[str, str]) -> str:
+    """``DATABASE_URL``, with ``DATABASE_PASSWORD`` (or ``DATABASE_PASSWORD_FILE``) put into it.
+
+    The password apart lets a deployment keep it out of the environment and out of process
+    listings (compose and Kubernetes mount it as a secret file) while the URL stays a plain
+    variable. Setting both a password in the URL and ``DATABASE_PASSWORD`` is an error (which one
+    was meant?).
+    """
+    from urllib.parse import quote
+
+    url = _url(env, "DATABASE_URL", DEFAULT_DATABASE_URL, ("postgresql", "postgres"))
+    password = env.get("DATABASE_PASSWORD") or ""
+    if not password:
+        return url
+    parsed = urlparse(url)
+    if parsed.password is not None:
+        raise SettingsError("DATABASE_PASSWORD", "DATABASE_URL already holds a password; set one of them")
+    if not parsed.username:
+        raise SettingsError("DATABASE_PASSWORD", "DATABASE_URL names no user for the password "
+                                                 "(postgresql://USER@host/db)")
+    userinfo, _, hostpart = parsed.netloc.rpartition("@")
+    netloc = f"{userinfo}:{quote(password, safe='')}@{hostpart}"
+    return parsed._replace(netloc=netloc).geturl()
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every variable; raise SettingsError on the first bad one."""
     env = with_secret_files(os.environ if environ is None else environ)
     redis_url = _url(env, "REDIS_URL", DEFAULT_REDIS_URL, ("redis", "rediss", "unix"))
     data_dir = _str(env, "MAILGENIUS_DATA_DIR", "./var")
     return Settings(
-        database_url=_url(env, "DATABASE_URL", DEFAULT_DATABASE_URL, ("postgresql", "postgres")),
+        database_url=_database_url(env),
         redis_url=redis_url,
         broker_url=_url(env, "BROKER_URL", redis_url, ("redis", "rediss", "unix", "amqp", "amqps")),
         redis_prefix=_str(env, "MAILGENIUS_REDIS_PREFIX", "mailgenius"),

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from urllib.parse import unquote, urlparse
 
 import pytest
 
@@ -72,6 +73,22 @@ def test_secret_files_are_read_and_lose_one_trailing_newline(tmp_path):
     with pytest.raises(SettingsError) as exc:
         load_settings({"DATABASE_URL_FILE": str(db)})
     assert exc.value.variable == "DATABASE_URL"
+
+
+def test_database_password_file_goes_into_the_url(tmp_path):
+    """compose and Kubernetes keep the password out of DATABASE_URL: a file, quoted into the URL."""
+    pw = tmp_path / "postgres_password"
+    pw.write_text("p@ss:w/rd ção\n")
+    s = load_settings({"DATABASE_URL": "postgresql://app@db:5432/mailgenius", "DATABASE_PASSWORD_FILE": str(pw)})
+    assert s.database_url == "postgresql://app:p%40ss%3Aw%2Frd%20%C3%A7%C3%A3o@db:5432/mailgenius"
+    assert urlparse(s.database_url).hostname == "db" and unquote(urlparse(s.database_url).password) == "p@ss:w/rd ção"
+    # without a password nothing changes; two passwords, or no user to give it to, are refused
+    assert load_settings({"DATABASE_URL": "postgresql://app@db/x"}).database_url == "postgresql://app@db/x"
+    for url, words in (("postgresql://app:other@db/x", "already holds a password"),
+                       ("postgresql://db/x", "names no user")):
+        with pytest.raises(SettingsError) as exc:
+            load_settings({"DATABASE_URL": url, "DATABASE_PASSWORD": "secret"})
+        assert exc.value.variable == "DATABASE_PASSWORD" and words in str(exc.value)
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "both"])
