@@ -8,9 +8,9 @@ import time
 
 from mailgenius.cache import rkey
 from sender import campaigns, templates
+from sender.ledger import RECORD_SQL
 from sender.sending import (
     CLAIM_SQL,
-    RECORD_SQL,
     STATS_FLUSH_SECONDS,
     send_campaign_batch,
     send_transactional,
