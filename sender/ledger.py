@@ -42,6 +42,9 @@ class Recorder(Protocol):
 
 @dataclass
 class Outcome:
+    """What one delivery of a batch did: rows recorded, the campaign's outcome if this finished
+    it, and why nothing was sent (``detail``: locked, campaign paused, nothing to send)."""
+
     sent: int = 0
     failed: int = 0
     cancelled: int = 0
@@ -235,10 +238,10 @@ async def record_durably(ctx: Recorder, lease: Lease, provider: str, campaign_id
     stops meanwhile, the journal keeps the entry for replay and the error propagates. Nothing the
     provider accepted is let go unrecorded *and* unjournaled.
 
-    ``wal``: the journal key of the call's write-ahead (SMTP, sender/delivery.py ``deliver``); it is retired
-    once the answers are recorded or the outage entry holds them, and on an error that is not an
-    outage (a bug: replaying it would fail the same way before every claim). If the batch is
-    interrupted instead (cancelled, time limit), ``deliver`` keeps it for replay.
+    ``wal``: the journal key of the call's write-ahead (SMTP, sender/delivery.py ``deliver``); it
+    is retired once the answers are recorded or the outage entry holds them, and on an error that
+    is not an outage (a bug: replaying it would fail the same way before every claim). If the
+    batch is interrupted instead (cancelled, time limit), ``deliver`` keeps it for replay.
     """
     bounced, details = bounced or set(), details or {}
     journal = ctx.journal
