@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-
-import asyncpg
 
 from mailgenius.broker import dramatiq_namespace
-from mailgenius.cache import create_redis, rkey
+from mailgenius.cache import rkey
 from mailgenius.metrics import QUEUE_EMAIL
 from mailgenius.queues import redis_queue_stats
 from mailgenius.settings import SenderSettings
 
 from . import campaigns
+from .periodic import PeriodicThread
 
 log = logging.getLogger(__name__)
 
@@ -77,32 +75,19 @@ async def sweep_once(pool, redis, settings, enqueue_dispatch) -> list[int]:
     return ids
 
 
-class SweeperThread(threading.Thread):
+class SweeperThread(PeriodicThread):
     """Runs :func:`sweep_once` every ``settings.sender.sweep_interval`` seconds in its own event loop."""
 
+    log = log
+    failure = "sweep failed"
+
     def __init__(self, settings, enqueue_dispatch):
-        super().__init__(name="sender-sweeper", daemon=True)
-        self.settings = settings
+        super().__init__("sender-sweeper", settings)
         self.enqueue_dispatch = enqueue_dispatch
-        self.stop_event = threading.Event()
 
-    def run(self) -> None:
-        asyncio.run(self._loop())
+    @property
+    def interval(self) -> float:
+        return self.settings.sender.sweep_interval
 
-    async def _loop(self) -> None:
-        pool = None
-        redis = create_redis(self.settings.redis_url)
-        try:
-            while not self.stop_event.is_set():
-                try:
-                    if pool is None:
-                        pool = await asyncpg.create_pool(self.settings.database_url, min_size=0, max_size=1)
-                    await sweep_once(pool, redis, self.settings, self.enqueue_dispatch)
-                except Exception as exc:  # a dependency down: try again next interval
-                    log.warning("sweep failed", extra={"error": f"{type(exc).__name__}: {exc}"})
-                await asyncio.get_running_loop().run_in_executor(None, self.stop_event.wait,
-                                                           self.settings.sender.sweep_interval)
-        finally:
-            if pool is not None:
-                await pool.close()
-            await redis.aclose()
+    async def tick(self) -> None:
+        await sweep_once(self.pool, self.redis, self.settings, self.enqueue_dispatch)
