@@ -33,7 +33,7 @@ from mailgenius.metrics import (
     IMPORT_JOBS,
     IMPORT_ROWS,
     IMPORT_VALIDATION_ERRORS,
-    _bare,
+    bare_name,
 )
 
 from . import jobs
@@ -93,11 +93,11 @@ class ImportMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         registry = REGISTRY if registry is None else registry
-        self.rows = Counter(_bare(IMPORT_ROWS, "_total"), "Import rows by outcome.", ["outcome"], registry=registry)
+        self.rows = Counter(bare_name(IMPORT_ROWS, "_total"), "Import rows by outcome.", ["outcome"], registry=registry)
         self.validation_errors = Counter(
-            _bare(IMPORT_VALIDATION_ERRORS, "_total"), "Rows rejected or skipped by the importer, by reason.",
+            bare_name(IMPORT_VALIDATION_ERRORS, "_total"), "Rows rejected or skipped by the importer, by reason.",
             ["reason"], registry=registry)
-        self.jobs = Counter(_bare(IMPORT_JOBS, "_total"), "Finished import jobs by status.", ["status"],
+        self.jobs = Counter(bare_name(IMPORT_JOBS, "_total"), "Finished import jobs by status.", ["status"],
                             registry=registry)
         self.duration = Histogram(IMPORT_DURATION, "Wall time of finished import jobs.",
                                   buckets=self.DURATION_BUCKETS, registry=registry)

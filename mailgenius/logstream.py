@@ -51,7 +51,7 @@ def record_fields(record: logging.LogRecord, service: str) -> dict[str, str]:
     """The stream entry of one record: flat strings only."""
     message = record.getMessage()
     extras = [f"{k}={v}" for k, v in record.__dict__.items()
-              if k not in logs._RESERVED and not k.startswith("_") and k != "request_id"]
+              if k not in logs.RESERVED_ATTRS and not k.startswith("_") and k != "request_id"]
     if extras:  # the structured fields (import_id=7 error=...) say what the message is about
         message = f"{message} · {' '.join(extras)}"
     if record.exc_info and record.exc_info[1] is not None:

@@ -42,12 +42,6 @@ KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 #: (importing file, module, private name) -> why it is still there; the same rule: it only shrinks
 KNOWN_PRIVATE_USES: dict[tuple[str, str, str], str] = {
-    ("mailgenius/logstream.py", "mailgenius.logs", "_RESERVED"): "kernel, not in the sender refactor",
-    ("importer/app.py", "mailgenius.metrics", "_bare"): "importer, not in the sender refactor",
-    ("importer/loader.py", "mailgenius.metrics", "_bare"): "importer, not in the sender refactor",
-    ("alerting/slo.py", "alerting.generate", "_duration"): "alerting, not in the sender refactor",
-    ("alerting/slo.py", "alerting.generate", "_env"): "alerting, not in the sender refactor",
-    ("alerting/slo.py", "alerting.generate", "_seconds"): "alerting, not in the sender refactor",
     ("console/status.py", "mailgenius.health", "_RANK"): "console, not in the sender refactor",
 }
 
