@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -110,6 +111,24 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     if value not in choices:
         raise SettingsError(name, f"must be one of {', '.join(choices)}; got {value!r}")
     return value
+
+
+_DOMAIN_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def _domain(env: Mapping[str, str], name: str) -> str:
+    """A DNS domain name (``bounces.example.com``; an IDN is turned into its A-labels), or ""."""
+    value = _str(env, name, "").strip().rstrip(".").lower()
+    if not value:
+        return ""
+    try:
+        ascii_name = value.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise SettingsError(name, f"not a domain name: {value!r}") from None
+    labels = ascii_name.split(".")
+    if len(labels) < 2 or len(ascii_name) > 253 or not all(_DOMAIN_LABEL.match(label) for label in labels):
+        raise SettingsError(name, f"not a domain name like bounces.example.com: {value!r}")
+    return ascii_name
 
 
 HTTP = ("http", "https")
@@ -347,6 +366,10 @@ class Settings:
     #: ssl (POP3S, port 995), starttls (STLS on port 110) or none (loopback/tests only)
     bounce_mailbox_tls: str = "ssl"
     bounce_mailbox_interval: float = 60.0
+    #: the domain whose ``bounces+*`` addresses reach the bounce mailbox; set, the SMTP envelope
+    #: sender of every message is its signed VERP address ``bounces+<id>-<mac>@<domain>``
+    #: (sender/dsn.py), so a DSN is matched by the address it comes back to; "" = the From address
+    bounce_domain: str = ""
     public_url: str = "http://127.0.0.1:8001"
     #: networks of the reverse proxies whose X-Forwarded-For names the client (sign-in throttle)
     trusted_proxies: tuple = ()
@@ -478,6 +501,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         bounce_mailbox_password=_str(env, "MAILGENIUS_BOUNCE_MAILBOX_PASSWORD", ""),
         bounce_mailbox_tls=_choice(env, "MAILGENIUS_BOUNCE_MAILBOX_TLS", "ssl", ("ssl", "starttls", "none")),
         bounce_mailbox_interval=_float(env, "MAILGENIUS_BOUNCE_MAILBOX_INTERVAL", 60.0, lo=1.0),
+        bounce_domain=_domain(env, "MAILGENIUS_BOUNCE_DOMAIN"),
         public_url=_url(env, "MAILGENIUS_PUBLIC_URL", "http://127.0.0.1:8001", HTTP),
         trusted_proxies=_cidrs(env, "MAILGENIUS_TRUSTED_PROXIES"),
         tracking_secret=_secret(env, "MAILGENIUS_TRACKING_SECRET"),

@@ -43,6 +43,9 @@ class OutEmail:
     html: str
     text: str
     headers: dict[str, str] = field(default_factory=dict)
+    #: the SMTP envelope sender (MAIL FROM), where DSNs go: our signed VERP address when
+    #: ``MAILGENIUS_BOUNCE_DOMAIN`` is set (sender/dsn.py); "" = the From address
+    return_path: str = ""
 
 
 @dataclass
@@ -449,7 +452,7 @@ class SmtpProvider:
 
     async def _converse(self, client: aiosmtplib.SMTP, e: OutEmail) -> _Answer:
         rcpt, rcpt_utf8 = smtp_recipient(e.to)
-        sender, sender_utf8 = smtp_recipient(envelope_sender(e.from_email))
+        sender, sender_utf8 = smtp_recipient(e.return_path or envelope_sender(e.from_email))
         utf8 = rcpt_utf8 or sender_utf8
         if utf8 and not client.supports_extension("smtputf8"):
             who = e.to if rcpt_utf8 else e.from_email

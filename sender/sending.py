@@ -29,7 +29,7 @@ import aiohttp
 
 from mailgenius.cache import rkey
 
-from . import ledger, templates
+from . import dsn, ledger, templates
 from .delivery import deliver
 from .email_settings import RateLimiter, SettingsCache
 from .journal import Journal
@@ -77,6 +77,8 @@ class SendContext:
     settings: object
     metrics: SenderMetrics
     tracker: Tracker | None = None
+    #: the tracking secret, which also signs VERP return paths (the mailbox poller checks them)
+    verp_secret: bytes | None = None
     http: aiohttp.ClientSession | None = None
     settings_cache: SettingsCache | None = None
     limiter: RateLimiter | None = None
@@ -88,10 +90,20 @@ class SendContext:
     _stats: dict = field(default_factory=dict)
     _stats_task: asyncio.Task | None = None
 
+    def return_path(self, message_id: int) -> str:
+        """The envelope sender of one message: the signed VERP address under
+        ``settings.bounce_domain`` (a DSN then names its message by the address it comes back to,
+        which nobody else can forge), or "" (the From address) when no bounce domain is set."""
+        domain = self.settings.bounce_domain
+        if not domain or self.verp_secret is None:
+            return ""
+        return dsn.verp_address(self.verp_secret, message_id, domain)
+
     async def start(self) -> SendContext:
         if self.tracker is None:
             secret = await load_secret(self.pool, self.settings.tracking_secret)
             self.tracker = Tracker(secret, self.settings.public_url)
+            self.verp_secret = secret
         if self.http is None:
             self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
         self.settings_cache = self.settings_cache or SettingsCache(self.redis, self.pool, self.settings)
@@ -248,7 +260,8 @@ async def send_campaign_batch(ctx: SendContext, campaign_id: int, batch: int) ->
                 failed[mid] = ("render_error", str(exc)[:500])
                 continue
             html = add_pixel(html, tracker.open_url(mid))
-            emails.append(OutEmail(mid, r["email"], from_email, subject, html, text, list_headers(unsub)))
+            emails.append(OutEmail(mid, r["email"], from_email, subject, html, text, list_headers(unsub),
+                                   ctx.return_path(mid)))
         if failed or cancelled:
             provider = await ctx.provider(conn)
             await ledger.record(ctx, conn, provider.name, campaign_id, {}, failed, cancelled, outcome)
@@ -275,6 +288,7 @@ async def send_transactional(ctx: SendContext, message_id: int) -> Outcome:
         if row is None:
             outcome.detail = "nothing to send"
             return outcome
-        e = OutEmail(row["id"], row["email"], row["from_email"], row["subject"], row["html"], row["text"])
+        e = OutEmail(row["id"], row["email"], row["from_email"], row["subject"], row["html"], row["text"],
+                     return_path=ctx.return_path(row["id"]))
         await deliver(ctx, lease, None, [e], "t", message_id, 0, outcome)
         return outcome

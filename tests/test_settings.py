@@ -192,3 +192,17 @@ def test_bad_sender_value_stops_the_worker_with_one_line_and_no_traceback():
     assert len(lines) == 1, proc.stderr
     assert "MAILGENIUS_SENDER_MAX_ATTEMPTS" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("value,expected", [("Bounces.Example.com.", "bounces.example.com"),
+                                            ("retour.exemplo-ção.br", "retour.xn--exemplo-o-s2a7b.br"),
+                                            ("", "")])
+def test_bounce_domain(value, expected):
+    assert load_settings({"MAILGENIUS_BOUNCE_DOMAIN": value}).bounce_domain == expected
+
+
+@pytest.mark.parametrize("value", ["localhost", "bounces@example.com", "-x.example.com", "a..b.com", "x" * 64 + ".com"])
+def test_a_bad_bounce_domain_names_the_variable(value):
+    with pytest.raises(SettingsError) as exc:
+        load_settings({"MAILGENIUS_BOUNCE_DOMAIN": value})
+    assert exc.value.variable == "MAILGENIUS_BOUNCE_DOMAIN"
