@@ -15,8 +15,10 @@ service's ``/api/health``. Where a service checks the same thing, status runs th
 
 What only the console looks at has its check here: Postgres' connections against
 ``max_connections``, Redis' memory, RabbitMQ's port, the workers' and exporters' ``/metrics``.
-A queue is degraded above the exporter's own queue check threshold (QueueDepthHigh's, from the
-contract).
+A queue row's status follows the sender's and importer's own queue and workers checks
+(:func:`mailgenius.queues.waiting_status`, :func:`~mailgenius.queues.workers_status`): degraded
+above QueueDepthHigh's threshold (from the contract) or with no live worker, unhealthy when
+messages wait and no worker is alive.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import sys
 from typing import Any
 from urllib.parse import urlencode, urlparse
 
-from exporter.health import http_up_check, queue_depth_degraded, service_check
+from exporter.health import http_up_check, service_check
 from mailgenius import contract
 from mailgenius.components import BY_NAME
 from mailgenius.health import (
@@ -228,7 +230,7 @@ def _component(name: str, res: CheckResult) -> dict:
 async def queue_rows(settings: Settings, redis) -> list[dict]:
     from mailgenius.broker import dramatiq_namespace
     from mailgenius.metrics import QUEUES
-    from mailgenius.queues import redis_queue_stats, worker_count
+    from mailgenius.queues import redis_queue_stats, waiting_status, worker_count, workers_status
 
     rows = []
     for queue in QUEUES:
@@ -239,12 +241,9 @@ async def queue_rows(settings: Settings, redis) -> list[dict]:
                 stats = await redis_queue_stats(redis, dramatiq_namespace(settings), queue)
                 row.update(waiting=stats.waiting, delayed=stats.delayed, dead=stats.dead,
                            oldest_age_seconds=round(stats.oldest_age_seconds, 1))
-            status = HEALTHY
-            if row.get("waiting", 0) and not row["workers"]:
-                status = UNHEALTHY
-            elif row.get("waiting", 0) > queue_depth_degraded() or not row["workers"]:
-                status = DEGRADED
-            row["status"] = status
+            # the services' own queue and workers checks' rules (mailgenius.queues)
+            waiting = row.get("waiting", 0)
+            row["status"] = worst([waiting_status(waiting), workers_status(row["workers"], waiting)])
         except Exception as exc:
             row.update(status=UNHEALTHY, error=f"{type(exc).__name__}: {exc}")
         rows.append(row)

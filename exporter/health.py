@@ -10,8 +10,16 @@ import aiohttp
 
 from mailgenius import contract
 from mailgenius import metrics as m
-from mailgenius.health import DEGRADED, HEALTHY, UNHEALTHY, CheckResult, HealthRegistry, is_status
-from mailgenius.queues import worker_count
+from mailgenius.health import (
+    DEGRADED,
+    HEALTHY,
+    UNHEALTHY,
+    CheckResult,
+    HealthRegistry,
+    is_status,
+    worst,
+)
+from mailgenius.queues import waiting_status, worker_count, workers_status
 from mailgenius.settings import ExporterSettings
 
 from .brokers import queue_stats
@@ -70,7 +78,7 @@ def queues_check(get_redis, settings):
         for q in m.QUEUES:
             st = await queue_stats(settings, get_redis(), q)
             parts.append(f"{q}: {st.waiting} waiting, {st.delayed} delayed, {st.dead} dead")
-            if st.waiting > limit:
+            if waiting_status(st.waiting, limit) != HEALTHY:
                 status = DEGRADED
                 parts[-1] += f" (more than {limit:g})"
         return CheckResult(status, "; ".join(parts))
@@ -90,11 +98,9 @@ def all_workers_check(get_redis, settings, config: ExporterSettings):
             parts.append(f"{q}: {n}")
             if n == 0:
                 waiting = (await queue_stats(settings, get_redis(), q)).waiting
+                status = worst([status, workers_status(n, waiting)])
                 if waiting:
-                    status = UNHEALTHY
                     parts[-1] += f" ({waiting} waiting)"
-                elif status == HEALTHY:
-                    status = DEGRADED
         return CheckResult(status, "live workers: " + ", ".join(parts))
 
     return check
