@@ -4,6 +4,11 @@ A check is an async callable returning ``None`` (healthy), a detail string (heal
 note), or a :class:`CheckResult`; raising or timing out means it failed. A failed *critical*
 check makes the service ``unhealthy`` (HTTP 503); a failed non-critical one, or any check that
 reports ``degraded``, makes it ``degraded`` (HTTP 200).
+
+The checks below (database, Redis, SMTP, disk) are the services' own. ``mailgenius status`` is
+built on this framework too (:meth:`HealthRegistry.run_results`, :func:`worst`) and runs the
+Redis and SMTP checks, so the operator's table and a service's ``/api/health`` judge those
+dependencies by the same code.
 """
 
 from __future__ import annotations
