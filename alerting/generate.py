@@ -27,6 +27,7 @@ import jinja2
 import yaml
 
 from mailgenius import contract
+from mailgenius.generated import remove_stale, write_if_changed
 from mailgenius.settings import rules_file
 
 HERE = Path(__file__).resolve().parent
@@ -420,17 +421,9 @@ def committed_files() -> dict[str, str]:
 
 
 def write(files: dict[str, str], root: Path, *, check: bool = False) -> list[Path]:
-    """Write the files under root; return those that changed (with check, write nothing)."""
-    changed = []
-    for rel, text in sorted(files.items()):
-        path = root / rel
-        if path.exists() and path.read_text() == text:
-            continue
-        changed.append(path)
-        if not check:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-    return changed
+    """Write the files under root; return those that changed (with check, write nothing): the
+    kernel's :func:`mailgenius.generated.write_if_changed`."""
+    return write_if_changed(files, root, check=check)
 
 
 def stale_rule_files(root: Path, files: dict[str, str]) -> list[Path]:
@@ -445,12 +438,7 @@ def stale_rule_files(root: Path, files: dict[str, str]) -> list[Path]:
 def build(root: Path, check: bool = False) -> list[Path]:
     """`mailgenius build`: render the committed files; return the paths that changed."""
     files = committed_files()
-    changed = write(files, root, check=check)
-    for stale in stale_rule_files(root, files):
-        changed.append(stale)
-        if not check:
-            stale.unlink()
-    return changed
+    return write(files, root, check=check) + remove_stale(stale_rule_files(root, files), check=check)
 
 
 #: the notification templates in the repository (absolute, for configs rendered elsewhere)

@@ -39,7 +39,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.procs import free_port  # noqa: E402
 
 #: the benchmark database (on the configured Postgres server)
 BENCH_DB = "mailgenius_bench"
@@ -228,12 +229,6 @@ def bare_main(argv: list[str]) -> int:
 
 
 # -- orchestration ---------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
     end = time.monotonic() + timeout

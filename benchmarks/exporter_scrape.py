@@ -31,7 +31,6 @@ import http.client
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.procs import free_port  # noqa: E402
 from mailgenius.db import migrate, with_database  # noqa: E402
 from mailgenius.settings import load_settings  # noqa: E402
 
@@ -54,12 +54,6 @@ CAMPAIGNS = 50
 CHUNK = 1_000_000
 TARGET_MS = 50.0
 TARGET_RATIO = 1.5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def log(msg: str) -> None:

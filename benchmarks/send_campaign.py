@@ -22,8 +22,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -35,6 +33,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.procs import cpu_seconds, free_port, start, stop, tree_cpu_seconds, wait_http  # noqa: E402
 from mailgenius import auth  # noqa: E402
 from mailgenius.db import migrate, with_database  # noqa: E402
 from mailgenius.settings import load_settings  # noqa: E402
@@ -44,64 +43,11 @@ from mailgenius.settings import load_settings  # noqa: E402
 BASELINE_EMAILS_PER_SECOND = 35_000
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(argv, env, log):
-    return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
-                            start_new_session=True)
-
-
-def stop(proc):
-    if proc.poll() is None:
-        try:
-            proc.send_signal(signal.SIGTERM)  # the main process relays it (dramatiq: exactly once)
-            proc.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=5)
-
-
-def _cpu_seconds(pid: int) -> float:
-    """user + system CPU of one process (Linux /proc), 0 when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def _tree(pid: int) -> list[int]:
-    """pid and its descendants."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
 async def cpu_snapshot(pool, db_name: str, procs: dict) -> dict[str, float]:
     """CPU seconds used so far by each component (workers, fake provider, API, Postgres backends)."""
-    snap = {name: sum(_cpu_seconds(p) for p in _tree(proc.pid)) for name, proc in procs.items()}
+    snap = {name: tree_cpu_seconds(proc.pid) for name, proc in procs.items()}
     pids = [r["pid"] for r in await pool.fetch("SELECT pid FROM pg_stat_activity WHERE datname = $1", db_name)]
-    snap["postgres"] = sum(_cpu_seconds(p) for p in pids)
+    snap["postgres"] = sum(cpu_seconds(p) for p in pids)
     return snap
 
 
@@ -130,7 +76,7 @@ def process_cpu() -> dict[int, tuple[str, float]]:
             continue
         # one group per Postgres database / background process, not per client port
         name = re.sub(r" \S+\(\d+\).*", " (backends)", name)
-        out[int(entry)] = (name or "?", _cpu_seconds(int(entry)))
+        out[int(entry)] = (name or "?", cpu_seconds(int(entry)))
     return out
 
 
@@ -164,21 +110,6 @@ async def floor_insert(pool, n: int) -> float:
         await c.execute("DELETE FROM campaigns WHERE id = $1", cid)
         await c.execute("CHECKPOINT")
     return elapsed
-
-
-async def wait_http(url, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while True:
-            try:
-                async with s.get(url) as r:
-                    if r.status < 500:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not come up")
-            await asyncio.sleep(0.2)
 
 
 async def run(args) -> int:

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.procs import cpu_seconds, free_port, start, stop, tree_cpu_seconds, wait_http  # noqa: E402
 from mailgenius import auth  # noqa: E402
 from mailgenius.db import migrate, with_database  # noqa: E402
 from mailgenius.settings import load_settings  # noqa: E402
@@ -42,54 +42,6 @@ from sender.testing import sink_reset, sink_stats  # noqa: E402
 #: the issue's target: emails/s over SMTP with at most MAX_CONNECTIONS open to the relay
 TARGET = 2500
 MAX_CONNECTIONS = 32
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(argv, env, log):
-    return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
-                            start_new_session=True)
-
-
-def stop(proc):
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def _tree(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            with open(f"/proc/{p}/task/{p}/children") as fh:
-                todo.extend(int(c) for c in fh.read().split())
-        except OSError:
-            pass
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    total = 0.0
-    for p in _tree(pid):
-        try:
-            with open(f"/proc/{p}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
 
 
 async def pg_cpu(pool, db_name: str) -> float:
@@ -107,20 +59,6 @@ async def wait_port(port: int, timeout: float = 20.0) -> None:
         except OSError:
             await asyncio.sleep(0.1)
     raise RuntimeError(f"nothing listens on {port}")
-
-
-async def wait_http(url: str, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < end:
-            try:
-                async with s.get(url) as r:
-                    if r.status < 500:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer")
 
 
 class Sampler:
@@ -259,7 +197,7 @@ async def run(args) -> int:
                     "segment": {"tags": ["all"]}}
             async with s.post(f"{api}/api/campaigns", json=body) as r:
                 cid = (await r.json())["id"]
-            cpu0 = {k: cpu_seconds(p.pid) for k, p in procs.items()}
+            cpu0 = {k: tree_cpu_seconds(p.pid) for k, p in procs.items()}
             pg0 = await pg_cpu(pool, db_name)
             t0 = time.perf_counter()
             async with s.post(f"{api}/api/campaigns/{cid}/send") as r:
@@ -269,7 +207,7 @@ async def run(args) -> int:
             t_end = time.perf_counter() - t0
             async with s.get(f"{api}/api/campaigns/{cid}") as r:
                 camp = await r.json()
-            cpu1 = {k: cpu_seconds(p.pid) for k, p in procs.items()}
+            cpu1 = {k: tree_cpu_seconds(p.pid) for k, p in procs.items()}
             pg1 = await pg_cpu(pool, db_name)
         rate = sampler.rate()
         verdict = "meets" if rate >= TARGET and sampler.peak <= MAX_CONNECTIONS else "misses"

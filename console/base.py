@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from mailgenius.settings import SettingsError
-
 
 class OpsError(Exception):
     """A problem the operator must fix; printed as one line, exit code ``code``."""
@@ -17,7 +15,9 @@ class OpsError(Exception):
 
 
 def guard(fn):
-    """Turn an OpsError / SettingsError into one clear line and its exit code."""
+    """Turn an OpsError into one clear line and its exit code. (A SettingsError, a connection
+    error and Ctrl-C reach ``mailgenius``'s main(), which maps them through the kernel's
+    :func:`mailgenius.serve.run_command`, as for every command.)"""
 
     def run(args) -> int:
         try:
@@ -25,9 +25,6 @@ def guard(fn):
         except OpsError as exc:
             print(f"mailgenius {args.command}: {exc}", file=sys.stderr)
             return exc.code
-        except SettingsError as exc:
-            print(f"mailgenius: configuration error: {exc}", file=sys.stderr)
-            return 2
 
     return run
 

@@ -17,7 +17,7 @@ import sys
 from alerting import cli as alerting_cli
 from dashboards import cli as dashboards_cli
 from exporter import cli as exporter_cli
-from mailgenius.settings import SettingsError
+from mailgenius.serve import run_command
 
 from . import basics
 from . import cli as console_cli
@@ -53,16 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except SettingsError as exc:
-        print(f"mailgenius: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except (ConnectionError, OSError) as exc:
-        print(f"mailgenius: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    # the exit codes of configuration, connection and OS errors: the kernel's one mapping
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

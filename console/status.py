@@ -1,8 +1,24 @@
 """``mailgenius status`` (one table of every service and dependency; exit 1 when unhealthy) and
 ``mailgenius check NAME`` (one of them, in detail).
 
-The statuses and their order are the kernel's health framework's (:mod:`mailgenius.health`); a
-queue is degraded above the exporter's own queue check threshold (QueueDepthHigh's, from the contract).
+Every component is a check of the kernel's health framework (:mod:`mailgenius.health`): a
+:class:`~mailgenius.health.HealthRegistry` runs them concurrently, each within
+:data:`PROBE_TIMEOUT`, and a check that raises or times out is ``unhealthy``, exactly as for a
+service's ``/api/health``. Where a service checks the same thing, status runs the same function:
+
+* sender, importer, exporter: the exporter's :func:`exporter.health.service_check` (their own
+  ``/api/health`` relayed, with ``MAILGENIUS_API_KEY`` to see their checks);
+* Prometheus and Alertmanager: the exporter's :func:`exporter.health.http_up_check` on
+  ``/-/healthy``, then the targets that are down and the active alerts;
+* the SMTP relay (the sink): the kernel's :func:`mailgenius.health.smtp_check`, the sender's
+  email check's own; a second broker Redis: the kernel's :func:`mailgenius.health.redis_check`.
+
+What only the console looks at has its check here: Postgres' connections against
+``max_connections``, Redis' memory, RabbitMQ's port, the workers' and exporters' ``/metrics``.
+A queue row's status follows the sender's and importer's own queue and workers checks
+(:func:`mailgenius.queues.waiting_status`, :func:`~mailgenius.queues.workers_status`): degraded
+above QueueDepthHigh's threshold (from the contract) or with no live worker, unhealthy when
+messages wait and no worker is alive.
 """
 
 from __future__ import annotations
@@ -12,15 +28,23 @@ import json
 import os
 import re
 import sys
-import time
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urlparse
 
-from exporter.health import queue_depth_degraded
+from exporter.health import http_up_check, service_check
 from mailgenius import contract
 from mailgenius.components import BY_NAME
-from mailgenius.health import _RANK, DEGRADED, HEALTHY, UNHEALTHY
+from mailgenius.health import (
+    DEGRADED,
+    HEALTHY,
+    UNHEALTHY,
+    CheckFn,
+    CheckResult,
+    HealthRegistry,
+    redis_check,
+    smtp_check,
+    worst,
+)
 from mailgenius.settings import Settings
 
 from .base import format_table
@@ -28,221 +52,185 @@ from .stack import ops_env, ops_settings
 
 # -- status and check -------------------------------------------------------------------------
 
-#: seconds one probe may take before it counts as failed
+#: seconds one check may take before it counts as failed
 PROBE_TIMEOUT = 3.0
 
-
-@dataclass
-class Probe:
-    """The result of probing one service or dependency."""
-
-    name: str
-    kind: str  # service, worker, dependency, monitoring
-    status: str = HEALTHY
-    latency_ms: float | None = None
-    detail: str = ""
-    data: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "status": self.status,
-                "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 1),
-                "detail": self.detail, **({"data": self.data} if self.data else {})}
+#: every component, in the table's order, and its kind
+KINDS = {"sender": "service", "importer": "service", "exporter": "service",
+         "sender-worker": "worker", "importer-worker": "worker",
+         "postgres": "dependency", "redis": "dependency", "broker": "dependency", "smtp-sink": "dependency",
+         "prometheus": "monitoring", "postgres-exporter": "monitoring", "redis-exporter": "monitoring",
+         "node-exporter": "monitoring", "alertmanager": "monitoring"}
 
 
-async def _timed(coro):
-    start = time.perf_counter()
-    result = await coro
-    return result, (time.perf_counter() - start) * 1000
-
-
-async def _http_json(session, url: str, **kw):
+def _timeout():
     import aiohttp
 
-    async with session.get(url, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT), **kw) as resp:
-        text = await resp.text()
-        try:
-            body = json.loads(text) if text else None
-        except ValueError:
-            body = text
-        return resp.status, body
+    return aiohttp.ClientTimeout(total=PROBE_TIMEOUT)
 
 
-async def probe_service(session, name: str, base_url: str) -> Probe:
-    probe = Probe(name, "service")
-    try:
-        # health shows its details only to a key holder (MAILGENIUS_API_KEY, any scope)
-        key = os.environ.get("MAILGENIUS_API_KEY", "").strip()
-        (status, body), probe.latency_ms = await _timed(_http_json(
-            session, base_url + "/api/health", headers={"Authorization": f"Bearer {key}"} if key else {}))
-    except Exception as exc:
-        probe.status, probe.detail = UNHEALTHY, f"{base_url} unreachable: {type(exc).__name__} {exc}".strip()
-        return probe
-    if not isinstance(body, dict) or body.get("status") not in _RANK:
-        probe.status, probe.detail = UNHEALTHY, f"HTTP {status}: not a health document"
-        return probe
-    probe.status = body["status"]
-    checks = body.get("checks") or {}
-    probe.data = {"checks": checks}
-    bad = [f"{n}: {c.get('status')} ({c.get('detail', '')})" for n, c in checks.items() if c.get("status") != HEALTHY]
-    probe.detail = "; ".join(bad) if bad else "checks ok: " + ", ".join(checks)
-    return probe
-
-
-async def probe_metrics(session, name: str, url: str, kind: str, *, up_metric: str | None = None) -> Probe:
+def metrics_check(get_session, url: str, *, up_metric: str | None = None) -> CheckFn:
     """An exposition endpoint answers (and, for exporters, says it reaches its target)."""
-    import aiohttp
 
-    probe = Probe(name, kind)
-    try:
-        async def get():
-            async with session.get(url, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)) as resp:
-                return resp.status, await resp.text()
+    async def check():
+        async with get_session().get(url, timeout=_timeout()) as resp:
+            status, text = resp.status, await resp.text()
+        if status != 200:
+            return CheckResult(UNHEALTHY, f"{url}: HTTP {status}")
+        samples = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+        if up_metric:
+            m = re.search(rf"^{re.escape(up_metric)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
+            if not m or float(m.group(1)) != 1.0:
+                return CheckResult(UNHEALTHY, f"{up_metric} is {m.group(1) if m else 'missing'}: "
+                                              "the exporter cannot reach its target")
+        return f"{samples} samples"
 
-        (status, text), probe.latency_ms = await _timed(get())
-    except Exception as exc:
-        probe.status, probe.detail = UNHEALTHY, f"{url} unreachable: {type(exc).__name__} {exc}".strip()
-        return probe
-    if status != 200:
-        probe.status, probe.detail = UNHEALTHY, f"{url}: HTTP {status}"
-        return probe
-    samples = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
-    probe.detail = f"{samples} samples"
-    if up_metric:
-        m = re.search(rf"^{re.escape(up_metric)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
-        if not m or float(m.group(1)) != 1.0:
-            probe.status = UNHEALTHY
-            probe.detail = f"{up_metric} is {m.group(1) if m else 'missing'}: the exporter cannot reach its target"
-    return probe
+    return check
 
 
-async def probe_postgres(settings: Settings) -> Probe:
-    import asyncpg
+def postgres_check(settings: Settings) -> CheckFn:
+    """Connections in use against ``max_connections``: degraded above DatabaseConnectionsHigh's
+    own threshold (a share of max_connections, from the contract)."""
 
-    probe = Probe("postgres", "dependency")
-    try:
-        async def q():
-            conn = await asyncpg.connect(settings.database_url, timeout=PROBE_TIMEOUT)
-            try:
-                return await conn.fetchrow(
-                    "SELECT (SELECT count(*) FROM pg_stat_activity) AS conns, "
-                    "current_setting('max_connections')::int AS max_conns")
-            finally:
-                await conn.close()
+    async def check():
+        import asyncpg
 
-        row, probe.latency_ms = await _timed(asyncio.wait_for(q(), PROBE_TIMEOUT))
-        probe.detail = f"{row['conns']}/{row['max_conns']} connections"
-        probe.data = dict(row)
-        # DatabaseConnectionsHigh's own threshold (a share of max_connections)
-        if row["conns"] > contract.get().threshold("postgres_connections_ratio") * row["max_conns"]:
-            probe.status = DEGRADED
-    except Exception as exc:
-        probe.status, probe.detail = UNHEALTHY, f"{type(exc).__name__}: {exc}"
-    return probe
+        conn = await asyncpg.connect(settings.database_url, timeout=PROBE_TIMEOUT)
+        try:
+            row = await conn.fetchrow(
+                "SELECT (SELECT count(*) FROM pg_stat_activity) AS conns, "
+                "current_setting('max_connections')::int AS max_conns")
+        finally:
+            await conn.close()
+        high = row["conns"] > contract.get().threshold("postgres_connections_ratio") * row["max_conns"]
+        return CheckResult(DEGRADED if high else HEALTHY, f"{row['conns']}/{row['max_conns']} connections",
+                           data=dict(row))
+
+    return check
 
 
-async def probe_redis(settings: Settings, redis) -> Probe:
-    probe = Probe("redis", "dependency")
-    try:
-        info, probe.latency_ms = await _timed(asyncio.wait_for(redis.info("memory"), PROBE_TIMEOUT))
-        used = int(info.get("used_memory", 0))
-        maxmem = int(info.get("maxmemory", 0))
-        probe.detail = f"{used / 2**20:.1f} MiB used" + (f" of {maxmem / 2**20:.0f} MiB" if maxmem else "")
-        if maxmem and used > 0.9 * maxmem:
-            probe.status = DEGRADED
-    except Exception as exc:
-        probe.status, probe.detail = UNHEALTHY, f"{type(exc).__name__}: {exc}"
-    return probe
+def redis_memory_check(get_redis) -> CheckFn:
+    """Memory used, degraded above 90 % of ``maxmemory`` (when one is set)."""
+
+    async def check():
+        info = await get_redis().info("memory")
+        used, maxmem = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+        detail = f"{used / 2**20:.1f} MiB used" + (f" of {maxmem / 2**20:.0f} MiB" if maxmem else "")
+        return CheckResult(DEGRADED if maxmem and used > 0.9 * maxmem else HEALTHY, detail)
+
+    return check
 
 
-async def probe_broker(settings: Settings) -> Probe:
-    probe = Probe("broker", "dependency")
-    if settings.broker_kind == "redis":
-        probe.detail = "Redis (same as redis)" if settings.broker_url == settings.redis_url else "Redis"
-        if settings.broker_url != settings.redis_url:
+def broker_check(settings: Settings) -> CheckFn:
+    """The broker: Redis (pinged when it is not the Redis checked already), or RabbitMQ's AMQP
+    port accepting connections (workers on many hosts use it)."""
+
+    async def check():
+        if settings.broker_kind == "redis":
+            if settings.broker_url == settings.redis_url:
+                return "Redis (same as redis)"
             import redis.asyncio as aioredis
 
             client = aioredis.from_url(settings.broker_url, socket_connect_timeout=PROBE_TIMEOUT)
             try:
-                _, probe.latency_ms = await _timed(client.ping())
-            except Exception as exc:
-                probe.status, probe.detail = UNHEALTHY, f"{type(exc).__name__}: {exc}"
+                await redis_check(lambda: client)()
             finally:
                 await client.aclose()
-        return probe
-    p = urlparse(settings.broker_url)
-    try:
-        (_reader, writer), probe.latency_ms = await _timed(asyncio.wait_for(
-            asyncio.open_connection(p.hostname, p.port or 5672), PROBE_TIMEOUT))
+            return "Redis"
+        p = urlparse(settings.broker_url)
+        where = f"RabbitMQ at {p.hostname}:{p.port or 5672}"
+        try:
+            _reader, writer = await asyncio.open_connection(p.hostname, p.port or 5672)
+        except OSError as exc:
+            raise ConnectionError(f"{where}: {type(exc).__name__} {exc}") from exc
         writer.close()
         await writer.wait_closed()
-        probe.detail = f"RabbitMQ at {p.hostname}:{p.port or 5672} accepts connections"
-    except Exception as exc:
-        probe.status, probe.detail = UNHEALTHY, f"RabbitMQ at {p.hostname}:{p.port or 5672}: {type(exc).__name__} {exc}"
-    return probe
+        return f"{where} accepts connections"
+
+    return check
 
 
-async def probe_smtp(host: str, port: int) -> Probe:
-    probe = Probe("smtp-sink", "dependency")
-    try:
-        async def hello():
-            reader, writer = await asyncio.open_connection(host, port)
-            try:
-                banner = await reader.readline()
-                writer.write(b"QUIT\r\n")
-                await writer.drain()
-                return banner.decode(errors="replace").strip()
-            finally:
-                writer.close()
+def prometheus_check(get_session, url: str) -> CheckFn:
+    """``/-/healthy`` (the exporter's check), then the active targets: degraded when one is not up."""
+    healthy = http_up_check(get_session, url.rstrip("/") + "/-/healthy", PROBE_TIMEOUT)
 
-        banner, probe.latency_ms = await _timed(asyncio.wait_for(hello(), PROBE_TIMEOUT))
-        if not banner.startswith("220"):
-            probe.status = UNHEALTHY
-        probe.detail = f"{host}:{port} says {banner[:60]!r}"
-    except Exception as exc:
-        probe.status, probe.detail = UNHEALTHY, f"{host}:{port} unreachable: {type(exc).__name__} {exc}".strip()
-    return probe
-
-
-async def probe_prometheus(session, url: str) -> Probe:
-    probe = Probe("prometheus", "monitoring")
-    try:
-        (status, _), probe.latency_ms = await _timed(_http_json(session, url + "/-/healthy"))
-        if status != 200:
-            probe.status, probe.detail = UNHEALTHY, f"/-/healthy: HTTP {status}"
-            return probe
-        _, body = await _http_json(session, url + "/api/v1/targets?state=active")
+    async def check():
+        res = await healthy()
+        if res is not None:
+            return res
+        async with get_session().get(url + "/api/v1/targets?state=active", timeout=_timeout()) as resp:
+            body = await resp.json(content_type=None)
         targets = body["data"]["activeTargets"]
         down = sorted({t["labels"].get("job", "?") for t in targets if t["health"] != "up"})
-        probe.data = {"targets": len(targets), "down": down}
-        probe.detail = f"{len(targets) - len([t for t in targets if t['health'] != 'up'])}/{len(targets)} targets up"
+        detail = f"{len(targets) - len([t for t in targets if t['health'] != 'up'])}/{len(targets)} targets up"
         if down:
-            probe.status = DEGRADED
-            probe.detail += f" (not up: {', '.join(down)})"
-    except Exception as exc:
-        probe.status, probe.detail = UNHEALTHY, f"{url} unreachable: {type(exc).__name__} {exc}".strip()
-    return probe
+            detail += f" (not up: {', '.join(down)})"
+        return CheckResult(DEGRADED if down else HEALTHY, detail, data={"targets": len(targets), "down": down})
+
+    return check
 
 
-async def probe_alertmanager(session, url: str) -> tuple[Probe, list[dict] | None]:
-    probe = Probe("alertmanager", "monitoring")
-    try:
-        (status, _), probe.latency_ms = await _timed(_http_json(session, url + "/-/healthy"))
-        if status != 200:
-            probe.status, probe.detail = UNHEALTHY, f"/-/healthy: HTTP {status}"
-            return probe, None
-        _, alerts = await _http_json(session, url + "/api/v2/alerts?" + urlencode(
-            {"active": "true", "silenced": "false", "inhibited": "false"}))
-        probe.detail = f"{len(alerts)} active alert(s)"
-        return probe, alerts
-    except Exception as exc:
-        probe.status, probe.detail = UNHEALTHY, f"{url} unreachable: {type(exc).__name__} {exc}".strip()
-        return probe, None
+def alertmanager_check(get_session, url: str) -> CheckFn:
+    """``/-/healthy`` (the exporter's check), then the active alerts (in ``data["alerts"]``)."""
+    healthy = http_up_check(get_session, url.rstrip("/") + "/-/healthy", PROBE_TIMEOUT)
+
+    async def check():
+        res = await healthy()
+        if res is not None:
+            return res
+        query = urlencode({"active": "true", "silenced": "false", "inhibited": "false"})
+        async with get_session().get(url + "/api/v2/alerts?" + query, timeout=_timeout()) as resp:
+            alerts = await resp.json(content_type=None)
+        return CheckResult(HEALTHY, f"{len(alerts)} active alert(s)", data={"alerts": alerts})
+
+    return check
+
+
+def _service_detail(checks: dict) -> str:
+    """A relayed service's checks in one line: those not healthy, with their details."""
+    bad = [f"{n}: {c.get('status')} ({c.get('detail', '')})" for n, c in checks.items() if c.get("status") != HEALTHY]
+    return "; ".join(bad) if bad else "checks ok: " + ", ".join(checks)
+
+
+def component_checks(settings: Settings, env: dict[str, str], get_session, get_redis) -> dict[str, CheckFn]:
+    """name -> check of every component, in the order of :data:`KINDS`."""
+    host = env.get("MAILGENIUS_HOST", "127.0.0.1")
+
+    def metrics_url(name: str) -> str:
+        return f"http://{host}:{int(env.get(BY_NAME[name].env) or BY_NAME[name].default)}/metrics"
+
+    # health shows its details only to a key holder (MAILGENIUS_API_KEY, any scope)
+    key = os.environ.get("MAILGENIUS_API_KEY", "").strip()
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return {
+        "sender": service_check(get_session, settings.sender_url, PROBE_TIMEOUT, headers=headers),
+        "importer": service_check(get_session, settings.importer_url, PROBE_TIMEOUT, headers=headers),
+        "exporter": service_check(get_session, settings.exporter_url, PROBE_TIMEOUT, headers=headers),
+        "sender-worker": metrics_check(get_session, metrics_url("sender-worker")),
+        "importer-worker": metrics_check(get_session, metrics_url("importer-worker")),
+        "postgres": postgres_check(settings),
+        "redis": redis_memory_check(get_redis),
+        "broker": broker_check(settings),
+        "smtp-sink": smtp_check(settings.smtp_host, settings.smtp_port, timeout=PROBE_TIMEOUT),
+        "prometheus": prometheus_check(get_session, settings.prometheus_url),
+        "postgres-exporter": metrics_check(get_session, metrics_url("postgres-exporter"), up_metric="pg_up"),
+        "redis-exporter": metrics_check(get_session, metrics_url("redis-exporter"), up_metric="redis_up"),
+        "node-exporter": metrics_check(get_session, metrics_url("node-exporter")),
+        "alertmanager": alertmanager_check(get_session, settings.alertmanager_url),
+    }
+
+
+def _component(name: str, res: CheckResult) -> dict:
+    data = dict(res.data)
+    detail = _service_detail(data["checks"]) if KINDS[name] == "service" and "checks" in data else res.detail
+    return {"name": name, "kind": KINDS[name], "status": res.status, "latency_ms": round(res.latency_ms, 1),
+            "detail": detail, **({"data": data} if data else {})}
 
 
 async def queue_rows(settings: Settings, redis) -> list[dict]:
     from mailgenius.broker import dramatiq_namespace
     from mailgenius.metrics import QUEUES
-    from mailgenius.queues import redis_queue_stats, worker_count
+    from mailgenius.queues import redis_queue_stats, waiting_status, worker_count, workers_status
 
     rows = []
     for queue in QUEUES:
@@ -253,12 +241,9 @@ async def queue_rows(settings: Settings, redis) -> list[dict]:
                 stats = await redis_queue_stats(redis, dramatiq_namespace(settings), queue)
                 row.update(waiting=stats.waiting, delayed=stats.delayed, dead=stats.dead,
                            oldest_age_seconds=round(stats.oldest_age_seconds, 1))
-            status = HEALTHY
-            if row.get("waiting", 0) and not row["workers"]:
-                status = UNHEALTHY
-            elif row.get("waiting", 0) > queue_depth_degraded() or not row["workers"]:
-                status = DEGRADED
-            row["status"] = status
+            # the services' own queue and workers checks' rules (mailgenius.queues)
+            waiting = row.get("waiting", 0)
+            row["status"] = worst([waiting_status(waiting), workers_status(row["workers"], waiting)])
         except Exception as exc:
             row.update(status=UNHEALTHY, error=f"{type(exc).__name__}: {exc}")
         rows.append(row)
@@ -266,64 +251,40 @@ async def queue_rows(settings: Settings, redis) -> list[dict]:
 
 
 async def collect_status(env: dict[str, str], only: str | None = None) -> dict:
-    """Probe everything (or one thing) concurrently."""
+    """Check everything (or one thing) concurrently."""
     import aiohttp
 
     from mailgenius.cache import create_redis
 
     settings = ops_settings(env)
-    host = env.get("MAILGENIUS_HOST", "127.0.0.1")
-
-    def port(name: str) -> int:
-        return int(env.get(BY_NAME[name].env) or BY_NAME[name].default)
-
     redis = create_redis(settings.redis_url)
     try:
         async with aiohttp.ClientSession() as session:
-            tasks: dict[str, Any] = {
-                "sender": lambda: probe_service(session, "sender", settings.sender_url),
-                "importer": lambda: probe_service(session, "importer", settings.importer_url),
-                "exporter": lambda: probe_service(session, "exporter", settings.exporter_url),
-                "sender-worker": lambda: probe_metrics(session, "sender-worker", f"http://{host}:{port('sender-worker')}/metrics", "worker"),
-                "importer-worker": lambda: probe_metrics(session, "importer-worker", f"http://{host}:{port('importer-worker')}/metrics", "worker"),
-                "postgres": lambda: probe_postgres(settings),
-                "redis": lambda: probe_redis(settings, redis),
-                "broker": lambda: probe_broker(settings),
-                "smtp-sink": lambda: probe_smtp(settings.smtp_host, settings.smtp_port),
-                "prometheus": lambda: probe_prometheus(session, settings.prometheus_url),
-                "postgres-exporter": lambda: probe_metrics(session, "postgres-exporter", f"http://{host}:{port('postgres-exporter')}/metrics", "monitoring", up_metric="pg_up"),
-                "redis-exporter": lambda: probe_metrics(session, "redis-exporter", f"http://{host}:{port('redis-exporter')}/metrics", "monitoring", up_metric="redis_up"),
-                "node-exporter": lambda: probe_metrics(session, "node-exporter", f"http://{host}:{port('node-exporter')}/metrics", "monitoring"),
-            }
-            want_am = only in (None, "alertmanager", "alerts")
+            registry = HealthRegistry(service="console", timeout=PROBE_TIMEOUT)
+            for name, fn in component_checks(settings, env, lambda: session, lambda: redis).items():
+                if only is None or only == name:
+                    registry.add(name, fn)
             want_queues = only in (None, "queues", "queue", "workers")
-            if only is not None:
-                tasks = {k: v for k, v in tasks.items() if k == only}
-            coros = [fn() for fn in tasks.values()]
-            if want_am:
-                coros.append(probe_alertmanager(session, settings.alertmanager_url))
-            if want_queues:
-                coros.append(queue_rows(settings, redis))
-            results = list(await asyncio.gather(*coros))
+            checked = registry.run_results() if registry.checks else _nothing()
+            (_, results), queues = await asyncio.gather(
+                checked, queue_rows(settings, redis) if want_queues else _nothing_listed())
     finally:
         await redis.aclose()
-    queues = results.pop() if want_queues else []
     alerts = None
-    probes: list[Probe] = []
-    if want_am:
-        am_probe, alerts = results.pop()
-        probes = results + [am_probe]
-    else:
-        probes = results
-    overall = HEALTHY
-    for p in probes:
-        if _RANK[p.status] > _RANK[overall]:
-            overall = p.status
-    for q in queues:
-        if _RANK[q["status"]] > _RANK[overall]:
-            overall = q["status"]
-    return {"status": overall, "components": [p.as_dict() for p in probes], "queues": queues,
+    if "alertmanager" in results:
+        alerts = results["alertmanager"].data.pop("alerts", None)
+    components = [_component(name, res) for name, res in results.items()]
+    overall = worst([c["status"] for c in components] + [q["status"] for q in queues])
+    return {"status": overall, "components": components, "queues": queues,
             "alerts": [_alert_row(a) for a in alerts] if alerts is not None else None}
+
+
+async def _nothing() -> tuple[str, dict]:
+    return HEALTHY, {}
+
+
+async def _nothing_listed() -> list:
+    return []
 
 
 def _alert_row(alert: dict) -> dict:
@@ -341,7 +302,7 @@ def _mark(status: str) -> str:
 def render_status(report: dict) -> str:
     parts = []
     rows = [[c["name"], c["kind"], _mark(c["status"]),
-             "-" if c["latency_ms"] is None else f"{c['latency_ms']:.1f} ms", c["detail"][:110]]
+             f"{c['latency_ms']:.1f} ms", c["detail"][:110]]
             for c in report["components"]]
     parts.append(format_table(rows, ["COMPONENT", "KIND", "STATUS", "LATENCY", "DETAIL"]))
     if report["queues"]:
@@ -393,8 +354,7 @@ def cmd_check(args) -> int:
         print(json.dumps(report, indent=2))
         return 1 if report["status"] == UNHEALTHY else 0
     for comp in report["components"]:
-        lat = "" if comp["latency_ms"] is None else f" in {comp['latency_ms']:.1f} ms"
-        print(f"{comp['name']}: {comp['status']}{lat}")
+        print(f"{comp['name']}: {comp['status']} in {comp['latency_ms']:.1f} ms")
         checks = (comp.get("data") or {}).get("checks")
         if checks:
             rows = [[n, _mark(c.get("status", "?")), f"{c.get('latency_ms', 0):.1f} ms", c.get("detail", "")] for n, c in checks.items()]

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from dashboards import helpers
+from mailgenius.generated import remove_stale, write_if_changed
 
 #: Where the Grafana container sees dashboards/json (the dashboard provider's path).
 GRAFANA_DASHBOARDS_PATH = "/var/lib/grafana/dashboards/mailgenius"
@@ -173,17 +174,5 @@ def build(root: Path, check: bool = False) -> list[Path]:
     A JSON file left in dashboards/json with no source is stale: removed (or reported)."""
     root = Path(root)
     files = render(root)
-    changed: list[Path] = []
-    for path, content in sorted(files.items()):
-        current = path.read_text(encoding="utf-8") if path.exists() else None
-        if current != content:
-            changed.append(path)
-            if not check:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(content, encoding="utf-8")
-    for stale in sorted((root / "dashboards" / "json").glob("*.json")):
-        if stale not in files:
-            changed.append(stale)
-            if not check:
-                stale.unlink()
-    return changed
+    stale = [p for p in sorted((root / "dashboards" / "json").glob("*.json")) if p not in files]
+    return write_if_changed(files, root, check=check) + remove_stale(stale, check=check)

@@ -10,8 +10,16 @@ import aiohttp
 
 from mailgenius import contract
 from mailgenius import metrics as m
-from mailgenius.health import DEGRADED, HEALTHY, UNHEALTHY, CheckResult, HealthRegistry
-from mailgenius.queues import worker_count
+from mailgenius.health import (
+    DEGRADED,
+    HEALTHY,
+    UNHEALTHY,
+    CheckResult,
+    HealthRegistry,
+    is_status,
+    worst,
+)
+from mailgenius.queues import waiting_status, worker_count, workers_status
 from mailgenius.settings import ExporterSettings
 
 from .brokers import queue_stats
@@ -23,23 +31,30 @@ def queue_depth_degraded() -> float:
     return contract.get().threshold("queue_waiting_messages")
 
 
-def service_check(get_session, base_url: str, timeout: float, path: str = "/api/health"):
-    """Another MailGenius service's own aggregated health (or one of its checks), relayed."""
+def service_check(get_session, base_url: str, timeout: float, path: str = "/api/health", *,
+                  headers: dict[str, str] | None = None):
+    """Another MailGenius service's own aggregated health (or one of its checks), relayed.
+
+    The service's own checks (shown to an API key holder only: ``headers``) are kept in the
+    result's ``data["checks"]``; ``mailgenius status`` and ``check`` show them, this service's
+    ``/api/health`` does not repeat them."""
 
     async def check():
         url = base_url.rstrip("/") + path
-        async with get_session().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with get_session().get(url, headers=headers or {},
+                                     timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             try:
                 body = await resp.json(content_type=None)
             except ValueError:
                 return CheckResult(UNHEALTHY, f"HTTP {resp.status}, not a health document")
         status = body.get("status") if isinstance(body, dict) else None
-        if status not in (HEALTHY, DEGRADED, UNHEALTHY):
+        if not is_status(status):
             return CheckResult(UNHEALTHY, f"HTTP {resp.status}, unknown status {status!r}")
-        failing = sorted(name for name, c in (body.get("checks") or {}).items()
+        checks = body.get("checks") or {}
+        failing = sorted(name for name, c in checks.items()
                          if isinstance(c, dict) and c.get("status") != HEALTHY)
         detail = f"{status}" + (f" ({', '.join(failing)})" if failing else "")
-        return CheckResult(status, detail)
+        return CheckResult(status, detail, data={"checks": checks})
 
     return check
 
@@ -63,7 +78,7 @@ def queues_check(get_redis, settings):
         for q in m.QUEUES:
             st = await queue_stats(settings, get_redis(), q)
             parts.append(f"{q}: {st.waiting} waiting, {st.delayed} delayed, {st.dead} dead")
-            if st.waiting > limit:
+            if waiting_status(st.waiting, limit) != HEALTHY:
                 status = DEGRADED
                 parts[-1] += f" (more than {limit:g})"
         return CheckResult(status, "; ".join(parts))
@@ -83,11 +98,9 @@ def all_workers_check(get_redis, settings, config: ExporterSettings):
             parts.append(f"{q}: {n}")
             if n == 0:
                 waiting = (await queue_stats(settings, get_redis(), q)).waiting
+                status = worst([status, workers_status(n, waiting)])
                 if waiting:
-                    status = UNHEALTHY
                     parts[-1] += f" ({waiting} waiting)"
-                elif status == HEALTHY:
-                    status = DEGRADED
         return CheckResult(status, "live workers: " + ", ".join(parts))
 
     return check

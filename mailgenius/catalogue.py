@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from . import contract, metrics
+from .generated import write_if_changed
 
 OUT = Path("docs") / "metrics.md"
 
@@ -109,11 +110,4 @@ def render() -> str:
 
 def build(root: Path, check: bool = False) -> list[Path]:
     """`mailgenius build`: write docs/metrics.md; return it when it changed."""
-    path = Path(root) / OUT
-    text = render()
-    if path.exists() and path.read_text() == text:
-        return []
-    if not check:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return [path]
+    return write_if_changed({OUT: render()}, Path(root), check=check)

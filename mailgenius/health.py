@@ -4,6 +4,11 @@ A check is an async callable returning ``None`` (healthy), a detail string (heal
 note), or a :class:`CheckResult`; raising or timing out means it failed. A failed *critical*
 check makes the service ``unhealthy`` (HTTP 503); a failed non-critical one, or any check that
 reports ``degraded``, makes it ``degraded`` (HTTP 200).
+
+The checks below (database, Redis, SMTP, disk) are the services' own. ``mailgenius status`` is
+built on this framework too (:meth:`HealthRegistry.run_results`, :func:`worst`) and runs the
+Redis and SMTP checks, so the operator's table and a service's ``/api/health`` judge those
+dependencies by the same code.
 """
 
 from __future__ import annotations
@@ -33,9 +38,27 @@ class CheckResult:
     status: str = HEALTHY
     detail: str = ""
     latency_ms: float = 0.0
+    #: what the check found, structured, for a caller that shows more than the health document
+    #: (``mailgenius status`` / ``check``: a relayed service's own checks, Prometheus' targets);
+    #: never part of :meth:`as_dict`, so a service's ``/api/health`` answer does not grow with it
+    data: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"status": self.status, "latency_ms": round(self.latency_ms, 2), "detail": self.detail}
+
+
+def worst(statuses) -> str:
+    """The worst of some statuses (``healthy`` when there are none): the overall status."""
+    overall = HEALTHY
+    for status in statuses:
+        if _RANK[status] > _RANK[overall]:
+            overall = status
+    return overall
+
+
+def is_status(value) -> bool:
+    """True for one of the three statuses (``healthy``, ``degraded``, ``unhealthy``)."""
+    return value in _RANK
 
 
 CheckFn = Callable[[], Awaitable["CheckResult | str | None"]]
@@ -135,13 +158,16 @@ class HealthRegistry:
         return result
 
     async def _run(self, names: list[str] | None) -> tuple[str, dict[str, dict]]:
+        overall, results = await self.run_results(names)
+        return overall, {name: r.as_dict() for name, r in results.items()}
+
+    async def run_results(self, names: list[str] | None = None) -> tuple[str, dict[str, CheckResult]]:
+        """Run the checks (all by default) concurrently, now, with no sharing or caching: (overall
+        status, name -> :class:`CheckResult`, in the checks' order). :meth:`run` is this for
+        probes; ``mailgenius status`` calls it directly, for the results' ``data`` too."""
         selected = [self.checks[n] for n in (names or list(self.checks))]
         results = await asyncio.gather(*(self.run_one(c) for c in selected))
-        overall = HEALTHY
-        for res in results:
-            if _RANK[res.status] > _RANK[overall]:
-                overall = res.status
-        return overall, {c.name: r.as_dict() for c, r in zip(selected, results, strict=True)}
+        return worst(r.status for r in results), {c.name: r for c, r in zip(selected, results, strict=True)}
 
 
 async def _bounded(coro, timeout: float):
@@ -182,6 +208,34 @@ def database_check(get_pool) -> CheckFn:
 def redis_check(get_client) -> CheckFn:
     async def check():
         await get_client().ping()
+
+    return check
+
+
+async def smtp_reachable(host: str, port: int, timeout: float = 2.0) -> str:
+    """Connect to an SMTP server, read its 220 greeting, NOOP and QUIT; raise when it does not
+    answer so (an ``aiosmtplib`` error naming the host and port)."""
+    import aiosmtplib
+
+    client = aiosmtplib.SMTP(hostname=host, port=port, timeout=timeout, start_tls=False, use_tls=False)
+    try:
+        await client.connect()
+        await client.noop()
+        try:
+            await client.quit()
+        except aiosmtplib.SMTPException:
+            pass
+    finally:
+        client.close()
+    return f"smtp {host}:{port} reachable"
+
+
+def smtp_check(host: str, port: int, timeout: float = 2.0) -> CheckFn:
+    """Health check: the SMTP server at ``host:port`` greets and answers (:func:`smtp_reachable`,
+    what the sender's email check does for its relay)."""
+
+    async def check():
+        return await smtp_reachable(host, port, timeout)
 
     return check
 

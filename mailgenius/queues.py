@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from . import contract
 from .broker import dramatiq_namespace
-from .health import DEGRADED, UNHEALTHY, CheckResult
+from .health import DEGRADED, HEALTHY, UNHEALTHY, CheckResult
 
 # the heartbeat lives beside the broker; its names stay importable from here
 from .heartbeat import HEARTBEAT_INTERVAL, STALE_AFTER, WorkerHeartbeat, workers_key  # noqa: F401
@@ -109,9 +109,24 @@ async def broker_queue_stats(settings, redis, queue: str) -> QueueStats:
     return await redis_queue_stats(redis, dramatiq_namespace(settings), queue)
 
 
+def waiting_status(waiting: int, max_waiting: float | None = None) -> str:
+    """A queue's depth: degraded when more than ``max_waiting`` wait (default: QueueDepthHigh's
+    threshold ``queue_waiting_messages`` of the contract)."""
+    if max_waiting is None:
+        max_waiting = contract.get().threshold("queue_waiting_messages")
+    return DEGRADED if waiting > max_waiting else HEALTHY
+
+
+def workers_status(workers: int, waiting: int) -> str:
+    """A queue's workers: unhealthy when messages wait and no worker is alive, degraded when no
+    worker is alive and nothing waits."""
+    if workers > 0:
+        return HEALTHY
+    return UNHEALTHY if waiting else DEGRADED
+
+
 def queue_check(get_redis, settings, queue: str, *, max_waiting: float | None = None):
-    """Health check: the broker answers; degraded when more than ``max_waiting`` wait (default:
-    QueueDepthHigh's threshold ``queue_waiting_messages`` of the contract)."""
+    """Health check: the broker answers; :func:`waiting_status` of its depth."""
     if max_waiting is None:
         max_waiting = contract.get().threshold("queue_waiting_messages")
 
@@ -120,7 +135,7 @@ def queue_check(get_redis, settings, queue: str, *, max_waiting: float | None = 
             await get_redis().ping()  # the heartbeats live in Redis whatever the broker
         stats = await broker_queue_stats(settings, get_redis(), queue)
         detail = f"{queue}: {stats.waiting} waiting, {stats.delayed} delayed, {stats.dead} dead"
-        if stats.waiting > max_waiting:
+        if waiting_status(stats.waiting, max_waiting) != HEALTHY:
             return CheckResult(DEGRADED, detail)
         return detail
 
@@ -128,8 +143,7 @@ def queue_check(get_redis, settings, queue: str, *, max_waiting: float | None = 
 
 
 def workers_check(get_redis, settings, queue: str):
-    """Health check: unhealthy when messages wait and no worker is alive, degraded when no
-    worker is alive and nothing waits."""
+    """Health check: :func:`workers_status` of the queue's live workers."""
 
     async def check():
         redis = get_redis()
@@ -137,7 +151,7 @@ def workers_check(get_redis, settings, queue: str):
         if n > 0:
             return f"{n} worker process(es) on {queue}"
         waiting = (await broker_queue_stats(settings, redis, queue)).waiting
-        if waiting:
+        if workers_status(n, waiting) == UNHEALTHY:
             return CheckResult(UNHEALTHY, f"no live worker on {queue} and {waiting} message(s) waiting")
         return CheckResult(DEGRADED, f"no live worker on {queue}")
 

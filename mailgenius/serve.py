@@ -1,6 +1,7 @@
 """Run one HTTP service in the foreground: what ``mailgenius serve NAME`` and each service's
 ``python -m NAME`` share. The service hands in its own ``create_app``; the kernel never looks a
-service up."""
+service up. :func:`run_command` maps the errors every command shares (configuration,
+connection, Ctrl-C) to exit codes, for the services and the ``mailgenius`` command alike."""
 
 from __future__ import annotations
 
@@ -45,8 +46,16 @@ def service_main(service: str, create_app: Callable[[Settings], object], argv: l
     parser.add_argument("--port", type=int, default=None,
                         help="listen port (default: the service's MAILGENIUS_*_PORT); change it when the port is taken")
     args = parser.parse_args(argv)
+    return run_command(lambda: run_service(service, create_app, port=args.port))
+
+
+def run_command(command: Callable[[], int | None]) -> int:
+    """Run a command and map the errors every command shares to its exit code, with one line on
+    stderr and no traceback: a configuration error 2 (the message names the variable), Ctrl-C
+    130, an unreachable dependency or another OS error 1. ``mailgenius`` (console/commands.py)
+    and each service's ``python -m NAME`` exit through this one mapping."""
     try:
-        return run_service(service, create_app, port=args.port)
+        return command() or 0
     except SettingsError as exc:
         print(f"mailgenius: configuration error: {exc}", file=sys.stderr)
         return 2

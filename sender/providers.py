@@ -29,6 +29,7 @@ import aiohttp
 import aiosmtplib
 import orjson
 
+from mailgenius.health import smtp_reachable
 from mailgenius.settings import SenderSettings
 
 from .smtp_pool import SmtpPool
@@ -569,17 +570,8 @@ class SmtpProvider:
         return result
 
     async def check(self) -> str:
-        client = aiosmtplib.SMTP(hostname=self.host, port=self.port, timeout=2, start_tls=False, use_tls=False)
-        try:
-            await client.connect()
-            await client.noop()
-            try:
-                await client.quit()
-            except aiosmtplib.SMTPException:
-                pass
-        finally:
-            client.close()
-        return f"smtp {self.host}:{self.port} reachable"
+        # the kernel's SMTP check (``mailgenius status`` probes the relay with it too)
+        return await smtp_reachable(self.host, self.port)
 
     async def close(self) -> None:
         await self.pool.close()
