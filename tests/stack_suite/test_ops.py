@@ -25,7 +25,12 @@ MAILGENIUS = str(Path(sys.executable).parent / "mailgenius")
 
 
 def moved_ports() -> dict[str, str]:
-    return {c.env: str(free_port()) for c in stack.COMPONENTS}
+    """A distinct free port per component (free_port() closes its socket, so two calls can get
+    the same port back: the taken-port test then saw two components on one port, 1 run in 11)."""
+    ports: set[int] = set()
+    while len(ports) < len(stack.COMPONENTS):
+        ports.add(free_port())
+    return {c.env: str(p) for c, p in zip(stack.COMPONENTS, sorted(ports), strict=True)}
 
 
 def cli_env(settings, tmp_path, **extra) -> dict[str, str]:
