@@ -239,6 +239,9 @@ class ImportJob:
         self.committed_rows = 0
         self.inflight_rows = 0
         self.job_pid = 0
+        #: seconds spent per stage of this run (logged when the load ends): where an import's
+        #: time goes, to measure rather than guess
+        self.stages: dict[str, float] = {}
 
     # -- entry point -------------------------------------------------------------------------
 
@@ -360,7 +363,9 @@ class ImportJob:
                 # parse batch n+1 in the thread while Postgres merges batch n
                 fut = loop.run_in_executor(ex, next, gen, None)
                 while True:
+                    t0 = time.perf_counter()
                     batch: Batch | None = await fut
+                    self._lap("wait_reader", t0)
                     if batch is None:
                         break
                     fut = loop.run_in_executor(ex, next, gen, None)
@@ -375,6 +380,13 @@ class ImportJob:
             finally:
                 reader.stop.set()
                 os.close(fd)
+                log.info("import load stages", extra={
+                    "rows": self.committed_rows, **{f"{k}_s": round(v, 3) for k, v in self.stages.items()}})
+
+    def _lap(self, stage: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.stages[stage] = self.stages.get(stage, 0.0) + now - t0
+        return now
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():
@@ -389,20 +401,24 @@ class ImportJob:
         py_dups = reasons.get(DUPLICATE, 0)
         res = BatchResult(rows=batch.rows, invalid=len(errors) - py_dups)
         self._check_cancel()
+        t = time.perf_counter()
         async with conn.transaction():
             inserted = updated = missed = 0
             dup_lines: list[int] = []
             if batch.staged:
                 await conn.copy_to_table("import_stage", source=memoryview(batch.copy_data),
                                          columns=self.stage_columns, format="csv")
+                t = self._lap("copy", t)
                 self._check_cancel()
                 inserted, updated, missed = await conn.fetchrow(merge_sql, iid, source)
+                t = self._lap("merge", t)
                 self._check_cancel()
                 if missed:
                     if mode == "update":
                         dup_lines = [r[0] for r in await conn.fetch("SELECT line FROM import_missed ORDER BY line")]
                     else:
                         dup_lines = [r[0] for r in await conn.fetch(CLASSIFY_SKIP, iid)]
+                    t = self._lap("classify", t)
             for ln in dup_lines:
                 errors.append((iid, ln, DUPLICATE, batch.raw_of(fd, ln, enc)))
             if dup_lines:
@@ -410,6 +426,7 @@ class ImportJob:
             if errors:
                 await conn.copy_records_to_table("import_errors", records=errors,
                                                  columns=["import_id", "line", "reason", "raw"])
+                t = self._lap("errors", t)
             res.inserted, res.updated = inserted, updated
             res.skipped = missed - len(dup_lines)
             res.duplicates = py_dups + len(dup_lines) + res.skipped
@@ -418,9 +435,11 @@ class ImportJob:
             cancel = await conn.fetchval(
                 CHECKPOINT, iid, res.rows, res.inserted, res.updated, res.duplicates, res.invalid,
                 res.skipped, batch.end_offset, batch.end_line)
+            t = self._lap("checkpoint", t)
             if cancel:
                 self.cancel.set()
                 raise Cancelled()
+        self._lap("commit", t)
         return res
 
     def _count(self, r: BatchResult) -> None:
