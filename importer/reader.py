@@ -312,7 +312,8 @@ TAG_CACHE = 50_000
 
 class RowMapper:
     """Turns one parsed record into the lead values (after the email is validated): first and
-    last name (split from a full name when the file has no separate columns), company, phone,
+    last name (split from a full name when the file has no separate columns), company, phone
+    (each trimmed of spaces, None when empty),
     the tag array literal (file tags merged with the upload's, parsed once per distinct cell),
     source and the attributes JSON (or None)."""
 
@@ -359,9 +360,12 @@ class RowMapper:
         phone = row[pi] if pi is not None else None
         if self.phone_fallbacks and not phone.strip():
             phone = next((row[i] for i in self.phone_fallbacks if row[i].strip()), phone)
-        return (first, last, row[ci] if ci is not None else None, phone,
+        # trimmed of spaces like Postgres' btrim(), and None (NULL) when nothing is left: the
+        # merge inserts the staged values as they are
+        return (first and first.strip(" ") or None, last and last.strip(" ") or None,
+                ci is not None and row[ci].strip(" ") or None, phone and phone.strip(" ") or None,
                 self.tags_literal(row[ti]) if ti is not None else self.default_tags,
-                row[self.si] if self.si is not None else None,
+                self.si is not None and row[self.si].strip(" ") or None,
                 json.dumps(attrs) if attrs else None)
 
 
