@@ -410,7 +410,7 @@ class ImportJob:
             dup_lines: list[int] = []
             if batch.staged:
                 await conn.copy_to_table("import_stage", source=memoryview(batch.copy_data),
-                                         columns=self.stage_columns, format="csv")
+                                         columns=self.stage_columns)
                 t = self._lap("copy", t)
                 self._check_cancel()
                 inserted, updated, missed = await conn.fetchrow(merge_sql, iid, source)
