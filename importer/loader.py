@@ -37,6 +37,7 @@ from mailgenius.metrics import (
 )
 
 from .reader import (
+    COPY_NULL,
     DEFAULT_MAX_LINE,
     DUPLICATE,
     REASONS,
@@ -410,7 +411,7 @@ class ImportJob:
             dup_lines: list[int] = []
             if batch.staged:
                 await conn.copy_to_table("import_stage", source=memoryview(batch.copy_data),
-                                         columns=self.stage_columns)
+                                         columns=self.stage_columns, null=COPY_NULL)
                 t = self._lap("copy", t)
                 self._check_cancel()
                 inserted, updated, missed = await conn.fetchrow(merge_sql, iid, source)

@@ -286,8 +286,8 @@ class _Lines:
 
 @dataclass
 class Batch:
-    #: COPY text format (tab-separated, ``\\N`` for NULL) for the staging table (columns:
-    #: :attr:`BatchReader.stage_columns`); :func:`copy_records` reads it back
+    #: COPY text format (tab-separated, an empty field is NULL: see :data:`COPY_NULL`) for the
+    #: staging table (columns: :attr:`BatchReader.stage_columns`); :func:`copy_records` reads it back
     copy_data: bytes
     staged: int  #: rows in copy_data
     rows: int  #: data records consumed (staged + errors), blank lines excluded
@@ -310,8 +310,10 @@ class Batch:
 
 #: columns of the staging table, in the order the reader writes them
 STAGE_COLUMNS = ("line", "email", "first_name", "last_name", "company", "phone", "tags", "source", "attributes")
-#: NULL in COPY text format
-COPY_NULL = "\\N"
+#: NULL of the staged COPY text: the empty field (COPY ... NULL ''). No staged value is ever an
+#: empty string (the reader turns empty cells into NULL), and unlike the default ``\N`` it
+#: leaves every backslash in a line a sign that the line needs escaping
+COPY_NULL = ""
 _COPY_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 _COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
 _COPY_UNESCAPE = re.compile(r"\\(.)")
@@ -319,7 +321,8 @@ _COPY_UNESCAPES = {"t": "\t", "n": "\n", "r": "\r"}
 
 
 def copy_line(fields) -> str:
-    """One COPY text-format line (no terminator) of str fields or None (NULL), escaped."""
+    """One COPY text-format line (no terminator) of str fields or None (NULL), escaped (an
+    empty string is NULL too)."""
     return "\t".join(COPY_NULL if f is None else _COPY_SPECIAL.sub(lambda m: _COPY_ESCAPES[m[0]], f)
                      for f in fields)
 
@@ -427,7 +430,6 @@ class BatchReader:
         fullmatch = EMAIL_RE.fullmatch
         fullmatch_ascii = EMAIL_RE_ASCII.fullmatch
         seps = len(STAGE_COLUMNS) - 1
-        N = COPY_NULL
         delim = info.delimiter
         enc = self.text_encoding
         fd_file = open(info.data_path, "rb", buffering=1 << 20)
@@ -525,9 +527,8 @@ class BatchReader:
                                 # COPY text format: one f-string (a third of csv.writer's time),
                                 # escaped field by field only when a tab, newline, CR or
                                 # backslash is somewhere in the line
-                                line = (f"{ln}\t{email}\t{N if a is None else a}\t{N if b is None else b}\t"
-                                        f"{N if c is None else c}\t{N if d is None else d}\t{e}\t"
-                                        f"{N if f is None else f}\t{N if g is None else g}")
+                                line = (f"{ln}\t{email}\t{a or ''}\t{b or ''}\t{c or ''}\t{d or ''}\t{e}\t"
+                                        f"{f or ''}\t{g or ''}")
                                 if line.count("\t") != seps or "\\" in line or "\n" in line or "\r" in line:
                                     line = copy_line((str(ln), email, a, b, c, d, e, f, g))
                                 out_append(line)
