@@ -27,6 +27,7 @@ import jinja2
 import yaml
 
 from mailgenius import contract
+from mailgenius.settings import rules_file
 
 HERE = Path(__file__).resolve().parent
 #: the one source of every alert
@@ -139,7 +140,7 @@ def compose_variant() -> Variant:
 
 # -- loading and validating rules.yml ------------------------------------------------------------
 
-def _seconds(value: str, where: str) -> int:
+def duration_seconds(value: str, where: str) -> int:
     m = _DURATION.match(str(value))
     if not m:
         raise RulesError(f"{where}: {value!r} is not a duration like 30s, 5m, 1h")
@@ -147,9 +148,9 @@ def _seconds(value: str, where: str) -> int:
     return n * {"ms": 0, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}[unit]
 
 
-def _duration(value: str, where: str) -> str:
+def canonical_duration(value: str, where: str) -> str:
     """Normalise to Prometheus' canonical spelling (300s -> 5m, 60s -> 1m)."""
-    secs = _seconds(value, where)
+    secs = duration_seconds(value, where)
     if secs == 0:
         return "0s"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -242,8 +243,8 @@ def load(path: Path = SOURCE, *, grafana_url: str | None = None,
                 group=group,
                 severity=sev,
                 expr=expr(row["expr"], where),
-                for_=_duration(row.get("for", defaults["for"]), where + ".for"),
-                cooldown=_duration(row.get("cooldown", defaults["cooldown"]), where + ".cooldown"),
+                for_=canonical_duration(row.get("for", defaults["for"]), where + ".for"),
+                cooldown=canonical_duration(row.get("cooldown", defaults["cooldown"]), where + ".cooldown"),
                 channels=channels,
                 labels={"severity": sev},
                 annotations={
@@ -282,7 +283,7 @@ def _block(value: str, indent: int) -> str:
     return "|-\n" + "\n".join(pad + line if line else "" for line in value.splitlines())
 
 
-def _env() -> jinja2.Environment:
+def templates_env() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
     env.filters["q"] = _scalar
@@ -321,10 +322,10 @@ def route_group_interval(cooldown: str, global_interval: str, where: str) -> str
     of DatabaseConnectionsHigh and 1 min of the Watchdog became 5 min; with an interval equal
     to the cooldown, twice the cooldown. A tick just after the cooldown (cooldown + 5 %, at
     least 1 s) re-sends at the cooldown, late by that margin only."""
-    secs = _seconds(cooldown, where)
-    if secs >= _seconds(global_interval, "group_interval"):
+    secs = duration_seconds(cooldown, where)
+    if secs >= duration_seconds(global_interval, "group_interval"):
         return None
-    return _duration(f"{secs + max(1, secs // 20)}s", where)
+    return canonical_duration(f"{secs + max(1, secs // 20)}s", where)
 
 
 def _receiver_name(channels: tuple[str, ...]) -> str:
@@ -333,7 +334,7 @@ def _receiver_name(channels: tuple[str, ...]) -> str:
 
 def default_source() -> Path:
     """The rules.yml every reader uses: ``$MAILGENIUS_RULES_FILE``, else alerting/rules.yml."""
-    return Path(os.environ.get(contract.ENV) or SOURCE)
+    return Path(rules_file() or SOURCE)
 
 
 def render(variant: Variant | None = None, *, source: Path | None = None,
@@ -346,7 +347,7 @@ def render(variant: Variant | None = None, *, source: Path | None = None,
     model = load(source or default_source(), grafana_url=variant.grafana_url, monitoring_url=variant.monitoring_url)
     slos = slo.load(slo_source or slo.SOURCE, rules=model.source, grafana_url=variant.grafana_url,
                     monitoring_url=variant.monitoring_url)
-    env = _env()
+    env = templates_env()
     src = model.source
     out: dict[str, str] = {}
 
@@ -371,7 +372,7 @@ def render(variant: Variant | None = None, *, source: Path | None = None,
     routing = src["routing"]
     receivers: dict[str, tuple[str, ...]] = {}
     routes = []
-    global_interval = _duration(variant.group_interval or routing["group_interval"], "group_interval")
+    global_interval = canonical_duration(variant.group_interval or routing["group_interval"], "group_interval")
     for a in model.alerts + slos.alerts:
         name = _receiver_name(a.channels)
         receivers[name] = a.channels
@@ -389,12 +390,12 @@ def render(variant: Variant | None = None, *, source: Path | None = None,
         variant = replace(variant, watchdog_url=src["channels"]["watchdog"]["url"])
     out[f"alertmanager/alertmanager{suffix}.yml"] = env.get_template("alertmanager.yml.j2").render(
         header=header, v=variant, routing=routing, go=GO_TEMPLATES,
-        group_wait=_duration(variant.group_wait or routing["group_wait"], "group_wait"),
+        group_wait=canonical_duration(variant.group_wait or routing["group_wait"], "group_wait"),
         group_interval=global_interval,
-        resolve_timeout=_duration(routing["resolve_timeout"], "resolve_timeout"),
+        resolve_timeout=canonical_duration(routing["resolve_timeout"], "resolve_timeout"),
         default_receiver=default_receiver, critical_receiver=critical_receiver,
-        critical_repeat=_duration(src["severities"]["critical"]["cooldown"], "cooldown"),
-        default_repeat=_duration(src["severities"]["warning"]["cooldown"], "cooldown"),
+        critical_repeat=canonical_duration(src["severities"]["critical"]["cooldown"], "cooldown"),
+        default_repeat=canonical_duration(src["severities"]["warning"]["cooldown"], "cooldown"),
         incident_receiver=routing["incident_channel"],
         routes=routes, receivers=sorted(receivers.items()), channels=src["channels"],
         slack_api_url_file=f"{secrets}/slack_api_url",

@@ -41,7 +41,15 @@ from mailgenius.slo_series import (  # noqa: F401  (re-exported)
     ratio_name,
 )
 
-from .generate import Alert, RulesError, Variant, _duration, _env, _seconds, dashboard_link
+from .generate import (
+    Alert,
+    RulesError,
+    Variant,
+    canonical_duration,
+    dashboard_link,
+    duration_seconds,
+    templates_env,
+)
 
 HERE = Path(__file__).resolve().parent
 #: the one source of every SLO
@@ -116,7 +124,7 @@ class SloModel:
 
     @property
     def period_seconds(self) -> int:
-        return _seconds(self.period, "period")
+        return duration_seconds(self.period, "period")
 
 
 def _num(value: Decimal) -> str:
@@ -141,11 +149,11 @@ def _load_alerts(src: dict) -> list[BurnAlert]:
         for item in row.get("windows") or []:
             if not (isinstance(item, list) and len(item) == 3):
                 raise RulesError(f"{where}.windows: each entry is [long, short, factor]; got {item!r}")
-            long_w, short_w, factor = (_duration(str(item[0]), where), _duration(str(item[1]), where), item[2])
+            long_w, short_w, factor = (canonical_duration(str(item[0]), where), canonical_duration(str(item[1]), where), item[2])
             for w in (long_w, short_w):
                 if w not in WINDOWS:
                     raise RulesError(f"{where}: window {w} is not recorded (recorded: {', '.join(WINDOWS)})")
-            if _seconds(long_w, where) <= _seconds(short_w, where):
+            if duration_seconds(long_w, where) <= duration_seconds(short_w, where):
                 raise RulesError(f"{where}: the long window {long_w} must be longer than the short one {short_w}")
             try:
                 f = Decimal(str(factor))
@@ -156,7 +164,7 @@ def _load_alerts(src: dict) -> list[BurnAlert]:
             windows.append((long_w, short_w, f))
         if not windows:
             raise RulesError(f"{where}: no windows")
-        out.append(BurnAlert(kind, str(row["severity"]), _duration(str(row.get("for", "0s")), where + ".for"),
+        out.append(BurnAlert(kind, str(row["severity"]), canonical_duration(str(row.get("for", "0s")), where + ".for"),
                              tuple(windows)))
     return out
 
@@ -168,7 +176,7 @@ def load(path: Path = SOURCE, *, rules: dict, grafana_url: str | None = None,
     env = expr_env()
     m = metric_names()
     s = src.get("selectors") or {}
-    period = _duration(str(src.get("period", "30d")), "slos.yml period")
+    period = canonical_duration(str(src.get("period", "30d")), "slos.yml period")
     burn_alerts = _load_alerts(src)
     severities = rules["severities"]
     for b in burn_alerts:
@@ -228,7 +236,7 @@ def load(path: Path = SOURCE, *, rules: dict, grafana_url: str | None = None,
             d = severities[b.severity]
             alerts.append(Alert(
                 name=aname, group="slo", severity=b.severity, expr=alert_expr(slo, b), for_=b.for_,
-                cooldown=_duration(d["cooldown"], where + ".cooldown"), channels=tuple(d["channels"]),
+                cooldown=canonical_duration(d["cooldown"], where + ".cooldown"), channels=tuple(d["channels"]),
                 labels={"severity": b.severity, "slo": name},
                 annotations={
                     "summary": f"SLO {name}: error budget burning {'fast' if b.kind == 'page' else 'slowly'} ({b.kind}).",
@@ -308,4 +316,4 @@ def render_rules(model: SloModel, header: str, *, for_override: str | None = Non
             alerts = [replace(a, for_=for_override) for a in alerts]
         groups.append({"name": group_name(slo), "slo": slo,
                        "rules": recording_rules(slo, model.period, model.period_seconds), "alerts": alerts})
-    return _env().get_template("slo.yml.j2").render(header=header, groups=groups, period=model.period)
+    return templates_env().get_template("slo.yml.j2").render(header=header, groups=groups, period=model.period)

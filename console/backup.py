@@ -76,9 +76,11 @@ def _tool(name: str) -> str:
 async def _active_uploads(database_url: str) -> list[tuple[int, str]]:
     import asyncpg
 
+    from mailgenius.import_states import ACTIVE, sql_list
+
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
-        rows = await conn.fetch("SELECT id, path FROM imports WHERE status IN ('queued', 'running') AND path IS NOT NULL")
+        rows = await conn.fetch(f"SELECT id, path FROM imports WHERE status IN {sql_list(ACTIVE)} AND path IS NOT NULL")
         return [(r["id"], r["path"]) for r in rows]
     finally:
         await conn.close()

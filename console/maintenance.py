@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 
@@ -13,57 +12,43 @@ from mailgenius.settings import Settings
 from .base import OpsError, format_table
 from .stack import ops_settings
 
-# The importer's own cleanup (``POST /api/upload/cleanup``, importer/routes.py ``upload_cleanup``)
-# is an aiohttp handler bound to the running service (its pool, its broker, requeueing stuck
-# imports), not a function this command can call; until the importer offers one, this keeps to
-# the same rule for which files are still needed: the upload of every queued or running import
-# and its ``.utf8`` transcoding (importer/reader.py writes ``<path>.utf8`` for files it converts).
 
-
-async def _active_upload_paths(settings: Settings) -> set[str]:
+async def _cleanup_uploads(settings: Settings, older_than: float, dry_run: bool):
     import asyncpg
+
+    from importer.uploads import cleanup_uploads
 
     conn = await asyncpg.connect(settings.database_url, timeout=10)
     try:
-        rows = await conn.fetch("SELECT path FROM imports WHERE status IN ('queued', 'running') AND path IS NOT NULL")
-        return {os.path.realpath(p) for r in rows for p in (r["path"], r["path"] + ".utf8")}
+        return await cleanup_uploads(conn, settings.upload_dir, older_than, dry_run)
     finally:
         await conn.close()
 
 
 def cmd_cleanup_uploads(args) -> int:
     """Delete upload files older than ``--older-than-hours`` that no queued or running import
-    still needs (the guide's ``find /tmp/uploads -mtime +1 -delete``, made safe)."""
+    still needs (the guide's ``find /tmp/uploads -mtime +1 -delete``, made safe). The rule is the
+    importer's own (importer/uploads.py ``cleanup_uploads``, as ``POST /api/upload/cleanup``):
+    an import needs its upload and the ``.utf8`` transcoding beside it. Stuck imports are not
+    requeued from here (that needs the importer's broker: use the HTTP cleanup)."""
     settings = ops_settings()
     root = Path(settings.upload_dir)
     if not root.exists():
         print(f"cleanup-uploads: {root} does not exist; nothing to do")
         return 0
-    keep = asyncio.run(_active_upload_paths(settings))
-    cutoff = time.time() - args.older_than_hours * 3600
-    removed = kept = 0
-    freed = 0
-    for path in sorted(root.rglob("*")):
-        if not path.is_file():
-            continue
-        st = path.stat()
-        if st.st_mtime > cutoff:
-            continue
-        if os.path.realpath(path) in keep:
-            kept += 1
-            continue
-        freed += st.st_size
-        removed += 1
-        if args.dry_run:
+    if args.older_than_hours < 0:
+        raise OpsError("--older-than-hours must be >= 0", 2)
+    res = asyncio.run(_cleanup_uploads(settings, args.older_than_hours * 3600, args.dry_run))
+    if args.dry_run:
+        for path in res.removed:
             print(f"would remove {path}")
-        else:
-            path.unlink()
-    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        if not args.dry_run and not any(d.iterdir()):
-            d.rmdir()
     verb = "would free" if args.dry_run else "freed"
-    print(f"cleanup-uploads: {removed} file(s) older than {args.older_than_hours:g} h {'to remove' if args.dry_run else 'removed'}, "
-          f"{verb} {freed / 2**20:.2f} MiB; {kept} kept for queued/running imports")
+    print(f"cleanup-uploads: {len(res.removed)} file(s) older than {args.older_than_hours:g} h "
+          f"{'to remove' if args.dry_run else 'removed'}, "
+          f"{verb} {res.freed / 2**20:.2f} MiB; {len(res.kept)} kept for queued/running imports")
+    if res.failed:
+        raise OpsError(f"{len(res.failed)} file(s) could not be removed: "
+                       + "; ".join(f"{p}: {why}" for p, why in res.failed[:5]))
     return 0
 
 

@@ -22,7 +22,6 @@ from mailgenius.web import add_routes, base_app
 
 from . import keys as ek
 from .collectors import Context, Refresher, SnapshotCollector
-from .config import load_config
 from .health import add_checks
 from .monitoring_page import setup_monitoring_page
 from .routes import ROUTES
@@ -83,7 +82,7 @@ def health_loop_ctx(config):
 def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:
     registry = registry if registry is not None else service_registry()
     app = base_app(settings, "exporter", registry=registry)
-    config = load_config(settings)
+    config = settings.exporter
     app[ek.CONFIG] = config
     refresher = Refresher(Context(settings, config, lambda: app[k.DB], lambda: app[k.REDIS]))
     app[ek.REFRESHER] = refresher

@@ -23,10 +23,9 @@ def cmd_queue(args) -> int:
     from mailgenius.queues import worker_count
 
     from .brokers import AdminError, queue_admin, queue_stats
-    from .config import load_config
 
     settings = _settings()
-    config = load_config(settings)
+    config = settings.exporter
 
     async def run() -> int:
         redis = create_redis(settings.redis_url)

@@ -72,12 +72,14 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from mailgenius import import_states
 from mailgenius import metrics as m
 from mailgenius.health import consume_outcome
+from mailgenius.import_states import sql_list
 from mailgenius.queues import worker_count
+from mailgenius.settings import ExporterSettings
 
 from .brokers import queue_stats
-from .config import ExporterConfig
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,8 @@ CAMPAIGN_COUNTERS = ("recipients", "queued", "sent", "delivered", "bounced", "co
 ACTIVE_CAMPAIGN_STATUSES = ("queued", "sending", "paused")
 SEVERITIES = ("critical", "warning", "info")
 QUEUE_STATES = ("waiting", "delayed", "dead")
-IMPORT_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+#: the importer's words (mailgenius/import_states.py: services never import each other)
+IMPORT_STATUSES = import_states.STATUSES
 #: fold the lead delta rows into one row per status once there are more than this many
 LEAD_DELTA_COMPACT_AT = 64
 
@@ -107,7 +110,7 @@ class Context:
     """What a source may use while refreshing (never while collecting)."""
 
     settings: Any
-    config: ExporterConfig
+    config: ExporterSettings
     get_pool: Callable[[], Any]
     get_redis: Callable[[], Any]
 
@@ -326,27 +329,27 @@ async def import_stats(pool, window_hours: float) -> ImportStats:
     completed / (completed + failed) (cancelled ones are neither), validation-error ratio =
     invalid rows / processed rows."""
     active = await pool.fetch(
-        "SELECT status, count(*) AS n FROM imports WHERE status IN ('queued', 'running') GROUP BY status"
+        f"SELECT status, count(*) AS n FROM imports WHERE status IN {sql_list(import_states.ACTIVE)} GROUP BY status"
     )
-    row = await pool.fetchrow(
-        """SELECT count(*) FILTER (WHERE status = 'completed') AS completed,
-                  count(*) FILTER (WHERE status = 'failed') AS failed,
-                  count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
-                  coalesce(sum(invalid), 0) AS invalid,
-                  coalesce(sum(processed_rows), 0) AS processed
-             FROM imports
-            WHERE created_at >= now() - make_interval(secs => $1)
-              AND status IN ('completed', 'failed', 'cancelled')""",
+    done = await pool.fetch(
+        f"""SELECT status, count(*) AS n, coalesce(sum(invalid), 0) AS invalid,
+                   coalesce(sum(processed_rows), 0) AS processed
+              FROM imports
+             WHERE created_at >= now() - make_interval(secs => $1)
+               AND status IN {sql_list(import_states.FINISHED)}
+             GROUP BY status""",
         window_hours * 3600.0,
     )
     by_status = {r["status"]: int(r["n"]) for r in active}
-    for s in ("completed", "failed", "cancelled"):
-        by_status[s] = int(row[s])
-    finished = row["completed"] + row["failed"]
+    by_status.update({s: 0 for s in import_states.FINISHED})
+    by_status.update({r["status"]: int(r["n"]) for r in done})
+    invalid = sum(int(r["invalid"]) for r in done)
+    processed = sum(int(r["processed"]) for r in done)
+    completed, failed = by_status[import_states.COMPLETED], by_status[import_states.FAILED]
     return ImportStats(
         by_status,
-        row["completed"] / finished if finished else None,
-        int(row["invalid"]) / int(row["processed"]) if row["processed"] else None,
+        completed / (completed + failed) if completed + failed else None,
+        invalid / processed if processed else None,
     )
 
 

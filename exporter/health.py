@@ -12,9 +12,9 @@ from mailgenius import contract
 from mailgenius import metrics as m
 from mailgenius.health import DEGRADED, HEALTHY, UNHEALTHY, CheckResult, HealthRegistry
 from mailgenius.queues import worker_count
+from mailgenius.settings import ExporterSettings
 
 from .brokers import queue_stats
-from .config import ExporterConfig
 
 
 def queue_depth_degraded() -> float:
@@ -71,7 +71,7 @@ def queues_check(get_redis, settings):
     return check
 
 
-def all_workers_check(get_redis, settings, config: ExporterConfig):
+def all_workers_check(get_redis, settings, config: ExporterSettings):
     """Unhealthy when a queue has waiting messages and no live worker; degraded when a queue has
     no live worker at all."""
 
@@ -93,7 +93,7 @@ def all_workers_check(get_redis, settings, config: ExporterConfig):
     return check
 
 
-def add_checks(health: HealthRegistry, *, settings, config: ExporterConfig, get_redis, get_session) -> None:
+def add_checks(health: HealthRegistry, *, settings, config: ExporterSettings, get_redis, get_session) -> None:
     t = config.http_timeout
     health.add("queue", queues_check(get_redis, settings))
     health.add("workers", all_workers_check(get_redis, settings, config), critical=False)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailgenius import errors
+from mailgenius.settings import MIN_WEBHOOK_TOKEN_CHARS
 
 #: Alertmanager's "no end time" value for firing alerts
 _ZERO_TIME = "0001-01-01T00:00:00Z"
@@ -32,8 +33,8 @@ MAX_ALERTS = 1000
 #: severities kept as they are; anything else is stored (and exported in
 #: ``mailgenius_incidents_open{severity}``) as ``other``, so a caller cannot grow the label set
 KNOWN_SEVERITIES = frozenset({"critical", "warning", "info", "none"})
-#: the shortest webhook token accepted (``mailgenius stack-prepare`` generates 43 characters)
-MIN_TOKEN_CHARS = 24
+#: the shortest webhook token accepted (checked at start-up by mailgenius.settings)
+MIN_TOKEN_CHARS = MIN_WEBHOOK_TOKEN_CHARS
 
 
 def check_webhook_token(authorization: str, token: str) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-#: exporter.config.ExporterConfig
-CONFIG = web.AppKey("exporter_config", "ExporterConfig")
+#: mailgenius.settings.ExporterSettings (settings.exporter)
+CONFIG = web.AppKey("exporter_config", "ExporterSettings")
 #: exporter.collectors.Refresher: the background snapshots the collectors read
 REFRESHER = web.AppKey("exporter_refresher", "Refresher")
 #: one shared HTTP client (health of other services, Prometheus, Alertmanager)

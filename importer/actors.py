@@ -14,6 +14,7 @@ import dramatiq
 from mailgenius.metrics import QUEUE_IMPORT
 from mailgenius.worker import resources, worker_setup
 
+from . import jobs
 from .loader import ImportMetrics, ImportOptions, run_import
 
 settings, broker = worker_setup("importer")
@@ -39,28 +40,24 @@ async def import_leads(import_id: int) -> None:
     res = await resources(settings)
     try:
         await run_import(res.pool, res.redis, settings, int(import_id), metrics=METRICS,
-                         options=ImportOptions.from_env())
+                         options=ImportOptions.from_settings(settings))
     except Exception as exc:
         # attempts are counted in Postgres (imports.attempts), not from the message: a
         # redelivery after a crash is an attempt too, and dramatiq's CurrentMessage is not
         # visible from the event-loop thread async actors run on
         text = f"{type(exc).__name__}: {exc}"[:500]
         try:
-            attempts = await res.pool.fetchval("SELECT attempts FROM imports WHERE id = $1", int(import_id)) or 0
+            attempts = await jobs.attempts(res.pool, int(import_id))
             final = attempts > MAX_RETRIES
             log.exception("import attempt failed", extra={"import_id": import_id, "attempt": attempts,
                                                            "final": final})
             if final:
-                done = await res.pool.fetchval(
-                    """UPDATE imports SET status = 'failed', error = $2, finished_at = now(), updated_at = now()
-                       WHERE id = $1 AND status IN ('queued', 'running') RETURNING id""",
-                    int(import_id), f"failed after {attempts} attempts: {text}")
+                done = await jobs.finish(res.pool, int(import_id), jobs.FAILED,
+                                         f"failed after {attempts} attempts: {text}")
                 if done:
-                    METRICS.jobs.labels("failed").inc()
+                    METRICS.jobs.labels(jobs.FAILED).inc()
             else:
-                await res.pool.execute(
-                    "UPDATE imports SET error = $2, updated_at = now() WHERE id = $1 AND status = 'running'",
-                    int(import_id), f"attempt {attempts} failed, retrying: {text}")
+                await jobs.record_retry(res.pool, int(import_id), f"attempt {attempts} failed, retrying: {text}")
         except Exception:
             log.warning("could not record the failure", exc_info=True)
         raise

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter
 from mailgenius import keys as mkeys
 from mailgenius.broker import build_broker
 from mailgenius.health import disk_check
-from mailgenius.metrics import QUEUE_IMPORT, UPLOAD_BYTES, _bare
+from mailgenius.metrics import QUEUE_IMPORT, UPLOAD_BYTES, bare_name
 from mailgenius.procmetrics import service_registry
 from mailgenius.queues import queue_check, workers_check
 from mailgenius.settings import Settings
@@ -44,7 +44,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     # for the small JSON bodies; it is raised to the cap anyway so no code path reads less
     app = base_app(settings, "importer", registry=registry,
                    client_max_size=settings.upload_max_bytes + FORM_OVERHEAD)
-    app[keys.UPLOAD_BYTES] = Counter(_bare(UPLOAD_BYTES, "_total"), "Bytes of CSV uploads stored.",
+    app[keys.UPLOAD_BYTES] = Counter(bare_name(UPLOAD_BYTES, "_total"), "Bytes of CSV uploads stored.",
                                      registry=registry)
     app.cleanup_ctx.append(broker_ctx(settings))
     health = app[mkeys.HEALTH]

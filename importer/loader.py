@@ -33,9 +33,11 @@ from mailgenius.metrics import (
     IMPORT_JOBS,
     IMPORT_ROWS,
     IMPORT_VALIDATION_ERRORS,
-    _bare,
+    bare_name,
 )
 
+from . import jobs
+from .jobs import CANCELLED, COMPLETED, FAILED, FINISHED, RUNNING
 from .reader import (
     COPY_NULL,
     DEFAULT_MAX_LINE,
@@ -52,7 +54,6 @@ log = logging.getLogger(__name__)
 
 #: advisory-lock namespace of import jobs (first key of pg_try_advisory_lock(int, int))
 LOCK_NAMESPACE = 0x494D50  # "IMP"
-FINISHED = ("completed", "failed", "cancelled")
 #: outcomes of mailgenius_import_rows_total
 OUTCOMES = ("inserted", "updated", "duplicate", "invalid")
 #: seconds between two progress publications / cancel-flag polls
@@ -61,14 +62,6 @@ POLL_INTERVAL = 0.25
 WORK_MEM = "64MB"
 #: seconds a live-progress record stays in Redis after its last update
 PROGRESS_TTL = 3600
-
-
-def _env_int(name: str, default: int, lo: int = 1) -> int:
-    raw = os.environ.get(name, "")
-    try:
-        return max(lo, int(raw)) if raw.strip() else default
-    except ValueError:
-        raise ValueError(f"{name}: expected an integer, got {raw!r}") from None
 
 
 @dataclass(frozen=True)
@@ -85,13 +78,11 @@ class ImportOptions:
     batch_pause: float = 0.0
 
     @classmethod
-    def from_env(cls) -> ImportOptions:
-        return cls(
-            batch_rows=_env_int("MAILGENIUS_IMPORT_BATCH_ROWS", cls.batch_rows),
-            max_field=_env_int("MAILGENIUS_IMPORT_MAX_FIELD", cls.max_field),
-            max_line=_env_int("MAILGENIUS_IMPORT_MAX_LINE_BYTES", cls.max_line, lo=1024),
-            batch_pause=_env_int("MAILGENIUS_IMPORT_BATCH_PAUSE_MS", 0, lo=0) / 1000.0,
-        )
+    def from_settings(cls, settings) -> ImportOptions:
+        """The options of ``settings.importer`` (validated by mailgenius.settings.load_settings)."""
+        s = settings.importer
+        return cls(batch_rows=s.batch_rows, max_field=s.max_field, max_line=s.max_line,
+                   batch_pause=s.batch_pause)
 
 
 class ImportMetrics:
@@ -103,11 +94,11 @@ class ImportMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         registry = REGISTRY if registry is None else registry
-        self.rows = Counter(_bare(IMPORT_ROWS, "_total"), "Import rows by outcome.", ["outcome"], registry=registry)
+        self.rows = Counter(bare_name(IMPORT_ROWS, "_total"), "Import rows by outcome.", ["outcome"], registry=registry)
         self.validation_errors = Counter(
-            _bare(IMPORT_VALIDATION_ERRORS, "_total"), "Rows rejected or skipped by the importer, by reason.",
+            bare_name(IMPORT_VALIDATION_ERRORS, "_total"), "Rows rejected or skipped by the importer, by reason.",
             ["reason"], registry=registry)
-        self.jobs = Counter(_bare(IMPORT_JOBS, "_total"), "Finished import jobs by status.", ["status"],
+        self.jobs = Counter(bare_name(IMPORT_JOBS, "_total"), "Finished import jobs by status.", ["status"],
                             registry=registry)
         self.duration = Histogram(IMPORT_DURATION, "Wall time of finished import jobs.",
                                   buckets=self.DURATION_BUCKETS, registry=registry)
@@ -235,7 +226,7 @@ class ImportJob:
         self.settings = settings
         self.import_id = import_id
         self.metrics = metrics
-        self.options = options or ImportOptions.from_env()
+        self.options = options or ImportOptions.from_settings(settings)
         self.cancel = asyncio.Event()
         self.stop_watch = asyncio.Event()
         self.committed_rows = 0
@@ -256,7 +247,7 @@ class ImportJob:
                                              LOCK_NAMESPACE, self.import_id)
                 if not locked:
                     log.warning("import already running elsewhere; this delivery does nothing")
-                    return "running"
+                    return RUNNING
                 try:
                     return await self._run_locked(conn)
                 finally:
@@ -274,15 +265,11 @@ class ImportJob:
         if row["status"] in FINISHED:
             return row["status"]
         if row["cancel_requested"]:
-            await self._finish(conn, "cancelled", None)
-            return "cancelled"
-        row = await conn.fetchrow(
-            """UPDATE imports SET status = 'running', started_at = COALESCE(started_at, now()),
-                   attempts = attempts + 1, updated_at = now()
-               WHERE id = $1 AND status IN ('queued', 'running') AND NOT cancel_requested
-               RETURNING *""", self.import_id)
+            await self._finish(conn, CANCELLED, None)
+            return CANCELLED
+        row = await jobs.claim(conn, self.import_id)
         if row is None:  # cancelled (or finished) between the read above and now
-            return await conn.fetchval("SELECT status FROM imports WHERE id = $1", self.import_id)
+            return await jobs.status_of(conn, self.import_id)
         resumed = row["checkpoint_offset"] > 0
         log.info("import resumed from checkpoint" if resumed else "import started",
                  extra={"checkpoint_row": row["checkpoint_row"], "attempt": row["attempts"]})
@@ -294,8 +281,8 @@ class ImportJob:
             info: FileInfo = await loop.run_in_executor(
                 None, lambda: sniff(row["path"], override, max_line=self.options.max_line))
         except FileProblem as exc:
-            await self._finish(conn, "failed", str(exc))
-            return "failed"
+            await self._finish(conn, FAILED, str(exc))
+            return FAILED
         if not resumed:
             await conn.execute(
                 """UPDATE imports SET encoding = $2, delimiter = $3, total_rows = $4, mapping = $5::jsonb,
@@ -329,19 +316,19 @@ class ImportJob:
             except Exception:
                 log.warning("progress watcher did not stop", exc_info=True)
         if cancelled:  # only now: the watcher can no longer interrupt this statement
-            await self._finish(conn, "cancelled", None)
-            return "cancelled"
+            await self._finish(conn, CANCELLED, None)
+            return CANCELLED
         processed = await conn.fetchval("SELECT processed_rows FROM imports WHERE id = $1", self.import_id)
         if processed == 0:
-            await self._finish(conn, "failed", "the file has a header row but no data rows")
-            return "failed"
-        await self._finish(conn, "completed", None)
+            await self._finish(conn, FAILED, "the file has a header row but no data rows")
+            return FAILED
+        await self._finish(conn, COMPLETED, None)
         for p in {row["path"], info.data_path}:
             try:
                 os.remove(p)
             except OSError:
                 pass
-        return "completed"
+        return COMPLETED
 
     # -- batches -----------------------------------------------------------------------------
 
@@ -482,11 +469,7 @@ class ImportJob:
                 pass
 
     async def _finish(self, conn, status: str, error: str | None) -> None:
-        row = await conn.fetchrow(
-            """UPDATE imports SET status = $2, error = $3, finished_at = now(), updated_at = now(),
-                   total_rows = CASE WHEN $2 = 'completed' THEN processed_rows ELSE total_rows END
-               WHERE id = $1 AND status NOT IN ('completed', 'failed', 'cancelled')
-               RETURNING started_at, finished_at""", self.import_id, status, error)
+        row = await jobs.finish(conn, self.import_id, status, error)
         await conn.execute("DELETE FROM import_skipped WHERE import_id = $1", self.import_id)
         try:
             await self.redis.delete(progress_key(self.settings, self.import_id))

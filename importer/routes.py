@@ -18,15 +18,15 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from mailgenius import errors
 from mailgenius import keys as mkeys
-from mailgenius.db import fetchrow_read
 from mailgenius.metrics import QUEUE_IMPORT
 from mailgenius.queues import broker_queue_stats, worker_count
 from mailgenius.web import UNAVAILABLE_ERRORS, Route, json_response, read_json
 
-from . import keys
-from .loader import FINISHED, ImportOptions, progress_key
+from . import jobs, keys
+from .loader import ImportOptions, progress_key
 from .mapping import MappingProblem, parse_override
 from .reader import BatchReader, FileProblem, copy_records, pg_array_items, sniff
+from .uploads import TEMP_SUFFIX, cleanup_uploads, scan
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,6 @@ CHUNK = 1 << 20
 MAX_TAGS, MAX_TAG_LEN = 50, 64
 #: first characters that make a spreadsheet evaluate a cell (CSV/formula injection)
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-TEMP_SUFFIX = ".upload.tmp"
-
-IMPORT_FIELDS = ("id", "status", "filename", "bytes", "sha256", "mode", "tags", "source", "encoding",
-                 "delimiter", "total_rows", "processed_rows", "inserted", "updated", "duplicates",
-                 "skipped_existing", "invalid", "error", "cancel_requested", "attempts", "created_at",
-                 "started_at", "finished_at", "columns", "mapping")
-_SELECT = f"SELECT {', '.join(IMPORT_FIELDS)}, updated_at FROM imports"
 
 
 def _parse_id(request: web.Request) -> int:
@@ -81,37 +74,6 @@ async def _live_processed(request: web.Request, import_ids: list[int]) -> list[i
     except Exception:  # live progress is a nicety; the committed counts still answer
         return [None] * len(import_ids)
     return [_parse_progress(raw) for raw in raws]
-
-
-def import_view(row, live: int | None = None, now: float | None = None) -> dict:
-    """The JSON of one import, with rows_per_second and eta_seconds computed."""
-    d = {k: row[k] for k in IMPORT_FIELDS}
-    d["tags"] = list(d["tags"] or [])
-    for k in ("columns", "mapping"):  # jsonb arrives as text
-        if isinstance(d[k], str):
-            d[k] = json.loads(d[k])
-    processed = d["processed_rows"]
-    if d["status"] == "running" and live is not None and live > processed:
-        processed = live
-    d["processed_rows"] = processed
-    rps = None
-    eta = None
-    started, finished = row["started_at"], row["finished_at"]
-    if started is not None:
-        end = finished.timestamp() if finished is not None else (now or time.time())
-        elapsed = max(end - started.timestamp(), 1e-3)
-        rps = round(processed / elapsed, 1)
-    total = d["total_rows"]
-    if d["status"] == "running":
-        if rps and total is not None:
-            eta = round(max(total - processed, 0) / rps, 1) if rps > 0 else None
-    elif d["status"] in FINISHED:
-        eta = 0.0
-    d["rows_per_second"] = rps
-    d["eta_seconds"] = eta
-    d["progress_percent"] = (round(min(100.0, 100.0 * processed / total), 1)
-                             if total else (100.0 if d["status"] == "completed" else 0.0))
-    return d
 
 
 # -- upload ------------------------------------------------------------------------------------
@@ -199,7 +161,7 @@ async def upload(request: web.Request) -> web.Response:
         final_path = os.path.abspath(os.path.join(settings.upload_dir, token + ".csv"))
         os.replace(tmp_path, final_path)
         if override is not None:
-            await _check_columns(final_path, override)
+            await _check_columns(final_path, override, ImportOptions.from_settings(settings))
     except BaseException:
         for p in (tmp_path, final_path, final_path and final_path + ".utf8"):
             try:
@@ -210,31 +172,29 @@ async def upload(request: web.Request) -> web.Response:
         raise
     pool = app[mkeys.DB]
     try:
-        import_id = await pool.fetchval(
-            """INSERT INTO imports (filename, path, bytes, sha256, mode, tags, source, columns)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb) RETURNING id""",
-            filename, final_path, size, digest.hexdigest(), mode, tags, source,
-            None if override is None else json.dumps(override))
+        row = await jobs.create(pool, filename=filename, path=final_path, size=size, sha256=digest.hexdigest(),
+                                mode=mode, tags=tags, source=source, columns=override)
     except BaseException:
         os.remove(final_path)
         raise
+    import_id = row["id"]
     app[keys.UPLOAD_BYTES].inc(size)
+    try:
+        await _enqueue(app, import_id)
+    except Exception as exc:
+        log.error("could not enqueue import", extra={"import_id": import_id, "error": str(exc)})
+        await jobs.finish(pool, import_id, jobs.FAILED, "the job queue is unavailable; upload the file again later")
+        raise errors.Unavailable("the job queue is unavailable; try again shortly") from None
+    log.info("upload stored and queued", extra={"import_id": import_id, "bytes": size})
+    return json_response(jobs.view(row), status=202)  # the row as created: queued
+
+
+async def _enqueue(app: web.Application, import_id: int) -> None:
+    """One ``import_leads(import_id)`` message on the import queue (the broker client blocks: a thread)."""
     from mailgenius.worker import enqueue
 
     loop = asyncio.get_running_loop()
-    try:
-        await loop.run_in_executor(None, enqueue, app[keys.BROKER], QUEUE_IMPORT, "import_leads", import_id)
-    except Exception as exc:
-        log.error("could not enqueue import", extra={"import_id": import_id, "error": str(exc)})
-        await pool.execute(
-            "UPDATE imports SET status = 'failed', error = $2, finished_at = now() WHERE id = $1",
-            import_id, "the job queue is unavailable; upload the file again later")
-        raise errors.Unavailable("the job queue is unavailable; try again shortly") from None
-    log.info("upload stored and queued", extra={"import_id": import_id, "bytes": size})
-    return json_response({"id": import_id, "status": "queued", "bytes": size,
-                          "sha256": digest.hexdigest(), "mode": mode, "tags": tags, "source": source,
-                          "columns": override},
-                         status=202)
+    await loop.run_in_executor(None, enqueue, app[keys.BROKER], QUEUE_IMPORT, "import_leads", import_id)
 
 
 def _parse_columns(fields: dict[str, str]) -> dict[str, str] | None:
@@ -247,12 +207,12 @@ def _parse_columns(fields: dict[str, str]) -> dict[str, str] | None:
         raise errors.ValidationError(str(exc), code="invalid_columns") from None
 
 
-async def _check_columns(path: str, override: dict[str, str]) -> None:
+async def _check_columns(path: str, override: dict[str, str], opts: ImportOptions) -> None:
     """An explicit mapping must fit the file's header: checked on the first bytes, at upload."""
     loop = asyncio.get_running_loop()
     try:
         await loop.run_in_executor(None, lambda: sniff(path, override, scan=False,
-                                                       max_line=ImportOptions.from_env().max_line))
+                                                       max_line=opts.max_line))
     except FileProblem as exc:
         raise errors.ValidationError(f"the columns mapping does not fit the file: {exc}",
                                      code="invalid_columns") from None
@@ -260,8 +220,8 @@ async def _check_columns(path: str, override: dict[str, str]) -> None:
 
 # -- preview -----------------------------------------------------------------------------------
 
-def _preview(path: str, override: dict[str, str] | None, n_rows: int, truncated: bool) -> dict:
-    opts = ImportOptions.from_env()
+def _preview(path: str, override: dict[str, str] | None, n_rows: int, truncated: bool,
+             opts: ImportOptions) -> dict:
     if truncated:  # the last line was cut by the byte limit: drop it
         with open(path, "r+b") as f:
             data = f.read()
@@ -341,7 +301,8 @@ async def upload_preview(request: web.Request) -> web.Response:
             raise errors.ValidationError(f"rows must be an integer from 1 to {MAX_PREVIEW_ROWS}")
         override = _parse_columns(fields)
         loop = asyncio.get_running_loop()
-        body = await loop.run_in_executor(None, _preview, tmp_path, override, int(raw_rows), truncated)
+        body = await loop.run_in_executor(None, _preview, tmp_path, override, int(raw_rows), truncated,
+                                          ImportOptions.from_settings(settings))
     finally:
         for p in (tmp_path, tmp_path + ".utf8"):
             try:
@@ -357,18 +318,18 @@ async def upload_preview(request: web.Request) -> web.Response:
 async def get_import(request: web.Request) -> web.Response:
     """One import: status, counts, rows per second and ETA."""
     import_id = _parse_id(request)
-    row = await fetchrow_read(request.app[mkeys.DB], _SELECT + " WHERE id = $1", import_id)  # no reset round trip
+    row = await jobs.get_row(request.app[mkeys.DB], import_id)
     if row is None:
         raise errors.NotFound(f"no import with id {import_id}")
-    live = (await _live_processed(request, [import_id]))[0] if row["status"] == "running" else None
-    return json_response(import_view(row, live))
+    live = (await _live_processed(request, [import_id]))[0] if row["status"] == jobs.RUNNING else None
+    return json_response(jobs.view(row, live))
 
 
 async def list_imports(request: web.Request) -> web.Response:
     """Imports, newest first; ?status= filters, ?limit= (1-500, default 50) and ?offset= page."""
     q = request.query
     status = q.get("status")
-    if status is not None and status not in ("queued", "running", *FINISHED):
+    if status is not None and status not in jobs.STATUSES:
         raise errors.ValidationError(f"unknown status {status!r}")
     try:
         limit = int(q.get("limit", "50"))
@@ -377,10 +338,8 @@ async def list_imports(request: web.Request) -> web.Response:
         raise errors.ValidationError("limit and offset must be integers") from None
     if not 1 <= limit <= 500 or not 0 <= offset <= 1_000_000:
         raise errors.ValidationError("limit must be 1-500 and offset 0-1000000")
-    rows = await request.app[mkeys.DB].fetch(
-        _SELECT + " WHERE ($1::text IS NULL OR status = $1) ORDER BY id DESC LIMIT $2 OFFSET $3",
-        status, limit, offset)
-    return json_response({"imports": [import_view(r) for r in rows], "limit": limit, "offset": offset})
+    rows = await jobs.list_rows(request.app[mkeys.DB], status, limit, offset)
+    return json_response({"imports": [jobs.view(r) for r in rows], "limit": limit, "offset": offset})
 
 
 def escape_cell(value: str) -> str:
@@ -430,31 +389,20 @@ async def cancel_import(request: web.Request) -> web.Response:
     """Stop an import: batches committed before the cancel are kept; the response says how many."""
     import_id = _parse_id(request)
     pool = request.app[mkeys.DB]
-    row = await pool.fetchrow(
-        """UPDATE imports SET cancel_requested = true,
-               status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
-               finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
-               updated_at = now()
-           WHERE id = $1 AND status IN ('queued', 'running')
-           RETURNING status""", import_id)
-    if row is None:
-        current = await pool.fetchval("SELECT status FROM imports WHERE id = $1", import_id)
-        if current is None:
-            raise errors.NotFound(f"no import with id {import_id}")
-        raise errors.Conflict(f"import {import_id} is already {current}; nothing to cancel")
+    await jobs.request_cancel(pool, import_id)
     deadline = time.monotonic() + CANCEL_WAIT
     while True:
-        full = await pool.fetchrow(_SELECT + " WHERE id = $1", import_id)
-        if full["status"] != "running" or time.monotonic() >= deadline:
+        full = await pool.fetchrow(jobs.SELECT + " WHERE id = $1", import_id)
+        if full["status"] != jobs.RUNNING or time.monotonic() >= deadline:
             break
         await asyncio.sleep(0.1)
-    view = import_view(full)
+    view = jobs.view(full)
     kept = {k: full[k] for k in ("processed_rows", "inserted", "updated", "duplicates", "invalid")}
-    if full["status"] == "cancelled":
+    if full["status"] == jobs.CANCELLED:
         message = (f"import cancelled: {kept['processed_rows']} rows processed before the cancel are kept "
                    f"({kept['inserted']} inserted, {kept['updated']} updated); the rest of the file was not imported")
         status = 200
-    elif full["status"] == "running":
+    elif full["status"] == jobs.RUNNING:
         message = ("cancel requested; the worker stops at its next check and keeps only the batches "
                    "committed so far: read GET /api/imports/{id} for the final counts")
         status = 202
@@ -466,37 +414,21 @@ async def cancel_import(request: web.Request) -> web.Response:
 
 # -- upload monitoring and cleanup --------------------------------------------------------------
 
-def _scan_dir(path: str) -> list[tuple[str, int, float]]:
-    out = []
-    try:
-        with os.scandir(path) as it:
-            for e in it:
-                if e.is_file(follow_symlinks=False):
-                    st = e.stat(follow_symlinks=False)
-                    out.append((e.path, st.st_size, st.st_mtime))
-    except FileNotFoundError:
-        pass
-    return out
-
-
 async def upload_monitoring(request: web.Request) -> web.Response:
     """Disk, stored files, imports by status, active imports, queue depth and workers."""
     app = request.app
     settings = app[mkeys.SETTINGS]
     pool = app[mkeys.DB]
     loop = asyncio.get_running_loop()
-    files = await loop.run_in_executor(None, _scan_dir, settings.upload_dir)
+    files = await loop.run_in_executor(None, scan, settings.upload_dir)
     temp = [f for f in files if f[0].endswith((TEMP_SUFFIX, ".part"))]
     disk = None
     if os.path.isdir(settings.upload_dir):
         u = shutil.disk_usage(settings.upload_dir)
         disk = {"free_bytes": u.free, "total_bytes": u.total,
                 "used_percent": round(100.0 * (u.total - u.free) / u.total, 1)}
-    counts = {r["status"]: r["n"] for r in await pool.fetch(
-        """SELECT status, count(*) AS n FROM imports
-           WHERE status IN ('queued', 'running') OR created_at > now() - interval '24 hours'
-           GROUP BY status""")}
-    active = await pool.fetch(_SELECT + " WHERE status IN ('queued', 'running') ORDER BY id LIMIT 50")
+    counts = await jobs.recent_counts(pool)
+    active = await jobs.active_rows(pool, 50)
     redis = app[mkeys.REDIS]
     try:  # the kernel's reading of either broker (RabbitMQ: ready messages, no head age)
         st = await broker_queue_stats(settings, redis, QUEUE_IMPORT)
@@ -506,16 +438,16 @@ async def upload_monitoring(request: web.Request) -> web.Response:
         raise errors.Unavailable(f"the {settings.broker_kind} broker is unavailable: {type(exc).__name__}") from exc
     queue = {"waiting": st.waiting, "delayed": st.delayed, "dead": st.dead,
              "oldest_age_seconds": None if st.oldest_age_seconds is None else round(st.oldest_age_seconds, 1)}
-    running = [r["id"] for r in active if r["status"] == "running"]
+    running = [r["id"] for r in active if r["status"] == jobs.RUNNING]
     live = dict(zip(running, await _live_processed(request, running), strict=True))
-    active_views = [import_view(r, live.get(r["id"])) for r in active]
+    active_views = [jobs.view(r, live.get(r["id"])) for r in active]
     return json_response({
         "upload_dir": os.path.abspath(settings.upload_dir),
         "max_upload_bytes": settings.upload_max_bytes,
         "disk": disk,
         "files": {"count": len(files), "bytes": sum(f[1] for f in files),
                   "temp_count": len(temp), "temp_bytes": sum(f[1] for f in temp)},
-        "imports_24h": {s: counts.get(s, 0) for s in ("queued", "running", *FINISHED)},
+        "imports_24h": counts,
         "active": active_views,
         "queue": queue,
         "workers": await worker_count(redis, settings.redis_prefix, QUEUE_IMPORT),
@@ -524,7 +456,8 @@ async def upload_monitoring(request: web.Request) -> web.Response:
 
 async def upload_cleanup(request: web.Request) -> web.Response:
     """Remove stale temp files and files no queued/running import needs; requeue stuck imports
-    (safe: a job that is in fact still running ignores the second delivery)."""
+    (safe: a job that is in fact still running ignores the second delivery). The rule is
+    importer/uploads.py's ``cleanup_uploads``, shared with ``mailgenius cleanup-uploads``."""
     app = request.app
     settings = app[mkeys.SETTINGS]
     body = await read_json(request) if request.can_read_body else {}
@@ -538,35 +471,13 @@ async def upload_cleanup(request: web.Request) -> web.Response:
     dry_run = bool(body.get("dry_run", False))
     if max_age < 0 or stuck_after < 0:
         raise errors.ValidationError("ages must be >= 0")
-    pool = app[mkeys.DB]
-    needed = {r["path"] for r in await pool.fetch(
-        "SELECT path FROM imports WHERE status IN ('queued', 'running') AND path IS NOT NULL")}
-    needed |= {p + ".utf8" for p in needed}
-    loop = asyncio.get_running_loop()
-    now = time.time()
-    removed, freed = [], 0
-    for path, size, mtime in await loop.run_in_executor(None, _scan_dir, settings.upload_dir):
-        if os.path.abspath(path) in needed or now - mtime < max_age:
-            continue
-        if not dry_run:
-            try:
-                os.remove(path)
-            except OSError:
-                continue
-        removed.append(os.path.basename(path))
-        freed += size
-    stuck = await pool.fetch(
-        """SELECT id FROM imports WHERE status IN ('queued', 'running') AND NOT cancel_requested
-           AND updated_at < now() - make_interval(secs => $1) ORDER BY id""", stuck_after)
-    requeued = [r["id"] for r in stuck]
-    if requeued and not dry_run:
-        from mailgenius.worker import enqueue
-
-        for iid in requeued:
-            await loop.run_in_executor(None, enqueue, app[keys.BROKER], QUEUE_IMPORT, "import_leads", iid)
-            await pool.execute("UPDATE imports SET updated_at = now() WHERE id = $1", iid)
-    log.info("upload cleanup", extra={"removed": len(removed), "requeued": requeued, "dry_run": dry_run})
-    return json_response({"removed_files": removed, "freed_bytes": freed, "requeued": requeued,
+    res = await cleanup_uploads(app[mkeys.DB], settings.upload_dir, max_age, dry_run,
+                                stuck_after=stuck_after, enqueue=lambda iid: _enqueue(app, iid))
+    removed = [os.path.relpath(p, settings.upload_dir) for p in res.removed]
+    for path, why in res.failed:
+        log.warning("upload cleanup could not remove a file", extra={"path": path, "error": why})
+    log.info("upload cleanup", extra={"removed": len(removed), "requeued": res.requeued, "dry_run": dry_run})
+    return json_response({"removed_files": removed, "freed_bytes": res.freed, "requeued": res.requeued,
                           "dry_run": dry_run})
 
 
@@ -578,7 +489,7 @@ IMPORT_SCHEMA = {
                  "updated", "duplicates", "invalid", "rows_per_second", "eta_seconds", "error"],
     "properties": {
         "id": {"type": "integer"},
-        "status": {"type": "string", "enum": ["queued", "running", "completed", "failed", "cancelled"]},
+        "status": {"type": "string", "enum": list(jobs.STATUSES)},
         "filename": {"type": "string"},
         "bytes": {"type": "integer"},
         "total_rows": {"type": "integer", "nullable": True},
@@ -627,7 +538,7 @@ ROUTES = [
           request_schema=UPLOAD_REQUEST, request_content="multipart/form-data", tags=("importer",),
           responses={202: _json({"type": "object", "required": ["id", "status"],
                                  "properties": {"id": {"type": "integer"}, "status": {"type": "string"}}},
-                                "queued"),
+                                jobs.QUEUED),
                      413: {"description": "over the upload size cap"},
                      415: {"description": "not multipart/form-data"},
                      422: {"description": "bad form field"}}),

@@ -20,7 +20,6 @@ module renders them, and ``alerting/generate.py`` writes them to ``prometheus/ru
 from __future__ import annotations
 
 import functools
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,11 +30,12 @@ import jinja2
 import yaml
 
 from . import metrics
+from .settings import RULES_FILE_VARIABLE, rules_file
 
 #: the one source (a sibling package's data file: installed with it, see pyproject's package-data)
 SOURCE = Path(__file__).resolve().parent.parent / "alerting" / "rules.yml"
 #: environment variable naming another rules.yml
-ENV = "MAILGENIUS_RULES_FILE"
+ENV = RULES_FILE_VARIABLE
 
 _WINDOW = re.compile(r"_rate(\d+[smhdw])$")
 
@@ -177,7 +177,7 @@ def parse(source: dict, path: Path) -> Contract:
 
 def load(path: str | Path | None = None) -> Contract:
     """The contract of ``path`` (default: ``$MAILGENIUS_RULES_FILE``, else alerting/rules.yml)."""
-    p = Path(path or os.environ.get(ENV) or SOURCE)
+    p = Path(path or rules_file() or SOURCE)
     try:
         source = yaml.safe_load(p.read_text())
     except OSError as exc:
@@ -192,4 +192,4 @@ def _cached(path: str) -> Contract:
 
 def get() -> Contract:
     """The process's contract (read once per file)."""
-    return _cached(str(os.environ.get(ENV) or SOURCE))
+    return _cached(str(rules_file() or SOURCE))

@@ -17,7 +17,7 @@ _context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
     "mailgenius_log_ctx", default={}  # noqa: B039 - never mutated: bind() sets a new dict
 )
 
-_RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+RESERVED_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
 def bind(**fields: Any) -> contextvars.Token:
@@ -58,7 +58,7 @@ class JsonFormatter(logging.Formatter):
         }
         obj.update(_context.get())
         for key, value in record.__dict__.items():
-            if key not in _RESERVED and not key.startswith("_"):
+            if key not in RESERVED_ATTRS and not key.startswith("_"):
                 obj[key] = value
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)

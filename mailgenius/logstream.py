@@ -20,17 +20,18 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Mapping
 
 import redis as syncredis
 
 from . import logs
+from .settings import DEFAULT_LOG_STREAM_MAXLEN
 
 #: Fields of every stream entry, in display order.
 FIELDS = ("ts", "level", "service", "logger", "message", "request_id")
 #: Default cap of the stream (approximate: Redis trims whole macro-nodes). Change it with
-#: ``MAILGENIUS_LOG_STREAM_MAXLEN`` (0 disables the stream) when you want more history.
-DEFAULT_MAXLEN = 10_000
+#: ``MAILGENIUS_LOG_STREAM_MAXLEN`` (``settings.logs.stream_maxlen``; 0 disables the stream)
+#: when you want more history.
+DEFAULT_MAXLEN = DEFAULT_LOG_STREAM_MAXLEN
 #: Longest message kept in the stream (characters); longer ones are cut with an ellipsis.
 MAX_MESSAGE_CHARS = 2_000
 #: Records waiting for the writer thread before new ones are dropped.
@@ -50,7 +51,7 @@ def record_fields(record: logging.LogRecord, service: str) -> dict[str, str]:
     """The stream entry of one record: flat strings only."""
     message = record.getMessage()
     extras = [f"{k}={v}" for k, v in record.__dict__.items()
-              if k not in logs._RESERVED and not k.startswith("_") and k != "request_id"]
+              if k not in logs.RESERVED_ATTRS and not k.startswith("_") and k != "request_id"]
     if extras:  # the structured fields (import_id=7 error=...) say what the message is about
         message = f"{message} · {' '.join(extras)}"
     if record.exc_info and record.exc_info[1] is not None:
@@ -196,18 +197,10 @@ class RedisStreamHandler(logging.Handler):
         super().close()
 
 
-def maxlen_from_env(environ: Mapping[str, str] | None = None) -> int:
-    """``MAILGENIUS_LOG_STREAM_MAXLEN`` (default :data:`DEFAULT_MAXLEN`; 0 disables)."""
-    from .settings import _int
-
-    env = os.environ if environ is None else environ
-    return _int(env, "MAILGENIUS_LOG_STREAM_MAXLEN", DEFAULT_MAXLEN, lo=0, hi=10_000_000)
-
-
 def attach_log_stream(settings, service: str, *, maxlen: int | None = None) -> RedisStreamHandler | None:
     """Add (or replace) the stream handler on the root logger; returns it, or None when
-    disabled with ``MAILGENIUS_LOG_STREAM_MAXLEN=0``."""
-    maxlen = maxlen_from_env() if maxlen is None else maxlen
+    disabled with ``MAILGENIUS_LOG_STREAM_MAXLEN=0`` (``settings.logs.stream_maxlen``)."""
+    maxlen = settings.logs.stream_maxlen if maxlen is None else maxlen
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, RedisStreamHandler)]:
         root.removeHandler(old)

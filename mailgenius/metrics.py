@@ -120,7 +120,7 @@ QUEUES = (QUEUE_EMAIL, QUEUE_IMPORT)
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 
 
-def _bare(name: str, suffix: str) -> str:
+def bare_name(name: str, suffix: str) -> str:
     """prometheus_client appends ``_total`` to counters itself; strip it from the contract name."""
     return name[: -len(suffix)] if name.endswith(suffix) else name
 
@@ -130,7 +130,7 @@ class HttpMetrics:
 
     def __init__(self, registry: CollectorRegistry):
         self.requests = Counter(
-            _bare(HTTP_REQUESTS, "_total"),
+            bare_name(HTTP_REQUESTS, "_total"),
             "HTTP requests handled, by route template and status.",
             ["service", "method", "route", "status"],
             registry=registry,

@@ -9,7 +9,6 @@ dramatiq's event-loop thread, one set per worker process.
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass
 
 import asyncpg
@@ -19,7 +18,7 @@ import redis.asyncio as aioredis
 from .broker import setup_broker
 from .cache import create_redis
 from .logs import setup_logging
-from .settings import Settings, load_settings
+from .settings import Settings, in_worker_process, load_settings
 
 
 @dataclass
@@ -34,9 +33,12 @@ _lock = asyncio.Lock
 
 
 def worker_setup(service: str) -> tuple[Settings, dramatiq.Broker]:
+    """Load the settings (once per worker process: the actor module keeps them and hands them,
+    with their ``sender`` / ``importer`` parts, to everything it runs), set up logs and the broker.
+    A bad value raises SettingsError naming the variable (`mailgenius worker` checks them first)."""
     settings = load_settings()
     setup_logging(f"{service}-worker", settings.log_level)
-    in_worker = os.environ.get("MAILGENIUS_WORKER") == "1"
+    in_worker = in_worker_process()
     if in_worker:  # WARNING+ to the capped Redis stream (not in test processes importing actors)
         from .logstream import attach_log_stream
 
@@ -45,12 +47,11 @@ def worker_setup(service: str) -> tuple[Settings, dramatiq.Broker]:
     return settings, broker
 
 
-async def resources(settings: Settings | None = None) -> Resources:
+async def resources(settings: Settings) -> Resources:
     """The per-process (per event loop) pool and Redis client, created on first use."""
     loop = asyncio.get_running_loop()
     res = _resources.get(id(loop))
     if res is None:
-        settings = settings or load_settings()
         pool = await asyncpg.create_pool(
             settings.database_url, min_size=1, max_size=settings.db_pool_max, command_timeout=300,
         )

@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 
 import dramatiq
 
 from mailgenius import logs
 from mailgenius.metrics import QUEUE_EMAIL
+from mailgenius.settings import in_worker_process
 from mailgenius.worker import enqueue, resources, worker_setup
 
 from . import campaigns, config, delivery
@@ -34,6 +34,7 @@ from .sending import send_campaign_batch as _send_batch
 from .sending import send_transactional as _send_tx
 from .sweeper import SweeperThread
 
+#: loaded once per worker process; its ``sender`` part is handed to everything below
 settings, broker = worker_setup("sender")
 
 log = logging.getLogger("sender.actors")
@@ -42,7 +43,7 @@ log = logging.getLogger("sender.actors")
 class Sweeper(dramatiq.Middleware):
     """Starts the stalled-campaign sweeper thread (sender/sweeper.py) in each worker process.
 
-    Parameters: none; its timings come from sender/config.py (SWEEP_INTERVAL, STALL_SECONDS).
+    Parameters: none; its timings come from ``settings.sender`` (sweep_interval, stall_seconds).
     """
 
     def __init__(self):
@@ -80,17 +81,18 @@ class BounceMailbox(dramatiq.Middleware):
 
 
 METRICS = SenderMetrics()  # the global registry: multiprocess files under `mailgenius worker`
-if os.environ.get("MAILGENIUS_WORKER") == "1":
+if in_worker_process():
     broker.add_middleware(Sweeper())
     broker.add_middleware(BounceMailbox())
 _contexts: dict[int, SendContext] = {}
 _ctx_lock: dict[int, asyncio.Lock] = {}
 
-#: dramatiq retries for unexpected errors (Postgres down...): at most config.ACTOR_MAX_RETRIES
-RETRY_OPTIONS = {"max_retries": config.ACTOR_MAX_RETRIES, "min_backoff": 1000, "max_backoff": 60_000}
+#: dramatiq retries for unexpected errors (Postgres down...): at most settings.sender.actor_max_retries
+RETRY_OPTIONS = {"max_retries": settings.sender.actor_max_retries, "min_backoff": 1000, "max_backoff": 60_000}
 #: the send actors: a provider outage (delivery.ProviderUnavailable, which carries its own delay)
 #: is retried until the retry budget, checked in Postgres, marks the recipients failed
-SEND_RETRY_OPTIONS = {**RETRY_OPTIONS, "retry_when": delivery.retry_when}
+SEND_RETRY_OPTIONS = {**RETRY_OPTIONS, "retry_when": functools.partial(
+    delivery.retry_when, max_retries=settings.sender.actor_max_retries)}
 
 
 async def context() -> SendContext:

@@ -19,7 +19,7 @@ from mailgenius.queues import queue_check, workers_check
 from mailgenius.settings import Settings, SettingsError
 from mailgenius.web import add_routes, base_app
 
-from . import config, email_settings
+from . import email_settings
 from . import keys as skeys
 from .metrics import SenderMetrics
 from .providers import ResendProvider, SmtpProvider
@@ -81,7 +81,9 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     return app
 
 
-async def failure_ratio(redis, settings, minutes: int = config.HEALTH_WINDOW_MINUTES) -> tuple[int, int]:
+async def failure_ratio(redis, settings, minutes: int | None = None) -> tuple[int, int]:
+    """Sent and failed emails of the last ``minutes`` (default ``settings.sender.health_window_minutes``)."""
+    minutes = settings.sender.health_window_minutes if minutes is None else minutes
     now = int(time.time() // 60)
     pipe = redis.pipeline(transaction=False)
     for m in range(now - minutes + 1, now + 1):
@@ -100,15 +102,17 @@ def email_check(app: web.Application, settings: Settings):
         values = await email_settings.load(app[keys.DB], settings)
         name = values["provider"]
         if name == "resend":
-            reach = await ResendProvider(app[skeys.HTTP], settings.resend_base_url, settings.resend_api_key).check()
+            reach = await ResendProvider(app[skeys.HTTP], settings.resend_base_url, settings.resend_api_key,
+                                         timeout=settings.sender.provider_timeout).check()
         else:
-            reach = await SmtpProvider(settings.smtp_host, settings.smtp_port).check()
+            reach = await SmtpProvider(settings.smtp_host, settings.smtp_port, timeout=settings.sender.provider_timeout,
+                                       opportunistic_tls=settings.sender.smtp_opportunistic_tls).check()
         sent, failed = await failure_ratio(app[keys.REDIS], settings)
         total = sent + failed
         ratio = failed / total if total else 0.0
-        detail = (f"{reach}; last {config.HEALTH_WINDOW_MINUTES} min: {sent} sent, {failed} failed "
+        detail = (f"{reach}; last {settings.sender.health_window_minutes} min: {sent} sent, {failed} failed "
                   f"({ratio:.1%}); rate_limit {values['rate_limit'] or 'unlimited'}")
-        if ratio > config.HEALTH_FAILURE_RATIO:
+        if ratio > settings.sender.health_failure_ratio:
             return CheckResult(DEGRADED, detail)
         return detail
 

@@ -32,7 +32,7 @@ import time
 from mailgenius.errors import Unauthorized
 
 from . import dsn
-from .events import Applied, Report, WebhookError, _ts, record_event
+from .events import Applied, Report, WebhookError, parse_timestamp, record_event
 from .metrics import SenderMetrics
 
 #: seconds a signed webhook stays valid (either side of now)
@@ -101,7 +101,7 @@ def parse_webhook(body: bytes) -> Report:
         mid = int(m.group(1))
     else:
         raise WebhookError("message_id (our ledger id or the Message-ID we sent) is required")
-    at = _ts(p.get("occurred_at")) if p.get("occurred_at") is not None else dt.datetime.now(dt.UTC)
+    at = parse_timestamp(p.get("occurred_at")) if p.get("occurred_at") is not None else dt.datetime.now(dt.UTC)
     if at is None:
         raise WebhookError("occurred_at must be an ISO 8601 timestamp")
     return Report("webhook", eid, etype, WEBHOOK_TYPES[etype], at, body.decode("utf-8", "replace"),

@@ -18,8 +18,6 @@ import redis.exceptions
 from mailgenius.cache import rkey
 from mailgenius.errors import ValidationError
 
-from . import config
-
 PROVIDERS = ("resend", "smtp")
 #: errors meaning "Redis is unreachable right now"
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
@@ -123,7 +121,7 @@ class RateLimiter:
     async def acquire(self, n: int) -> float:
         """Wait for a slot for ``n`` emails; returns the seconds waited. While Redis is
         unreachable it keeps waiting (sending unmetered could break the provider's limit), up to
-        ``config.REDIS_PATIENCE`` seconds, then raises."""
+        ``settings.sender.redis_patience`` seconds, then raises."""
         waited = 0.0
         down_since = None
         while True:
@@ -132,7 +130,7 @@ class RateLimiter:
             except REDIS_ERRORS:
                 now = time.monotonic()
                 down_since = down_since or now
-                if now - down_since > config.REDIS_PATIENCE:
+                if now - down_since > self.settings.sender.redis_patience:
                     raise
                 await asyncio.sleep(1.0)
                 waited += 1.0
@@ -147,7 +145,7 @@ class RateLimiter:
 
 class SettingsCache:
     """A worker's view of the email settings: the Redis mirror, re-read at most every
-    ``SETTINGS_CACHE_SECONDS``; falls back to the table, then to the environment's defaults."""
+    ``settings.sender.settings_cache_seconds``; falls back to the table, then to the environment's defaults."""
 
     def __init__(self, redis, pool, settings):
         self.redis, self.pool, self.settings = redis, pool, settings
@@ -159,10 +157,10 @@ class SettingsCache:
     async def get(self, conn=None) -> dict:
         """``conn``: a connection the caller already holds, used for the table fallback (a
         second connection from a pool that callers have exhausted would never come)."""
-        if self._value is not None and time.monotonic() - self._at < config.SETTINGS_CACHE_SECONDS:
+        if self._value is not None and time.monotonic() - self._at < self.settings.sender.settings_cache_seconds:
             return self._value
         async with self._lock:
-            if self._value is not None and time.monotonic() - self._at < config.SETTINGS_CACHE_SECONDS:
+            if self._value is not None and time.monotonic() - self._at < self.settings.sender.settings_cache_seconds:
                 return self._value
             return await self._refresh(conn)
 

@@ -45,7 +45,9 @@ class Applied:
     duplicate: bool = False
 
 
-def _ts(value) -> dt.datetime | None:
+def parse_timestamp(value) -> dt.datetime | None:
+    """An ISO 8601 timestamp of a provider's payload (``Z`` or an offset; naive = UTC), or None
+    when it is missing or unreadable."""
     if not isinstance(value, str):
         return None
     try:
@@ -132,7 +134,7 @@ def parse_resend(body: bytes) -> tuple[str, dict, dt.datetime]:
     if not isinstance(payload, dict) or not isinstance(payload.get("type"), str) \
             or not isinstance(payload.get("data"), dict):
         raise WebhookError("expected {\"type\": ..., \"data\": {...}}")
-    at = _ts(payload.get("created_at")) or _ts(payload["data"].get("created_at")) or dt.datetime.now(dt.UTC)
+    at = parse_timestamp(payload.get("created_at")) or parse_timestamp(payload["data"].get("created_at")) or dt.datetime.now(dt.UTC)
     return payload["type"], payload, at
 
 

@@ -16,7 +16,8 @@ sent, with
 * ``failed_at``.
 
 Paging: ``limit`` (1-1000, default 100) rows after ``after`` (a message id, default 0), ordered by
-message id; ``next_after`` is the cursor of the next page, null on the last one.
+message id; every page but the last is full; ``next_after`` is the cursor of the next page, null
+on a page that is not full (a full last page is followed by an empty one).
 """
 
 from __future__ import annotations
@@ -34,16 +35,16 @@ CSV_PAGE = 1000
 MAX_ID = 2**63 - 1
 CSV_COLUMNS = ("message_id", "email", "status", "reason", "error", "stage", "smtp_code", "failed_at")
 
-#: one page: the next ``limit`` report rows of the campaign, and those of them still failed (a
-#: requeued recipient keeps its report row until it fails again; it is skipped, not counted)
+#: one page: the next ``limit`` report rows of the campaign that are still failed, or bounced
+#: after they were sent (a requeued recipient keeps its report row until it fails again; it is
+#: skipped in the scan, so a page is short only when it is the last). Walks
+#: message_refusals_campaign_idx in message id order, joining each row's message by primary key.
 PAGE_SQL = """
-WITH page AS (
-    SELECT message_id, reason, stage, smtp_code, failed_at FROM message_refusals
-    WHERE campaign_id = $1 AND message_id > $2 ORDER BY message_id LIMIT $3)
-SELECT p.message_id, p.reason, p.stage, p.smtp_code, p.failed_at, m.email, m.status, m.delivery, m.last_error,
-       (SELECT max(message_id) FROM page) AS last_id, (SELECT count(*) FROM page) AS scanned
-FROM page p LEFT JOIN messages m ON m.id = p.message_id
-ORDER BY p.message_id
+SELECT r.message_id, r.reason, r.stage, r.smtp_code, r.failed_at, m.email, m.delivery, m.last_error
+FROM message_refusals r JOIN messages m ON m.id = r.message_id
+WHERE r.campaign_id = $1 AND r.message_id > $2 AND (m.status = 'failed' OR m.delivery = 'bounced')
+ORDER BY r.message_id
+LIMIT $3
 """
 
 
@@ -68,9 +69,9 @@ async def page(pool, campaign_id: int, after: int = 0, limit: int = DEFAULT_LIMI
               "status": "bounced" if r["delivery"] == "bounced" else "failed",
               "reason": r["reason"], "error": r["last_error"], "stage": r["stage"], "smtp_code": r["smtp_code"],
               "failed_at": r["failed_at"].isoformat()}
-             for r in rows if r["status"] == "failed" or r["delivery"] == "bounced"]
-    more = bool(rows) and rows[0]["scanned"] == limit
-    return {"campaign_id": campaign_id, "failures": items, "next_after": rows[0]["last_id"] if more else None}
+             for r in rows]
+    more = len(rows) == limit
+    return {"campaign_id": campaign_id, "failures": items, "next_after": rows[-1]["message_id"] if more else None}
 
 
 def wants_csv(request: web.Request) -> bool:

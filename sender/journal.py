@@ -4,7 +4,7 @@ Exactly once over SMTP rests on recording a relay's ``250`` before the batch is 
 handed back unrecorded is claimed again and sent again, and SMTP has no idempotency key. The
 journal holds two kinds of entry, one file per process.
 
-**Write-ahead of every accepted message** (the batch in flight; sender/delivery.py ``_deliver``):
+**Write-ahead of every accepted message** (the batch in flight; sender/delivery.py ``deliver``):
 
 1. before an SMTP batch is sent, an ``open`` line names it (key, provider, campaign);
 2. the moment the relay answers ``250`` for a message, an ``acc`` line (key, message id, the
@@ -21,7 +21,7 @@ appending its 250). These lines are not ``fsync``'d: a *machine* crash (power, k
 lose the last of them, and then those messages are sent again; keeping answers through a machine
 crash is the job of the ``fsync``'d outage entries only.
 
-**Outcome entries, when recording fails because Postgres is unreachable** (sender/delivery.py
+**Outcome entries, when recording fails because Postgres is unreachable** (sender/ledger.py
 ``record_durably``):
 
 1. the outcomes are appended to this journal at once (one JSON line, ``fsync``'d) - from then on

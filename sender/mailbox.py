@@ -24,16 +24,14 @@ import imaplib
 import logging
 import poplib
 import ssl
-import threading
 from dataclasses import dataclass, field
 
-import asyncpg
-
-from mailgenius.cache import create_redis, rkey
+from mailgenius.cache import rkey
 
 from . import dsn
 from .bounces import record_mailbox_message
 from .events import WebhookError
+from .periodic import PeriodicThread
 from .tracking import load_secret
 
 log = logging.getLogger(__name__)
@@ -255,38 +253,26 @@ async def poll_with_lock(poller: MailboxPoller, redis, settings) -> PollResult |
     return await poller.poll_once()
 
 
-class MailboxThread(threading.Thread):
+class MailboxThread(PeriodicThread):
     """Runs :func:`poll_with_lock` every ``interval`` seconds in its own event loop."""
 
+    log = log
+    failure = "bounce mailbox poll failed"  # the mailbox or a dependency down: next interval
+
     def __init__(self, settings, metrics, cfg: MailboxConfig):
-        super().__init__(name="sender-bounce-mailbox", daemon=True)
-        self.settings = settings
+        super().__init__("sender-bounce-mailbox", settings)
         self.metrics = metrics
         self.cfg = cfg
-        self.stop_event = threading.Event()
+        self.poller: MailboxPoller | None = None
 
-    def run(self) -> None:
-        asyncio.run(self._loop())
+    @property
+    def interval(self) -> float:
+        return self.cfg.interval
 
-    async def _loop(self) -> None:
-        pool = None
-        poller = None
-        redis = create_redis(self.settings.redis_url)
-        try:
-            while not self.stop_event.is_set():
-                try:
-                    if pool is None:
-                        pool = await asyncpg.create_pool(self.settings.database_url, min_size=0, max_size=1)
-                    if poller is None:
-                        secret = await load_secret(pool, self.settings.tracking_secret)
-                        poller = MailboxPoller(self.cfg, pool, self.metrics, secret)
-                    res = await poll_with_lock(poller, redis, self.settings)
-                    if res is not None and res.messages:
-                        log.info("bounce mailbox polled", extra=res.__dict__)
-                except Exception as exc:  # the mailbox or a dependency down: try again next interval
-                    log.warning("bounce mailbox poll failed", extra={"error": f"{type(exc).__name__}: {exc}"})
-                await asyncio.get_running_loop().run_in_executor(None, self.stop_event.wait, self.cfg.interval)
-        finally:
-            if pool is not None:
-                await pool.close()
-            await redis.aclose()
+    async def tick(self) -> None:
+        if self.poller is None:
+            secret = await load_secret(self.pool, self.settings.tracking_secret)
+            self.poller = MailboxPoller(self.cfg, self.pool, self.metrics, secret)
+        res = await poll_with_lock(self.poller, self.redis, self.settings)
+        if res is not None and res.messages:
+            log.info("bounce mailbox polled", extra=res.__dict__)

@@ -29,7 +29,8 @@ import aiohttp
 import aiosmtplib
 import orjson
 
-from . import config
+from mailgenius.settings import SenderSettings
+
 from .smtp_pool import SmtpPool
 
 
@@ -42,6 +43,9 @@ class OutEmail:
     html: str
     text: str
     headers: dict[str, str] = field(default_factory=dict)
+    #: the SMTP envelope sender (MAIL FROM), where DSNs go: our signed VERP address when
+    #: ``MAILGENIUS_BOUNCE_DOMAIN`` is set (sender/dsn.py); "" = the From address
+    return_path: str = ""
 
 
 @dataclass
@@ -94,7 +98,7 @@ class ResendProvider:
     name = "resend"
 
     def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str,
-                 *, timeout: float = config.PROVIDER_TIMEOUT, observe=None):
+                 *, timeout: float = SenderSettings.provider_timeout, observe=None):
         self.session = session
         self.url = base_url.rstrip("/") + "/emails/batch"
         self.base_url = base_url
@@ -404,9 +408,9 @@ class SmtpProvider:
     write_ahead = True
 
     def __init__(self, host: str, port: int, *, starttls: bool = False, username: str = "",
-                 password: str = "", pool_size: int = config.SMTP_POOL_SIZE,
-                 timeout: float = config.PROVIDER_TIMEOUT, observe=None,
-                 opportunistic_tls: bool = config.SMTP_OPPORTUNISTIC_TLS,
+                 password: str = "", pool_size: int = SenderSettings.smtp_pool_size,
+                 timeout: float = SenderSettings.provider_timeout, observe=None,
+                 opportunistic_tls: bool = SenderSettings.smtp_opportunistic_tls,
                  verify_tls: bool | None = None, on_connections=None):
         self.host, self.port = host, port
         self.relay = f"{host}:{port}"
@@ -414,7 +418,7 @@ class SmtpProvider:
         #: True: STARTTLS required (certificate verified); None: when the relay offers it
         #: (opportunistic, like Postfix's "may": not verified unless SMTP_TLS_VERIFY); False: never
         self.start_tls: bool | None = True if starttls else (None if opportunistic_tls else False)
-        self.verify_tls = (starttls or config.SMTP_TLS_VERIFY) if verify_tls is None else verify_tls
+        self.verify_tls = (starttls or SenderSettings.smtp_tls_verify) if verify_tls is None else verify_tls
         self.timeout = timeout
         self.observe = observe
         self.pool = SmtpPool(self._connect, pool_size,
@@ -448,7 +452,7 @@ class SmtpProvider:
 
     async def _converse(self, client: aiosmtplib.SMTP, e: OutEmail) -> _Answer:
         rcpt, rcpt_utf8 = smtp_recipient(e.to)
-        sender, sender_utf8 = smtp_recipient(envelope_sender(e.from_email))
+        sender, sender_utf8 = smtp_recipient(e.return_path or envelope_sender(e.from_email))
         utf8 = rcpt_utf8 or sender_utf8
         if utf8 and not client.supports_extension("smtputf8"):
             who = e.to if rcpt_utf8 else e.from_email

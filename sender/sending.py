@@ -14,7 +14,7 @@ Exactly once per recipient:
 SMTP has no idempotency key: each relay 250 is written ahead to a local journal the moment it is
 read (sender/journal.py), and the answers are kept until recorded through a Postgres outage
 (retried on a fresh connection, journaled and fsync'd if the worker must stop first:
-sender/delivery.py ``record_durably``). A ``kill -9`` mid-batch can still send twice only the
+sender/ledger.py ``record_durably``). A ``kill -9`` mid-batch can still send twice only the
 messages in flight at that instant (at most one per open SMTP connection).
 """
 
@@ -29,10 +29,11 @@ import aiohttp
 
 from mailgenius.cache import rkey
 
-from . import guardrails, templates
-from .delivery import Lease, _deliver, replay_journal
+from . import dsn, ledger, templates
+from .delivery import deliver
 from .email_settings import RateLimiter, SettingsCache
 from .journal import Journal
+from .ledger import Lease, Outcome, replay_journal
 from .metrics import SenderMetrics
 from .providers import OutEmail, ResendProvider, SmtpProvider
 from .tracking import Tracker, load_secret
@@ -67,74 +68,6 @@ LEFT JOIN (SELECT cl.id, cl.email, l.id AS lead_id, l.first_name, l.last_name, l
            FROM claimed cl LEFT JOIN leads l ON l.id = cl.lead_id) x ON true
 """
 
-#: one round of outcomes and the campaign counters in one statement (one round trip, atomic).
-#: A hard bounce ($8) ends ``failed`` with delivery ``bounced``, counts in the campaign's
-#: ``bounced`` and suppresses its lead (``leads.status = bounced``) in the same statement; every
-#: failed row gets its report row (message_refusals, 0220: reason $11, stage $9, SMTP code $10).
-RECORD_SQL = """
-WITH s AS (
-    UPDATE messages m SET status = 'sent', provider = $6, provider_message_id = v.pid,
-           sent_at = now(), updated_at = now(), last_error = NULL, retry_since = NULL
-    FROM unnest($1::bigint[], $2::text[]) AS v(id, pid)
-    WHERE m.id = v.id AND m.status = 'sending'
-    RETURNING m.id, v.pid),
-f AS (
-    UPDATE messages m SET status = v.st, provider = $6, last_error = v.err, updated_at = now(),
-           retry_since = NULL,  -- a final state: a later retry-failed starts a fresh budget
-           delivery = CASE WHEN v.bounce THEN 'bounced' ELSE m.delivery END
-    FROM unnest($3::bigint[], $4::text[], $5::text[], $8::bool[], $9::text[], $10::int[], $11::text[])
-         AS v(id, err, st, bounce, stage, code, reason)
-    WHERE m.id = v.id AND m.status = 'sending'
-    RETURNING m.id, m.campaign_id, m.status, m.lead_id, m.email, v.bounce, v.stage, v.code, v.reason),
--- the lookups that must not be indexes of messages (0201: they would make both updates non-HOT);
--- one row per message sent (rows leave 'sending' once), hash-indexed (0202)
-pids AS (
-    INSERT INTO message_provider_ids (provider_message_id, message_id)
-    SELECT pid, id FROM s WHERE pid <> ''),
-fails AS (
-    INSERT INTO message_failures (message_id, campaign_id)
-    SELECT id, campaign_id FROM f WHERE status = 'failed' ON CONFLICT DO NOTHING),
-refusals AS (
-    INSERT INTO message_refusals (message_id, campaign_id, reason, stage, smtp_code)
-    SELECT id, campaign_id, reason, stage, code FROM f WHERE status = 'failed'
-    ON CONFLICT (message_id) DO UPDATE SET reason = EXCLUDED.reason, stage = EXCLUDED.stage,
-        smtp_code = EXCLUDED.smtp_code, failed_at = now()),
-suppressed AS (
-    UPDATE leads l SET status = 'bounced', updated_at = now()
-    FROM f
-    WHERE f.bounce AND l.status IN ('active', 'unsubscribed')
-      AND (l.id = f.lead_id OR (f.lead_id IS NULL AND lower(l.email) = lower(f.email)))
-    RETURNING l.id),
-n AS (
-    SELECT (SELECT count(*) FROM s) AS sent,
-           (SELECT count(*) FROM f WHERE status = 'failed') AS failed,
-           (SELECT count(*) FROM f WHERE status = 'failed' AND bounce) AS bounced,
-           (SELECT count(*) FROM f WHERE status = 'cancelled') AS cancelled,
-           (SELECT count(*) FROM suppressed) AS suppressed),
-old AS (SELECT id, status FROM campaigns WHERE id = $7::bigint FOR UPDATE),
-c AS (
-    UPDATE campaigns c
-    SET queued = c.queued - (n.sent + n.failed + n.cancelled), sent = c.sent + n.sent,
-        failed = c.failed + n.failed, bounced = c.bounced + n.bounced, updated_at = now(),
-        status = CASE WHEN c.status = 'sending' AND c.queued - (n.sent + n.failed + n.cancelled) <= 0
-                      THEN (CASE WHEN c.sent + n.sent > 0 OR c.failed + n.failed = 0 THEN 'sent' ELSE 'failed' END)
-                      ELSE c.status END,
-        finished_at = CASE WHEN c.status = 'sending' AND c.queued - (n.sent + n.failed + n.cancelled) <= 0
-                           THEN now() ELSE c.finished_at END
-    FROM old, n WHERE c.id = old.id AND n.sent + n.failed + n.cancelled > 0
-    RETURNING old.status AS old_status, c.status AS new_status)
-SELECT n.sent, n.failed, n.bounced, n.cancelled, n.suppressed, c.old_status, c.new_status FROM n LEFT JOIN c ON true
-"""
-
-@dataclass
-class Outcome:
-    sent: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    finished: str | None = None
-    detail: str = ""
-
-
 @dataclass
 class SendContext:
     """Everything the send path needs in one worker process (or one test)."""
@@ -144,6 +77,8 @@ class SendContext:
     settings: object
     metrics: SenderMetrics
     tracker: Tracker | None = None
+    #: the tracking secret, which also signs VERP return paths (the mailbox poller checks them)
+    verp_secret: bytes | None = None
     http: aiohttp.ClientSession | None = None
     settings_cache: SettingsCache | None = None
     limiter: RateLimiter | None = None
@@ -155,10 +90,20 @@ class SendContext:
     _stats: dict = field(default_factory=dict)
     _stats_task: asyncio.Task | None = None
 
+    def return_path(self, message_id: int) -> str:
+        """The envelope sender of one message: the signed VERP address under
+        ``settings.bounce_domain`` (a DSN then names its message by the address it comes back to,
+        which nobody else can forge), or "" (the From address) when no bounce domain is set."""
+        domain = self.settings.bounce_domain
+        if not domain or self.verp_secret is None:
+            return ""
+        return dsn.verp_address(self.verp_secret, message_id, domain)
+
     async def start(self) -> SendContext:
         if self.tracker is None:
             secret = await load_secret(self.pool, self.settings.tracking_secret)
             self.tracker = Tracker(secret, self.settings.public_url)
+            self.verp_secret = secret
         if self.http is None:
             self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
         self.settings_cache = self.settings_cache or SettingsCache(self.redis, self.pool, self.settings)
@@ -193,11 +138,15 @@ class SendContext:
         if p is None:
             s = self.settings
             if name == "resend":
-                p = ResendProvider(self.http, s.resend_base_url, s.resend_api_key, observe=self.observe("resend"))
+                p = ResendProvider(self.http, s.resend_base_url, s.resend_api_key, observe=self.observe("resend"),
+                                   timeout=s.sender.provider_timeout)
             else:
                 gauge = self.metrics.smtp_connections
                 p = SmtpProvider(s.smtp_host, s.smtp_port, starttls=s.smtp_starttls, username=s.smtp_username,
                                  password=s.smtp_password, observe=self.observe("smtp"),
+                                 pool_size=s.sender.smtp_pool_size, timeout=s.sender.provider_timeout,
+                                 opportunistic_tls=s.sender.smtp_opportunistic_tls,
+                                 verify_tls=s.smtp_starttls or s.sender.smtp_tls_verify,
                                  on_connections=lambda relay, n: gauge.labels("smtp", relay).set(n))
             self._providers[name] = p
         return p
@@ -253,50 +202,6 @@ class SendContext:
 def list_headers(unsubscribe_url: str) -> dict[str, str]:
     return {"List-Unsubscribe": f"<{unsubscribe_url}>",
             "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
-
-
-async def _record(ctx: SendContext, conn, provider: str, campaign_id: int | None,
-                  sent: dict[int, str], failed: dict[int, tuple[str, str]], cancelled: list[int],
-                  outcome: Outcome, *, bounced: set[int] | frozenset = frozenset(),
-                  details: dict[int, tuple[str, int | None]] | None = None) -> None:
-    """Write one round of outcomes and the campaign counters (one atomic statement).
-
-    ``failed``: id -> (reason, text); ``bounced``: the failed ids that are hard bounces (their
-    leads are suppressed); ``details``: id -> (SMTP stage, reply code) for the failures report."""
-    if not sent and not failed and not cancelled:
-        return
-    details = details or {}
-    ids = list(failed) + cancelled
-    errs = [failed[i][1] for i in failed] + ["lead is suppressed"] * len(cancelled)
-    sts = ["failed"] * len(failed) + ["cancelled"] * len(cancelled)
-    bounce = [i in bounced for i in failed] + [False] * len(cancelled)
-    stages = [details.get(i, (None, None))[0] for i in failed] + [None] * len(cancelled)
-    codes = [details.get(i, (None, None))[1] for i in failed] + [None] * len(cancelled)
-    reasons = [failed[i][0] for i in failed] + ["suppressed"] * len(cancelled)
-    row = await conn.fetchrow(RECORD_SQL, list(sent), list(sent.values()), ids, errs, sts, provider, campaign_id,
-                              bounce, stages, codes, reasons)
-    n_sent, n_failed, n_cancelled = row["sent"], row["failed"], row["cancelled"]
-    if row["bounced"]:
-        ctx.metrics.events.labels(provider, "bounced").inc(row["bounced"])  # as a provider's bounce event
-    outcome.sent += n_sent
-    outcome.failed += n_failed
-    outcome.cancelled += n_cancelled
-    m = ctx.metrics
-    if n_sent:
-        m.sent.labels(provider).inc(n_sent)
-    reasons: dict[str, int] = {}
-    for reason, _msg in failed.values():
-        reasons[reason] = reasons.get(reason, 0) + 1
-    for reason, n in reasons.items():
-        m.failures.labels(provider, reason).inc(n)
-    finished = row["new_status"] if row["old_status"] == "sending" and row["new_status"] in ("sent", "failed") else None
-    # issue 15: a finished campaign's outcome by its failed share; a sending one's guard-rails
-    finished = await guardrails.after_record(conn, campaign_id, finished, m)
-    if finished:
-        outcome.finished = finished
-        m.campaigns_finished.labels(finished).inc()
-        log.info("campaign finished", extra={"campaign_id": campaign_id, "outcome": finished})
-    await ctx.count_stats(n_sent, n_failed)
 
 
 CAMPAIGN_LOCK_SQL = "SELECT pg_try_advisory_lock($1::int, $2::int)"
@@ -355,12 +260,13 @@ async def send_campaign_batch(ctx: SendContext, campaign_id: int, batch: int) ->
                 failed[mid] = ("render_error", str(exc)[:500])
                 continue
             html = add_pixel(html, tracker.open_url(mid))
-            emails.append(OutEmail(mid, r["email"], from_email, subject, html, text, list_headers(unsub)))
+            emails.append(OutEmail(mid, r["email"], from_email, subject, html, text, list_headers(unsub),
+                                   ctx.return_path(mid)))
         if failed or cancelled:
             provider = await ctx.provider(conn)
-            await _record(ctx, conn, provider.name, campaign_id, {}, failed, cancelled, outcome)
+            await ledger.record(ctx, conn, provider.name, campaign_id, {}, failed, cancelled, outcome)
         if emails:
-            await _deliver(ctx, lease, campaign_id, emails, "c", campaign_id, batch, outcome)
+            await deliver(ctx, lease, campaign_id, emails, "c", campaign_id, batch, outcome)
         return outcome
 
 
@@ -382,6 +288,7 @@ async def send_transactional(ctx: SendContext, message_id: int) -> Outcome:
         if row is None:
             outcome.detail = "nothing to send"
             return outcome
-        e = OutEmail(row["id"], row["email"], row["from_email"], row["subject"], row["html"], row["text"])
-        await _deliver(ctx, lease, None, [e], "t", message_id, 0, outcome)
+        e = OutEmail(row["id"], row["email"], row["from_email"], row["subject"], row["html"], row["text"],
+                     return_path=ctx.return_path(row["id"]))
+        await deliver(ctx, lease, None, [e], "t", message_id, 0, outcome)
         return outcome

@@ -4,10 +4,10 @@ With the Redis broker, a message whose retry or ack could not be written while R
 stays in the ack set of a worker that is still alive, and is never redelivered; an enqueue that
 failed mid-dispatch loses batches outright. The ledger knows better: a campaign that is
 ``sending`` with recipients still queued, no batch in progress (no advisory lock held on it) and
-no progress for ``STALL_SECONDS`` is re-dispatched (``dispatch_campaign`` enqueues its open
+no progress for ``settings.sender.stall_seconds`` is re-dispatched (``dispatch_campaign`` enqueues its open
 batches again; batches that were merely late become no-ops under the lock and the claim).
 A ``queued`` campaign whose ledger never got written is re-dispatched after
-``QUEUED_STALL_SECONDS``. One sweep per interval runs fleet-wide (a Redis lock), from every
+``queued_stall_seconds``. One sweep per interval runs fleet-wide (a Redis lock), from every
 worker process's sweeper thread.
 """
 
@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-
-import asyncpg
 
 from mailgenius.broker import dramatiq_namespace
-from mailgenius.cache import create_redis, rkey
+from mailgenius.cache import rkey
 from mailgenius.metrics import QUEUE_EMAIL
 from mailgenius.queues import redis_queue_stats
+from mailgenius.settings import SenderSettings
 
-from . import campaigns, config
+from . import campaigns
+from .periodic import PeriodicThread
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +38,14 @@ RETURNING c.id, c.status
 """
 
 
-async def find_stalled(pool, *, stall_seconds: float = config.STALL_SECONDS,
-                       queued_stall_seconds: float = config.QUEUED_STALL_SECONDS) -> list[int]:
+async def find_stalled(pool, *, stall_seconds: float = SenderSettings.stall_seconds,
+                       queued_stall_seconds: float = SenderSettings.queued_stall_seconds) -> list[int]:
     """Ids of stalled campaigns, marked (updated_at) so the next sweep leaves them a while."""
     rows = await pool.fetch(STALLED_SQL, float(stall_seconds), float(queued_stall_seconds))
     return [r["id"] for r in rows]
 
 
-async def finish_cancellations(pool, *, stall_seconds: float = config.STALL_SECONDS) -> list[int]:
+async def finish_cancellations(pool, *, stall_seconds: float = SenderSettings.stall_seconds) -> list[int]:
     """Cancelled campaigns whose pending rows were left (the API died mid-cleanup): finish them."""
     rows = await pool.fetch(
         """UPDATE campaigns SET updated_at = now()
@@ -60,46 +59,35 @@ async def finish_cancellations(pool, *, stall_seconds: float = config.STALL_SECO
 async def sweep_once(pool, redis, settings, enqueue_dispatch) -> list[int]:
     """One sweep (if no other process holds this interval's lock); returns re-dispatched ids."""
     got = await redis.set(rkey(settings, "sender", "sweep"), "1", nx=True,
-                          px=max(1000, int(config.SWEEP_INTERVAL * 1000) - 500))
+                          px=max(1000, int(settings.sender.sweep_interval * 1000) - 500))
     if not got:
         return []
     if settings.broker_kind == "redis":
         stats = await redis_queue_stats(redis, dramatiq_namespace(settings), QUEUE_EMAIL)
-        if stats.waiting > config.SWEEP_MAX_WAITING:
+        if stats.waiting > settings.sender.sweep_max_waiting:
             return []
-    await finish_cancellations(pool)
-    ids = await find_stalled(pool)
+    await finish_cancellations(pool, stall_seconds=settings.sender.stall_seconds)
+    ids = await find_stalled(pool, stall_seconds=settings.sender.stall_seconds,
+                             queued_stall_seconds=settings.sender.queued_stall_seconds)
     for cid in ids:
         log.warning("re-dispatching a stalled campaign", extra={"campaign_id": cid})
         await asyncio.get_running_loop().run_in_executor(None, enqueue_dispatch, cid)
     return ids
 
 
-class SweeperThread(threading.Thread):
-    """Runs :func:`sweep_once` every ``SWEEP_INTERVAL`` seconds in its own event loop."""
+class SweeperThread(PeriodicThread):
+    """Runs :func:`sweep_once` every ``settings.sender.sweep_interval`` seconds in its own event loop."""
+
+    log = log
+    failure = "sweep failed"
 
     def __init__(self, settings, enqueue_dispatch):
-        super().__init__(name="sender-sweeper", daemon=True)
-        self.settings = settings
+        super().__init__("sender-sweeper", settings)
         self.enqueue_dispatch = enqueue_dispatch
-        self.stop_event = threading.Event()
 
-    def run(self) -> None:
-        asyncio.run(self._loop())
+    @property
+    def interval(self) -> float:
+        return self.settings.sender.sweep_interval
 
-    async def _loop(self) -> None:
-        pool = None
-        redis = create_redis(self.settings.redis_url)
-        try:
-            while not self.stop_event.is_set():
-                try:
-                    if pool is None:
-                        pool = await asyncpg.create_pool(self.settings.database_url, min_size=0, max_size=1)
-                    await sweep_once(pool, redis, self.settings, self.enqueue_dispatch)
-                except Exception as exc:  # a dependency down: try again next interval
-                    log.warning("sweep failed", extra={"error": f"{type(exc).__name__}: {exc}"})
-                await asyncio.get_running_loop().run_in_executor(None, self.stop_event.wait, config.SWEEP_INTERVAL)
-        finally:
-            if pool is not None:
-                await pool.close()
-            await redis.aclose()
+    async def tick(self) -> None:
+        await sweep_once(self.pool, self.redis, self.settings, self.enqueue_dispatch)

@@ -9,18 +9,20 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+from mailgenius.import_states import ACTIVE, RUNNING, sql_list
+
 #: finished imports listed below the running ones
 RECENT = 5
 
-_ACTIVE_SQL = """
+_ACTIVE_SQL = f"""
 SELECT id, status, filename, bytes, total_rows, processed_rows, inserted, updated, duplicates,
        invalid, error, created_at, started_at, finished_at, mapping, now() AS now
-FROM imports WHERE status IN ('queued', 'running') ORDER BY id DESC LIMIT 20
+FROM imports WHERE status IN {sql_list(ACTIVE)} ORDER BY id DESC LIMIT 20
 """
-_RECENT_SQL = """
+_RECENT_SQL = f"""
 SELECT id, status, filename, bytes, total_rows, processed_rows, inserted, updated, duplicates,
        invalid, error, created_at, started_at, finished_at, mapping, now() AS now
-FROM imports WHERE status NOT IN ('queued', 'running') ORDER BY created_at DESC LIMIT $1
+FROM imports WHERE status NOT IN {sql_list(ACTIVE)} ORDER BY created_at DESC LIMIT $1
 """
 
 
@@ -46,7 +48,7 @@ def _row(r) -> dict:
     total = r["total_rows"]
     mapping = json.loads(r["mapping"]) if isinstance(r["mapping"], str) else r["mapping"]
     eta = None
-    if r["status"] == "running" and total and rate > 0:
+    if r["status"] == RUNNING and total and rate > 0:
         eta = max(0.0, (int(total) - processed) / rate)
     return {
         "id": r["id"], "status": r["status"], "filename": r["filename"], "bytes": r["bytes"],

@@ -49,7 +49,7 @@ def test_every_documented_alert_is_defined_with_its_severity_cooldown_and_channe
     assert set(defined) == set(ALERTS) | {WATCHDOG}
     for key, alert in defined.items():
         cooldown, channels = expected(*key)
-        assert generate._seconds(alert.cooldown, key) == cooldown, key
+        assert generate.duration_seconds(alert.cooldown, key) == cooldown, key
         assert set(alert.channels) == channels, key
 
 

@@ -189,7 +189,7 @@ def test_amtool_routes_every_alert_to_exactly_its_documented_channels(config_pat
         # and its route repeats at the documented cooldown
         (route,) = [r for r in config["route"]["routes"]
                     if f'alertname="{alert}"' in r.get("matchers", []) and f'severity="{severity}"' in r["matchers"]]
-        assert generate._seconds(route["repeat_interval"], alert) == cooldown, alert
+        assert generate.duration_seconds(route["repeat_interval"], alert) == cooldown, alert
 
 
 def test_routing_groups_by_alertname_and_service_and_inhibits_warnings_under_criticals():

@@ -25,7 +25,7 @@ def exporter_settings(settings):
     return settings.replace(broker_url=settings.redis_url, sender_url=closed["sender"],
                             importer_url=closed["importer"], prometheus_url=closed["prom"],
                             alertmanager_url=closed["am"],
-                            extra={"MAILGENIUS_ALERT_WEBHOOK_TOKEN": WEBHOOK_TOKEN})
+                            exporter=settings.exporter.replace(webhook_token=WEBHOOK_TOKEN))
 
 
 @pytest.fixture

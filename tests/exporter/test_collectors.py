@@ -91,7 +91,7 @@ async def test_campaign_gauges_and_bounded_campaign_messages(aiohttp_client, exp
 
     # Given a limit of 3 campaigns with per-campaign series
     registry = CollectorRegistry()
-    app = create_app(exporter_settings.replace(extra={"MAILGENIUS_EXPORTER_CAMPAIGN_LIMIT": "3"}),
+    app = create_app(exporter_settings.replace(exporter=exporter_settings.exporter.replace(campaign_limit=3)),
                      registry=registry)
     await aiohttp_client(app)
     now = dt.datetime.now(dt.UTC)
@@ -205,7 +205,7 @@ async def test_worker_count_follows_heartbeats_and_drops_when_they_stop(aiohttp_
     from exporter import keys as ek
     from exporter.app import create_app
 
-    settings = exporter_settings.replace(extra={"MAILGENIUS_EXPORTER_WORKER_STALE_SECONDS": "1.5"})
+    settings = exporter_settings.replace(exporter=exporter_settings.exporter.replace(worker_stale_seconds=1.5))
     registry = CollectorRegistry()
     app = create_app(settings, registry=registry)
     await aiohttp_client(app)
@@ -311,8 +311,8 @@ async def test_a_snapshot_too_old_is_not_exported_but_its_age_is(aiohttp_client,
 
     # Given snapshots that expire after 0.3 s and no background refresh in between
     registry = CollectorRegistry()
-    app = create_app(exporter_settings.replace(extra={"MAILGENIUS_EXPORTER_MAX_SNAPSHOT_AGE": "0.3",
-                                                      "MAILGENIUS_EXPORTER_REFRESH_SECONDS": "600"}),
+    app = create_app(exporter_settings.replace(exporter=exporter_settings.exporter.replace(max_snapshot_age=0.3,
+                                                                                           refresh_seconds=600.0)),
                      registry=registry)
     await aiohttp_client(app)
     await app[ek.REFRESHER].refresh_once()

@@ -287,7 +287,8 @@ async def test_webhook_rejects_malformed_payloads(exporter, pool, payload, fragm
 
 
 async def test_webhook_token_when_configured(aiohttp_client, exporter_settings, pool):
-    app = create_app(exporter_settings.replace(extra={"MAILGENIUS_ALERT_WEBHOOK_TOKEN": "s3cret-" * 4}))
+    app = create_app(exporter_settings.replace(
+        exporter=exporter_settings.exporter.replace(webhook_token="s3cret-" * 4)))
     client = await aiohttp_client(app)
     payload = am_payload("firing", [am_alert("firing", "X", "2026-11-29T10:00:00Z")])
     assert (await client.post("/api/alerts/webhook", json=payload)).status == 401
@@ -395,7 +396,7 @@ async def test_health_runs_in_the_background_for_prometheus(aiohttp_client, expo
 
     # Given an exporter running its health checks every 0.2 s, nobody calling /api/health
     registry = CollectorRegistry()
-    settings = exporter_settings.replace(extra={"MAILGENIUS_EXPORTER_HEALTH_SECONDS": "0.2"})
+    settings = exporter_settings.replace(exporter=exporter_settings.exporter.replace(health_seconds=0.2))
     await aiohttp_client(create_app(settings, registry=registry))
     deadline = time.monotonic() + 5
     while registry.get_sample_value(m.HEALTH_CHECK_UP, {"service": "exporter", "check": "database"}) is None:

@@ -115,8 +115,8 @@ def test_attach_replaces_and_can_be_disabled(settings, monkeypatch):
         h2 = attach_log_stream(settings, "exporter")
         assert [h for h in root.handlers if isinstance(h, RedisStreamHandler)] == [h2]
         assert h1 is not h2
-        monkeypatch.setenv("MAILGENIUS_LOG_STREAM_MAXLEN", "0")
-        assert attach_log_stream(settings, "exporter") is None
+        off = settings.replace(logs=settings.logs.replace(stream_maxlen=0))  # MAILGENIUS_LOG_STREAM_MAXLEN=0
+        assert attach_log_stream(off, "exporter") is None
         assert not [h for h in root.handlers if isinstance(h, RedisStreamHandler)]
     finally:
         for h in list(root.handlers):

@@ -48,7 +48,7 @@ async def client_for(aiohttp_client, settings, pool):
     async def make(name: str, **changes):
         # as deployed: the sender's webhook secret is set (else its webhook honestly answers 503)
         changes.setdefault("resend_webhook_secret", "whsec_" + "cmVsaWFiaWxpdHktc3VpdGUtc2VjcmV0")
-        changes.setdefault("extra", {"MAILGENIUS_ALERT_WEBHOOK_TOKEN": WEBHOOK_TOKEN})
+        changes.setdefault("exporter", settings.exporter.replace(webhook_token=WEBHOOK_TOKEN))
         app = create_service_app(name, settings.replace(**changes))
         return app, await aiohttp_client(app)
 

@@ -203,8 +203,8 @@ def _collector_up(text: str) -> dict[str, float]:
 async def test_exporter_scrape_answers_in_time_with_postgres_down(mode, aiohttp_client, proxied_settings,
                                                                    pg_proxy, pool, monkeypatch):
     # Given the exporter refreshing its snapshots every 0.5 s, Postgres behind the proxy
-    monkeypatch.setenv("MAILGENIUS_EXPORTER_REFRESH_SECONDS", "0.5")
-    app = create_service_app("exporter", proxied_settings)
+    app = create_service_app("exporter", proxied_settings.replace(
+        exporter=proxied_settings.exporter.replace(refresh_seconds=0.5)))
     client = await aiohttp_client(app)
 
     async def scrape():

@@ -24,7 +24,7 @@ from tests.reliability.conftest import _stack_class
 pytestmark = pytest.mark.slow
 
 PAGES = ("sender", "importer", "exporter", "sender-worker", "importer-worker")
-#: exporter setting bounding the campaign label (exporter/config.py default)
+#: exporter setting bounding the campaign label (settings.exporter.campaign_limit default)
 CAMPAIGN_LIMIT = 20
 
 

@@ -28,7 +28,7 @@ import pytest
 
 from alerting import generate
 from tests.conftest import bearer
-from tests.reliability.conftest import _stack_class
+from tests.reliability.sender_stack import add_leads, poll, send_campaign, sender_stack
 
 pytestmark = pytest.mark.slow
 
@@ -56,102 +56,83 @@ async def alert_state(session: aiohttp.ClientSession, stack) -> str | None:
     return states[0] if states else None
 
 
-async def poll(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
-        await asyncio.sleep(interval)
-
-
 async def test_provider_outage_fires_the_alert_and_the_campaign_completes_exactly_once(
         settings, pool, make_key, tmp_path):
     from sender.testing import start_fake
 
     fake, runner, url = await start_fake(api_key="re_test")
-    stack = _stack_class()(settings.replace(email_provider="resend", resend_base_url=url,
-                                            resend_api_key="re_test"), tmp_path)
     try:
-        key = await make_key("send", "read")
         # Given the sender, its worker (short redelivery delays, the default 900 s retry budget)
         # and Prometheus scraping them every second with the generated rules
-        stack.start_service("sender")
-        stack.start_worker("sender", threads=2, MAILGENIUS_SENDER_BACKOFF_BASE="0.2",
-                           MAILGENIUS_SENDER_MAX_ATTEMPTS="2", MAILGENIUS_SENDER_REDELIVERY_MIN="0.5",
-                           MAILGENIUS_SENDER_REDELIVERY_MAX="3", MAILGENIUS_LOG_LEVEL="warning")
-        jobs = {job: [target] for job, target in stack.scrape_jobs().items()}
-        variant = generate.local_variant(targets=jobs, scrape_interval="1s", evaluation_interval="1s",
-                                         for_override="2s")
-        paths = generate.render_to(stack.tmp / "configs", variant)
-        await asyncio.to_thread(stack.start_prometheus, paths["prometheus"])
-        await asyncio.to_thread(stack.wait_targets_up, 30)
-        await pool.execute("""INSERT INTO leads (email, tags) SELECT 'p' || g || '@example.com', '{prov}'
-                              FROM generate_series(1, $1) g""", N_LEADS)
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
-            h = bearer(key)
-            # When the provider answers 500 to every call for the whole outage, mid-campaign
-            fake.script = [{"status": 500, "message": "provider outage"}] * 100_000
-            outage_start = time.monotonic()
-            r = await s.post(stack.url("sender") + "/api/campaigns", headers=h, json={
-                "name": "provider outage", "subject": "Hi", "from_email": "news@example.com",
-                "html": "<p>Hello</p>", "text": "Hello", "segment": {"tags": ["prov"]}})
-            assert r.status == 201, await r.text()
-            cid = (await r.json())["id"]
-            assert (await s.post(stack.url("sender") + f"/api/campaigns/{cid}/send", headers=h)).status == 202
+        with sender_stack(settings.replace(email_provider="resend", resend_base_url=url, resend_api_key="re_test"),
+                          tmp_path, threads=2, MAILGENIUS_SENDER_BACKOFF_BASE="0.2",
+                          MAILGENIUS_SENDER_MAX_ATTEMPTS="2", MAILGENIUS_SENDER_REDELIVERY_MIN="0.5",
+                          MAILGENIUS_SENDER_REDELIVERY_MAX="3", MAILGENIUS_LOG_LEVEL="warning") as stack:
+            key = await make_key("send", "read")
+            jobs = {job: [target] for job, target in stack.scrape_jobs().items()}
+            variant = generate.local_variant(targets=jobs, scrape_interval="1s", evaluation_interval="1s",
+                                             for_override="2s")
+            paths = generate.render_to(stack.tmp / "configs", variant)
+            await asyncio.to_thread(stack.start_prometheus, paths["prometheus"])
+            await asyncio.to_thread(stack.wait_targets_up, 30)
+            await add_leads(pool, N_LEADS, "prov", "p")
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+                h = bearer(key)
+                # When the provider answers 500 to every call for the whole outage, mid-campaign
+                fake.script = [{"status": 500, "message": "provider outage"}] * 100_000
+                outage_start = time.monotonic()
+                cid = await send_campaign(stack, s, h, "provider outage", "prov")
 
-            # Then Prometheus sees EmailProviderFailing firing while it lasts
-            async def firing():
-                return await alert_state(s, stack) == "firing"
+                # Then Prometheus sees EmailProviderFailing firing while it lasts
+                async def firing():
+                    return await alert_state(s, stack) == "firing"
 
-            await poll(firing, PROVIDER_OUTAGE + 30, f"{ALERT} firing\n{stack.log('sender-worker')}")
-            t_fire = time.monotonic() - outage_start
-            while time.monotonic() - outage_start < PROVIDER_OUTAGE:
-                await asyncio.sleep(0.5)
-            # ...the sender kept retrying, handing batches back, and nothing failed
-            refused = fake.stats()["statuses"].get(500, 0)
-            assert refused >= 10, f"the sender did not keep retrying: {fake.stats()}"
-            c = await (await s.get(stack.url("sender") + f"/api/campaigns/{cid}", headers=h)).json()
-            assert c["sent"] == 0 and c["failed"] == 0 and c["status"] == "sending", c
-            rows = await pool.fetchrow(
-                """SELECT count(*) FILTER (WHERE status = 'sending' AND retry_since IS NOT NULL) AS retrying,
-                          count(*) FILTER (WHERE status = 'failed') AS failed
-                   FROM messages WHERE campaign_id = $1""", cid)
-            assert rows["failed"] == 0 and rows["retrying"] > 0, dict(rows)
-
-            # When the provider is back
-            fake.script.clear()
-            t_recover = time.monotonic()
-
-            # Then the campaign completes: all sent, exactly once, nothing failed
-            async def finished():
+                await poll(firing, PROVIDER_OUTAGE + 30, f"{ALERT} firing\n{stack.log('sender-worker')}",
+                           interval=0.5)
+                t_fire = time.monotonic() - outage_start
+                while time.monotonic() - outage_start < PROVIDER_OUTAGE:
+                    await asyncio.sleep(0.5)
+                # ...the sender kept retrying, handing batches back, and nothing failed
+                refused = fake.stats()["statuses"].get(500, 0)
+                assert refused >= 10, f"the sender did not keep retrying: {fake.stats()}"
                 c = await (await s.get(stack.url("sender") + f"/api/campaigns/{cid}", headers=h)).json()
-                return c if c["status"] in ("sent", "failed", "cancelled") else None
+                assert c["sent"] == 0 and c["failed"] == 0 and c["status"] == "sending", c
+                rows = await pool.fetchrow(
+                    """SELECT count(*) FILTER (WHERE status = 'sending' AND retry_since IS NOT NULL) AS retrying,
+                              count(*) FILTER (WHERE status = 'failed') AS failed
+                       FROM messages WHERE campaign_id = $1""", cid)
+                assert rows["failed"] == 0 and rows["retrying"] > 0, dict(rows)
 
-            c = await poll(finished, 60, f"campaign finished\n{stack.log('sender-worker')}")
-            t_sent = time.monotonic() - t_recover
-            st = fake.stats()
-            assert c["status"] == "sent" and c["sent"] == N_LEADS and c["failed"] == 0, c
-            assert st["unique_recipients"] == N_LEADS and st["duplicates"] == 0, st
+                # When the provider is back
+                fake.script.clear()
+                t_recover = time.monotonic()
 
-            # ...every refused call was counted once, as a server error of resend
-            errors = await worker_samples(s, stack, "mailgenius_provider_errors_total")
-            assert errors[(("provider", "resend"), ("reason", "server_error"))] == st["statuses"][500], (errors, st)
-            assert sum(errors.values()) == st["statuses"][500], errors
+                # Then the campaign completes: all sent, exactly once, nothing failed
+                async def finished():
+                    c = await (await s.get(stack.url("sender") + f"/api/campaigns/{cid}", headers=h)).json()
+                    return c if c["status"] in ("sent", "failed", "cancelled") else None
 
-            # ...and the alert resolves (no error in the last minute)
-            async def resolved():
-                return await alert_state(s, stack) is None
+                c = await poll(finished, 60, f"campaign finished\n{stack.log('sender-worker')}", interval=0.5)
+                t_sent = time.monotonic() - t_recover
+                st = fake.stats()
+                assert c["status"] == "sent" and c["sent"] == N_LEADS and c["failed"] == 0, c
+                assert st["unique_recipients"] == N_LEADS and st["duplicates"] == 0, st
 
-            await poll(resolved, 90, f"{ALERT} resolved")
-            t_resolved = time.monotonic() - t_recover
-        print(f"\nprovider outage {PROVIDER_OUTAGE:g} s, {N_LEADS} leads, {st['statuses'][500]} refused calls: "
-              f"{ALERT} firing {t_fire:.1f} s after the outage began; after recovery the campaign was sent in "
-              f"{t_sent:.1f} s and the alert resolved in {t_resolved:.1f} s; total "
-              f"{time.monotonic() - outage_start:.1f} s; sent {c['sent']}, failed {c['failed']}, "
-              f"duplicates {st['duplicates']}")
+                # ...every refused call was counted once, as a server error of resend
+                errors = await worker_samples(s, stack, "mailgenius_provider_errors_total")
+                assert errors[(("provider", "resend"), ("reason", "server_error"))] == st["statuses"][500], (errors, st)
+                assert sum(errors.values()) == st["statuses"][500], errors
+
+                # ...and the alert resolves (no error in the last minute)
+                async def resolved():
+                    return await alert_state(s, stack) is None
+
+                await poll(resolved, 90, f"{ALERT} resolved", interval=0.5)
+                t_resolved = time.monotonic() - t_recover
+            print(f"\nprovider outage {PROVIDER_OUTAGE:g} s, {N_LEADS} leads, {st['statuses'][500]} refused calls: "
+                  f"{ALERT} firing {t_fire:.1f} s after the outage began; after recovery the campaign was sent in "
+                  f"{t_sent:.1f} s and the alert resolved in {t_resolved:.1f} s; total "
+                  f"{time.monotonic() - outage_start:.1f} s; sent {c['sent']}, failed {c['failed']}, "
+                  f"duplicates {st['duplicates']}")
     finally:
-        stack.stop("sender-worker", kill=True)
-        stack.stop_all()
         await runner.cleanup()

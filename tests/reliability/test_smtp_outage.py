@@ -18,55 +18,22 @@ import asyncio
 import os
 import time
 
-import aiohttp
 import pytest
 
 from sender.journal import read_entries
 from sender.testing import TestRelay
-from tests.conftest import bearer
-from tests.reliability.conftest import _stack_class
+from tests.reliability.sender_stack import (
+    N_LEADS,
+    WORKER_ENV,
+    finished,
+    poll,
+    sender_stack,
+    start_campaign,
+)
 
 pytestmark = pytest.mark.slow
 
 PG_OUTAGE = float(os.environ.get("MAILGENIUS_TEST_PG_OUTAGE", "8"))
-N_LEADS = 2000
-WORKER_ENV = {"MAILGENIUS_SENDER_BACKOFF_BASE": "0.2", "MAILGENIUS_LOG_LEVEL": "warning",
-              "MAILGENIUS_BROKER_MAINTENANCE_CHANCE": "1000000",
-              "MAILGENIUS_BROKER_HEARTBEAT_TIMEOUT_MS": "3000",
-              "MAILGENIUS_SENDER_STALL_SECONDS": "8", "MAILGENIUS_SENDER_SWEEP_INTERVAL": "2"}
-
-
-async def poll(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
-        await asyncio.sleep(interval)
-
-
-async def _start_campaign(stack, pool, make_key, tag: str) -> int:
-    await pool.execute("""INSERT INTO leads (email, tags) SELECT $2 || g || '@example.com', ARRAY[$2]
-                          FROM generate_series(1, $1) g""", N_LEADS, tag)
-    key = await make_key("send", "read", "admin")
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
-        h = bearer(key)
-        r = await s.put(stack.url("sender") + "/api/settings/email", headers=h,
-                        json={"provider": "smtp", "rate_limit": 0})
-        assert r.status == 200, await r.text()
-        r = await s.post(stack.url("sender") + "/api/campaigns", headers=h, json={
-            "name": "pg outage", "subject": "Hi", "from_email": "news@example.com",
-            "html": "<p>Hello</p>", "text": "Hello", "segment": {"tags": [tag]}})
-        assert r.status == 201, await r.text()
-        cid = (await r.json())["id"]
-        assert (await s.post(stack.url("sender") + f"/api/campaigns/{cid}/send", headers=h)).status == 202
-    return cid
-
-
-async def _finished(pool, cid: int):
-    row = await pool.fetchrow("SELECT status, sent, failed, queued FROM campaigns WHERE id = $1", cid)
-    return dict(row) if row["status"] in ("sent", "failed", "cancelled") else None
 
 
 @pytest.mark.parametrize("kill_worker", [False, True], ids=["worker-rides-it-out", "worker-killed-journal-replayed"])
@@ -74,53 +41,46 @@ async def test_postgres_cut_mid_campaign_on_smtp_sends_each_recipient_once(
         settings, pool, make_key, tmp_path, pg_proxy, kill_worker):
     # a relay taking 20 ms a message: every batch spends ~0.25 s talking to it (8 connections per
     # worker process), so the cut always lands on batches the relay is accepting
-    relay = TestRelay(smtputf8=True, rules={}, delay=0.02).start()
-    stack = _stack_class()(settings.replace(email_provider="smtp"), tmp_path)
-    worker_db = pg_proxy.url_for(settings.database_url)
-    worker_env = {**WORKER_ENV, "DATABASE_URL": worker_db, "MAILGENIUS_SMTP_HOST": "127.0.0.1",
-                  "MAILGENIUS_SMTP_PORT": str(relay.port)}
-    try:
+    with TestRelay(smtputf8=True, rules={}, delay=0.02) as relay:
+        worker_db = pg_proxy.url_for(settings.database_url)
+        worker_env = {**WORKER_ENV, "DATABASE_URL": worker_db, "MAILGENIUS_SMTP_HOST": "127.0.0.1",
+                      "MAILGENIUS_SMTP_PORT": str(relay.port)}
         # Given the sender API (direct to Postgres), its worker through the proxy, a relay
-        stack.start_service("sender")
-        stack.start_worker("sender", threads=4, **worker_env)
-        cid = await _start_campaign(stack, pool, make_key, f"pgcut{int(kill_worker)}x{time.time_ns() % 10**6}")
+        with sender_stack(settings.replace(email_provider="smtp"), tmp_path, threads=4, **worker_env) as stack:
+            cid = await start_campaign(stack, pool, make_key, f"pgcut{int(kill_worker)}x{time.time_ns() % 10**6}")
 
-        # When Postgres is cut for the worker while the campaign is being sent
-        await poll(lambda: asyncio.sleep(0, len(relay.delivered) >= N_LEADS // 5), 60,
-                   f"a fifth of the campaign delivered\n{stack.log('sender-worker')}")
-        pg_proxy.set_mode("down")
-        at_cut = len(relay.delivered)
-        t_cut = time.monotonic()
-        journal_dir = tmp_path / "var" / "sender-journal"
-        if kill_worker:
-            # the relay's answers for the batches in flight are journaled (fsync'd outcome entries,
-            # not only the write-ahead of accepted messages) within moments
-            await poll(lambda: asyncio.sleep(0, any(not e.get("open") for p in journal_dir.glob("*.jsonl")
-                                                     for e in read_entries(p.read_bytes()))),
-                       PG_OUTAGE, f"the journal written\n{stack.log('sender-worker')}", interval=0.05)
-            # batches already talking to the relay finish theirs and journal it; no new one starts
-            await asyncio.sleep(2.0)
-            stack.stop("sender-worker", kill=True)
-        while time.monotonic() - t_cut < PG_OUTAGE:
-            await asyncio.sleep(0.2)
-        pg_proxy.set_mode("pass")
-        if kill_worker:
-            stack.start_worker("sender", threads=4, **worker_env)
+            # When Postgres is cut for the worker while the campaign is being sent
+            await poll(lambda: asyncio.sleep(0, len(relay.delivered) >= N_LEADS // 5), 60,
+                       f"a fifth of the campaign delivered\n{stack.log('sender-worker')}")
+            pg_proxy.set_mode("down")
+            at_cut = len(relay.delivered)
+            t_cut = time.monotonic()
+            journal_dir = tmp_path / "var" / "sender-journal"
+            if kill_worker:
+                # the relay's answers for the batches in flight are journaled (fsync'd outcome entries,
+                # not only the write-ahead of accepted messages) within moments
+                await poll(lambda: asyncio.sleep(0, any(not e.get("open") for p in journal_dir.glob("*.jsonl")
+                                                         for e in read_entries(p.read_bytes()))),
+                           PG_OUTAGE, f"the journal written\n{stack.log('sender-worker')}", interval=0.05)
+                # batches already talking to the relay finish theirs and journal it; no new one starts
+                await asyncio.sleep(2.0)
+                stack.stop("sender-worker", kill=True)
+            while time.monotonic() - t_cut < PG_OUTAGE:
+                await asyncio.sleep(0.2)
+            pg_proxy.set_mode("pass")
+            if kill_worker:
+                stack.start_worker("sender", threads=4, **worker_env)
 
-        # Then the campaign completes: every recipient delivered exactly once, nothing failed
-        done = await poll(lambda: _finished(pool, cid), 120, f"campaign finished\n{stack.log('sender-worker')}")
-        assert relay.duplicates() == 0, (relay.duplicates(), stack.log("sender-worker"))
-        assert len(relay.delivered) == N_LEADS
-        assert done == {"status": "sent", "sent": N_LEADS, "failed": 0, "queued": 0}, done
-        log = stack.log("sender-worker", tail=200_000)
-        if kill_worker:
-            assert "replayed a journal left by a stopped worker" in log, log[-4000:]
-        else:
-            assert "journaled" in log, log[-4000:]
-        print(f"\npostgres cut {PG_OUTAGE:g} s mid-campaign ({at_cut} of {N_LEADS} delivered at the cut), "
-              f"worker {'killed -9 and replaced' if kill_worker else 'kept running'}: "
-              f"{len(relay.delivered)} delivered, {relay.duplicates()} duplicates")
-    finally:
-        stack.stop("sender-worker", kill=True)
-        stack.stop_all()
-        relay.stop()
+            # Then the campaign completes: every recipient delivered exactly once, nothing failed
+            done = await poll(lambda: finished(pool, cid), 120, f"campaign finished\n{stack.log('sender-worker')}")
+            assert relay.duplicates() == 0, (relay.duplicates(), stack.log("sender-worker"))
+            assert len(relay.delivered) == N_LEADS
+            assert done == {"status": "sent", "sent": N_LEADS, "failed": 0, "queued": 0}, done
+            log = stack.log("sender-worker", tail=200_000)
+            if kill_worker:
+                assert "replayed a journal left by a stopped worker" in log, log[-4000:]
+            else:
+                assert "journaled" in log, log[-4000:]
+            print(f"\npostgres cut {PG_OUTAGE:g} s mid-campaign ({at_cut} of {N_LEADS} delivered at the cut), "
+                  f"worker {'killed -9 and replaced' if kill_worker else 'kept running'}: "
+                  f"{len(relay.delivered)} delivered, {relay.duplicates()} duplicates")

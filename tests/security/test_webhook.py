@@ -15,9 +15,8 @@ import yaml
 from console import stack
 from exporter.app import create_app
 from exporter.collectors import incident_stats
-from exporter.config import load_config
 from mailgenius import secretfiles
-from mailgenius.settings import SettingsError
+from mailgenius.settings import SettingsError, load_settings
 from tests.conftest import bearer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,8 +34,8 @@ def payload(status: str, severity: str = "critical", fp: str | None = None, name
 @pytest.fixture
 async def exporter_for(aiohttp_client, settings, pool):
     async def make(token: str | None):
-        extra = {"MAILGENIUS_ALERT_WEBHOOK_TOKEN": token} if token is not None else {}
-        return await aiohttp_client(create_app(settings.replace(extra=extra)))
+        exporter = settings.exporter.replace(webhook_token=token or "")
+        return await aiohttp_client(create_app(settings.replace(exporter=exporter)))
     return make
 
 
@@ -102,7 +101,7 @@ async def test_unknown_severities_are_other(exporter_for, pool):
 
 def test_a_short_webhook_token_is_refused_naming_the_variable(settings):
     with pytest.raises(SettingsError) as exc:
-        load_config(settings.replace(extra={"MAILGENIUS_ALERT_WEBHOOK_TOKEN": "s3cret"}))
+        load_settings({"MAILGENIUS_ALERT_WEBHOOK_TOKEN": "s3cret"})
     assert exc.value.variable == "MAILGENIUS_ALERT_WEBHOOK_TOKEN"
 
 

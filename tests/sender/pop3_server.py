@@ -7,56 +7,32 @@ many RETRs of a session (a mailbox failing mid-poll)."""
 from __future__ import annotations
 
 import asyncio
-import itertools
+
+from .mailbox_server import MailboxServer
 
 
-class Pop3Server:
+class Pop3Server(MailboxServer):
+    greeting = "+OK test POP3 server ready"
+
     def __init__(self, user: str = "bounces", password: str = "secret"):
-        self.user = user
-        self.password = password
-        self.maildrop: dict[str, bytes] = {}  # uid -> message, in arrival order
-        self._uids = itertools.count(1)
+        super().__init__(user, password)
         self.locked = False
-        self.sessions = 0
-        self.quits = 0
-        self.retrieved: list[str] = []
-        self.drop_after_retr: int | None = None
-        self.server: asyncio.AbstractServer | None = None
-        self.port = 0
 
-    def deliver(self, raw: bytes) -> str:
-        uid = f"uid{next(self._uids):05d}"
-        self.maildrop[uid] = raw
-        return uid
+    def uid(self, n: int) -> str:
+        return f"uid{n:05d}"
 
-    async def start(self) -> Pop3Server:
-        self.server = await asyncio.start_server(self._session, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-
-    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.sessions += 1
-
+    async def converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         def send(line: str) -> None:
-            writer.write(line.encode() + b"\r\n")
+            self.reply(writer, line)
 
-        send("+OK test POP3 server ready")
         user_ok = authed = False
         snapshot: list[tuple[str, bytes]] = []
         deleted: set[int] = set()
         retrs = 0
         try:
-            while True:
-                await writer.drain()
-                line = await reader.readline()
-                if not line:
-                    return  # dropped: nothing deleted
-                parts = line.decode("latin-1").strip().split()
+            # None: dropped, nothing deleted
+            while (text := await self.command(reader, writer)) is not None:
+                parts = text.strip().split()
                 if not parts:
                     send("-ERR empty command")
                     continue
@@ -126,4 +102,3 @@ class Pop3Server:
         finally:
             if authed:
                 self.locked = False
-            writer.close()

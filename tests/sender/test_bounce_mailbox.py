@@ -280,6 +280,37 @@ async def test_verp_return_path_matches_and_cannot_be_forged(api, pool, smtp_ctx
     assert c  # (the complaint's recipient was never named)
 
 
+async def test_with_a_bounce_domain_the_envelope_is_the_signed_verp_address(api, pool, smtp_ctx, relay, box):
+    # Given a sender whose bounce domain is set (MAILGENIUS_BOUNCE_DOMAIN)
+    smtp_ctx.settings = smtp_ctx.settings.replace(bounce_domain="bounces.example.com")
+    # When a campaign goes out over SMTP
+    _cid, sent = await smtp_campaign(api, pool, smtp_ctx, relay, 3)
+    handler, _port = relay
+    # Then every envelope sender (MAIL FROM, where MTAs send DSNs) is the message's signed VERP
+    # address, and the From header is untouched
+    envelope = {rcpts[0]: mail_from for mail_from, rcpts, _data in handler.messages}
+    for address, (mid, _lead, raw) in sent.items():
+        assert envelope[address] == dsn.verp_address(smtp_ctx.verp_secret, mid, "bounces.example.com")
+        assert dsn.parse_verp(smtp_ctx.verp_secret, envelope[address]) == mid
+        assert email.message_from_bytes(raw)["From"] != envelope[address]
+    # And a DSN that comes back to that address, naming a forwarded recipient and without the
+    # returned message (no Message-ID to go by), bounces exactly its message
+    (_a, (ma, la, _ra)), (_b, (mb, lb, _rb)) = sorted(sent.items())[:2]
+    box.deliver(make_dsn(None, "forwarded@elsewhere.example", to=envelope[_a]))
+    poller = MailboxPoller(MailboxConfig("127.0.0.1", box.port, "bounces", "secret", "none", 1.0, box.protocol), pool,
+                           SenderMetrics(CollectorRegistry()), smtp_ctx.verp_secret)
+    await poller.poll_once()
+    assert await state(pool, ma, la) == ("bounced", "bounced")
+    assert await state(pool, mb, lb) == (None, "active")
+
+
+async def test_without_a_bounce_domain_the_envelope_is_the_from_address(api, pool, smtp_ctx, relay):
+    _cid, sent = await smtp_campaign(api, pool, smtp_ctx, relay, 2)
+    handler, _port = relay
+    for mail_from, _rcpts, data in handler.messages:
+        assert mail_from == email.utils.parseaddr(email.message_from_bytes(data)["From"])[1]
+
+
 def test_dsn_classification_follows_rfc3463():
     assert dsn.classify("failed", "5.1.1") == ("bounced", True)
     assert dsn.classify("failed", "5.1.10") == ("bounced", True)

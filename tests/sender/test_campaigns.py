@@ -147,18 +147,18 @@ async def test_crashed_attempt_is_resent_with_the_same_idempotency_key(api, pool
     await send_campaign_batch(send_ctx, cid, 0)
     assert fake_resend.calls == 0  # paused: nothing sent
     await pool.execute("UPDATE campaigns SET status = 'sending' WHERE id = $1", cid)
-    real_record = __import__("sender.sending", fromlist=["_record"])._record
+    import sender.ledger as ledger
+    real_record = ledger.record
 
     async def crash(*a, **kw):
         raise RuntimeError("worker died")
 
-    import sender.sending as sending
-    sending._record = crash
+    ledger.record = crash
     try:
         with pytest.raises(RuntimeError):
             await send_campaign_batch(send_ctx, cid, 0)
     finally:
-        sending._record = real_record
+        ledger.record = real_record
     assert fake_resend.stats()["emails"] == 20
     assert await pool.fetchval("SELECT count(*) FROM messages WHERE status = 'sending'") == 20
     # When the batch is redelivered, Then the provider replays (same key) and nobody gets two
@@ -266,10 +266,10 @@ async def test_lead_deleted_after_the_ledger_is_cancelled_not_sent(api, pool, se
 async def test_sweeper_redispatches_a_stalled_campaign_only(api, pool, send_ctx, fake_resend, ssettings, redis_client,
                                                             monkeypatch):
     from mailgenius.cache import rkey
-    from sender import config, sweeper
+    from sender import sweeper
 
     # messages other in-process tests enqueued (no worker here) must not silence the sweep
-    monkeypatch.setattr(config, "SWEEP_MAX_WAITING", 10**9)
+    ssettings = ssettings.replace(sender=ssettings.sender.replace(sweep_max_waiting=10**9))
     await redis_client.delete(rkey(ssettings, "sender", "sweep"))
 
     # Given a campaign whose batch 0 was claimed by a worker that vanished and whose batch 1

@@ -9,11 +9,20 @@ import time
 
 import pytest
 
-from sender import campaigns, config, delivery
+from mailgenius.settings import SenderSettings
+from sender import campaigns, delivery
 from sender.providers import OutEmail, ProviderError, build_mime, message_id_header
 from sender.sending import send_campaign_batch
 
 from .conftest import add_leads, campaign, make_campaign
+
+#: the sender's defaults (settings.sender of an empty environment)
+config = SenderSettings()
+
+
+def tune(monkeypatch, ctx, **changes) -> None:
+    """Give the send context's injected settings other sender tunables for this test."""
+    monkeypatch.setattr(ctx, "settings", ctx.settings.replace(sender=ctx.settings.sender.replace(**changes)))
 
 
 def provider_errors(ctx, reason: str, provider: str = "resend") -> float:
@@ -31,9 +40,7 @@ async def start(api, pool, n: int) -> tuple[int, list[int]]:
 
 async def test_outage_hands_batch_back_and_exhausted_budget_fails_rows_then_retry_failed_sends(
         api, pool, send_ctx, fake_resend, monkeypatch):
-    monkeypatch.setattr(config, "MAX_ATTEMPTS", 2)
-    monkeypatch.setattr(config, "BACKOFF_BASE", 0.05)
-    monkeypatch.setattr(config, "SEND_RETRY_BUDGET", 1.5)
+    tune(monkeypatch, send_ctx, max_attempts=2, backoff_base=0.05, send_retry_budget=1.5)
     cid, batches = await start(api, pool, 10)
     assert batches == [0]
     # Given a provider answering 5xx to every call
@@ -42,7 +49,7 @@ async def test_outage_hands_batch_back_and_exhausted_budget_fails_rows_then_retr
     # (a dramatiq.Retry with a delay), the rows stay `sending` with the last error noted
     with pytest.raises(delivery.ProviderUnavailable) as info:
         await send_campaign_batch(send_ctx, cid, 0)
-    assert info.value.delay >= config.REDELIVERY_MIN * 1000
+    assert info.value.delay >= send_ctx.settings.sender.redelivery_min * 1000
     rows = await pool.fetch("SELECT status, last_error, retry_since FROM messages WHERE campaign_id = $1", cid)
     assert {r["status"] for r in rows} == {"sending"}
     assert all("first outage" in r["last_error"] and r["retry_since"] is not None for r in rows)
@@ -83,7 +90,7 @@ async def test_outage_hands_batch_back_and_exhausted_budget_fails_rows_then_retr
 
 
 async def test_redelivery_resends_with_the_same_idempotency_key(api, pool, send_ctx, fake_resend, monkeypatch):
-    monkeypatch.setattr(config, "MAX_ATTEMPTS", 1)
+    tune(monkeypatch, send_ctx, max_attempts=1)
     cid, _ = await start(api, pool, 5)
     provider = await send_ctx.provider()
     keys: list[str] = []
@@ -109,18 +116,19 @@ def test_dramatiq_retry_count_never_ends_an_outage_before_the_budget():
     err = ProviderError("server_error", "HTTP 500", True)
     assert delivery.retry_when(10_000, delivery.ProviderUnavailable(err, 1.0, 0.0))
     assert delivery.retry_when(0, RuntimeError("postgres down"))
-    assert not delivery.retry_when(config.ACTOR_MAX_RETRIES, RuntimeError("postgres down"))
+    assert not delivery.retry_when(config.actor_max_retries, RuntimeError("postgres down"),
+                                   max_retries=config.actor_max_retries)
 
 
 def test_redelivery_delay_grows_with_the_outage_within_bounds():
     err = ProviderError("server_error", "HTTP 500", True)
-    assert config.REDELIVERY_MIN <= delivery.redelivery_delay(0, err) <= config.REDELIVERY_MIN * 1.2
-    assert config.REDELIVERY_MAX <= delivery.redelivery_delay(10_000, err) <= config.REDELIVERY_MAX * 1.2
-    assert 10 <= delivery.redelivery_delay(20, err) <= 12
+    assert config.redelivery_min <= delivery.redelivery_delay(0, err, config) <= config.redelivery_min * 1.2
+    assert config.redelivery_max <= delivery.redelivery_delay(10_000, err, config) <= config.redelivery_max * 1.2
+    assert 10 <= delivery.redelivery_delay(20, err, config) <= 12
     throttled = ProviderError("rate_limited", "HTTP 429", True, retry_after=7)
-    assert 7 <= delivery.redelivery_delay(0, throttled) <= 8.4
+    assert 7 <= delivery.redelivery_delay(0, throttled, config) <= 8.4
     # the sweeper (STALL_SECONDS) never sees a retrying campaign as stalled
-    assert config.REDELIVERY_MAX * 1.2 < config.STALL_SECONDS
+    assert config.redelivery_max * 1.2 < config.stall_seconds
 
 
 async def test_429_pause_is_shared_through_redis(api, pool, send_ctx, fake_resend, redis_client, ssettings):
@@ -162,8 +170,7 @@ def test_smtp_message_id_is_stable_and_from_the_sender_domain():
 
 
 async def test_resume_gives_rows_paused_mid_outage_a_fresh_budget(api, pool, send_ctx, fake_resend, monkeypatch):
-    monkeypatch.setattr(config, "MAX_ATTEMPTS", 1)
-    monkeypatch.setattr(config, "SEND_RETRY_BUDGET", 1.0)
+    tune(monkeypatch, send_ctx, max_attempts=1, send_retry_budget=1.0)
     cid, _ = await start(api, pool, 5)
     # Given a batch handed back during an outage, then the campaign paused past the budget
     fake_resend.script.append({"status": 500, "message": "down"})

@@ -8,9 +8,9 @@ import time
 
 from mailgenius.cache import rkey
 from sender import campaigns, templates
+from sender.ledger import RECORD_SQL
 from sender.sending import (
     CLAIM_SQL,
-    RECORD_SQL,
     STATS_FLUSH_SECONDS,
     send_campaign_batch,
     send_transactional,
@@ -91,6 +91,35 @@ async def test_messages_has_no_index_on_columns_the_send_path_updates(pool):
         assert not [d for d in defs if col in d], (col, defs)
     fillfactor = await pool.fetchval("SELECT reloptions FROM pg_class WHERE relname = 'messages'")
     assert any(o.startswith("fillfactor=") and int(o.split("=")[1]) < 100 for o in fillfactor)
+
+
+async def test_failures_pages_are_full_when_requeued_rows_sit_between_failed_ones(api, pool, send_ctx, fake_resend):
+    # Given a campaign whose 6 recipients were rejected, then every other one requeued by
+    # retry-failed (their report rows stay; the suppressed ones stay failed)
+    leads = await add_leads(pool, 6, prefix="reject")
+    cid = await make_campaign(api)
+    await campaigns.request_send(pool, cid)
+    await drain(send_ctx, pool, cid)
+    ids = [await pool.fetchval("SELECT id FROM messages WHERE lead_id = $1", lead) for lead in leads]
+    order = sorted(range(6), key=lambda i: ids[i])
+    still_failed = [ids[i] for i in order[0::2]]
+    await pool.execute("UPDATE leads SET status = 'unsubscribed' WHERE id = ANY($1::bigint[])",
+                       [leads[i] for i in order[0::2]])
+    await campaigns.retry_failed(pool, cid)
+    assert await pool.fetchval("SELECT count(*) FROM message_refusals WHERE campaign_id = $1", cid) == 6
+    assert await pool.fetchval("SELECT count(*) FROM messages WHERE campaign_id = $1 AND status = 'failed'",
+                               cid) == 3
+    # When the report is read 2 rows a page
+    pages, after = [], 0
+    while after is not None:
+        r = await api.get(f"/api/campaigns/{cid}/failures", params={"limit": "2", "after": str(after)},
+                          headers=api.read_h)
+        assert r.status == 200, await r.text()
+        body = await r.json()
+        pages.append([f["message_id"] for f in body["failures"]])
+        after = body["next_after"]
+    # Then every page but the last is full, and each failed recipient is listed once
+    assert pages == [still_failed[:2], still_failed[2:]]
 
 
 async def test_retry_failed_works_in_chunks_and_is_repeatable(api, pool, send_ctx, fake_resend):

@@ -307,6 +307,22 @@ def test_no_default_passwords(compose):
     assert "MAILGENIUS_TRACKING_SECRET" not in env
     assert env["MAILGENIUS_TRACKING_SECRET_FILE"] == "/run/secrets/tracking_secret"
     assert "tracking_secret" in cfg["services"]["sender"]["secrets"]
+    # no secret's value appears anywhere in any container's environment (the database password
+    # reaches the services as DATABASE_PASSWORD_FILE, which load_settings quotes into the URL)
+    secrets = _env_with_secrets()
+    for name, service in cfg["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            for var in REQUIRED:
+                assert secrets[var] not in str(value), f"{name}: {key} carries {var}"
+        environment = service.get("environment") or {}
+        if "DATABASE_URL" in environment:
+            assert environment["DATABASE_PASSWORD_FILE"] == "/run/secrets/postgres_password", name
+        # every secret file a container is told to read is mounted in it (a missing one stops
+        # load_settings: the smtp-sink inherited two it did not have)
+        mounted = {s if isinstance(s, str) else s["source"] for s in service.get("secrets") or []}
+        for key, value in environment.items():
+            if key.endswith("_FILE") and str(value).startswith("/run/secrets/"):
+                assert str(value).removeprefix("/run/secrets/") in mounted, f"{name}: {key} names an unmounted secret"
 
 
 def test_published_ports_listen_on_loopback(compose):

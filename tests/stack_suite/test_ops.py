@@ -270,6 +270,30 @@ async def test_cleanup_uploads_keeps_the_utf8_transcoding_of_a_running_import(se
     assert "1 file(s) older than 24 h removed" in res.stdout and "2 kept" in res.stdout
 
 
+async def test_cleanup_uploads_keeps_the_utf8_transcoding_of_a_queued_import(settings, tmp_path, pool):
+    # not started yet: the worker will read <upload>.utf8 when it claims the import, so the
+    # command (the importer's cleanup_uploads) keeps it as it keeps the upload
+    up = Path(settings.upload_dir)
+    up.mkdir(parents=True)
+    needed, transcoded = up / "queued.csv", up / "queued.csv.utf8"
+    finished, finished_utf8 = up / "done.csv", up / "done.csv.utf8"
+    two_days_ago = time.time() - 2 * 86400
+    for p in (needed, transcoded, finished, finished_utf8):
+        p.write_text("email\na@example.com\n")
+        os.utime(p, (two_days_ago, two_days_ago))
+    await pool.execute("INSERT INTO imports (filename, path, status) VALUES ('queued.csv', $1, 'queued'), "
+                       "('done.csv', $2, 'completed')", str(needed), str(finished))
+    env = cli_env(settings, tmp_path)
+    res = run_cli("cleanup-uploads", "--dry-run", env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[:2] == [f"would remove {finished}", f"would remove {finished_utf8}"]
+    assert "2 file(s) older than 24 h to remove" in res.stdout and "2 kept" in res.stdout
+    res = run_cli("cleanup-uploads", env=env)
+    assert res.returncode == 0, res.stderr
+    assert needed.exists() and transcoded.exists() and not finished.exists() and not finished_utf8.exists()
+    assert "2 file(s) older than 24 h removed" in res.stdout and "2 kept" in res.stdout
+
+
 async def test_db_maintenance_vacuums_every_table(settings, tmp_path, pool):
     env = cli_env(settings, tmp_path)
     res = run_cli("db-maintenance", env=env)
