@@ -60,6 +60,8 @@ OUTCOMES = ("inserted", "updated", "duplicate", "invalid")
 POLL_INTERVAL = 0.25
 #: work_mem of the import's session (the default 4 MB spills each batch's sort to disk)
 WORK_MEM = "64MB"
+#: seconds to wait for the second (staging) session from the pool before loading on one
+STAGING_ACQUIRE_TIMEOUT = 2.0
 #: seconds a live-progress record stays in Redis after its last update
 PROGRESS_TTL = 3600
 
@@ -232,6 +234,8 @@ class ImportJob:
         self.committed_rows = 0
         self.inflight_rows = 0
         self.job_pid = 0
+        self.job_pids: list[int] = []
+        self._merged_at = 0.0  #: when the last batch committed (perf_counter)
         #: seconds spent per stage of this run (logged when the load ends): where an import's
         #: time goes, to measure rather than guess
         self.stages: dict[str, float] = {}
@@ -299,6 +303,7 @@ class ImportJob:
         )
         self.committed_rows = row["processed_rows"]
         self.job_pid = conn.get_server_pid()
+        self.job_pids = [self.job_pid]  # + the staging session's, while the load runs
         watcher = asyncio.create_task(self._watch())
         cancelled = False
         try:
@@ -333,6 +338,26 @@ class ImportJob:
     # -- batches -----------------------------------------------------------------------------
 
     async def _load(self, conn, row, info: FileInfo, reader: BatchReader) -> None:
+        # a second session stages batch n+1 (its COPY) while the first merges batch n; each
+        # batch still commits whole, in file order (n+1 merges only after n committed). Without
+        # a spare pooled connection the batches run one after the other on ``conn``.
+        try:
+            conn2 = await self.pool.acquire(timeout=STAGING_ACQUIRE_TIMEOUT)
+        except TimeoutError:
+            conn2 = None
+        try:
+            conns = [conn] if conn2 is None else [conn, conn2]
+            for c in conns:
+                await self._prepare_session(c)
+            if conn2 is not None:
+                self.job_pids.append(conn2.get_server_pid())
+            await self._load_batches(conns, row, info, reader)
+        finally:
+            if conn2 is not None:
+                self.job_pids[1:] = []
+                await self.pool.release(conn2)
+
+    async def _prepare_session(self, conn) -> None:
         await conn.execute(_STAGE_DDL)
         # a batch lost to a Postgres crash is lost together with its checkpoint (same
         # transaction), so the resumed job redoes it: no need to wait for each commit's fsync
@@ -342,6 +367,8 @@ class ImportJob:
         await conn.execute(f"SET work_mem = '{WORK_MEM}'")
         # JIT-compiling the merge of each batch costs more than it saves on a few thousand rows
         await conn.execute("SET jit = off")
+
+    async def _load_batches(self, conns, row, info: FileInfo, reader: BatchReader) -> None:
         self.stage_columns = reader.stage_columns
         merge_sql = (MERGE_UPDATE if row["mode"] == "update" else MERGE_SKIP).format(insert=_INSERT)
         mode, source = row["mode"], row["source"]
@@ -349,30 +376,70 @@ class ImportJob:
         gen = reader.batches()
         fd = os.open(info.data_path, os.O_RDONLY)
         enc = reader.text_encoding
+        overlap = len(conns) > 1
+        staged: asyncio.Future | None = None  # the next batch's transaction, rows copied
+        merging: asyncio.Future | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"import-{self.import_id}") as ex:
             try:
                 # parse batch n+1 in the thread while Postgres merges batch n
                 fut = loop.run_in_executor(ex, next, gen, None)
-                while True:
-                    t0 = time.perf_counter()
-                    batch: Batch | None = await fut
-                    self._lap("wait_reader", t0)
-                    if batch is None:
-                        break
+                t0 = time.perf_counter()
+                batch: Batch | None = await fut
+                self._lap("wait_reader", t0)
+                i = 0
+                while batch is not None:
+                    conn = conns[i % len(conns)]
+                    if staged is None:
+                        staged = asyncio.ensure_future(self._stage(conn, batch))
+                    tx = await staged
+                    staged = None
                     fut = loop.run_in_executor(ex, next, gen, None)
                     self.inflight_rows = batch.rows
-                    result = await self._commit_batch(conn, batch, merge_sql, mode, source, fd, enc)
+                    merging = asyncio.ensure_future(
+                        self._commit_batch(conn, tx, batch, merge_sql, mode, source, fd, enc))
+                    nxt: Batch | None = await fut
+                    parsed = time.perf_counter()
+                    if nxt is not None and overlap:
+                        staged = asyncio.ensure_future(self._stage(conns[(i + 1) % 2], nxt))
+                    if merging.done():  # Postgres waited for the reader since the merge ended
+                        self._lap("wait_reader", min(parsed, self._merged_at))
+                    result = await merging
+                    merging = None
                     self.inflight_rows = 0
                     self.committed_rows += result.rows
                     self._count(result)
                     if self.options.batch_pause:
                         await asyncio.sleep(self.options.batch_pause)
                     self._check_cancel()
+                    batch, i = nxt, i + 1
             finally:
                 reader.stop.set()
+                for task in (merging, staged):  # an error or a cancel left them in flight
+                    if task is not None:
+                        try:
+                            tx = await task
+                            if task is staged:
+                                await tx.rollback()
+                        except BaseException:
+                            pass
                 os.close(fd)
                 log.info("import load stages", extra={
                     "rows": self.committed_rows, **{f"{k}_s": round(v, 3) for k, v in self.stages.items()}})
+
+    async def _stage(self, conn, batch: Batch):
+        """Open the batch's transaction on ``conn`` and COPY its rows into the staging table."""
+        t = time.perf_counter()
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            if batch.staged:
+                await conn.copy_to_table("import_stage", source=memoryview(batch.copy_data),
+                                         columns=self.stage_columns, null=COPY_NULL)
+        except BaseException:
+            await _rollback(tx)
+            raise
+        self._lap("copy", t)
+        return tx
 
     def _lap(self, stage: str, t0: float) -> float:
         now = time.perf_counter()
@@ -383,7 +450,8 @@ class ImportJob:
         if self.cancel.is_set():
             raise Cancelled()
 
-    async def _commit_batch(self, conn, batch: Batch, merge_sql, mode, source, fd, enc) -> BatchResult:
+    async def _commit_batch(self, conn, tx, batch: Batch, merge_sql, mode, source, fd, enc) -> BatchResult:
+        """Merge the staged batch, record its error rows and checkpoint, and commit ``tx``."""
         iid = self.import_id
         reasons: dict[str, int] = {}
         errors = [(iid, ln, reason, raw) for ln, reason, raw in batch.errors]
@@ -391,16 +459,12 @@ class ImportJob:
             reasons[reason] = reasons.get(reason, 0) + 1
         py_dups = reasons.get(DUPLICATE, 0)
         res = BatchResult(rows=batch.rows, invalid=len(errors) - py_dups)
-        self._check_cancel()
         t = time.perf_counter()
-        async with conn.transaction():
+        try:
+            self._check_cancel()
             inserted = updated = missed = 0
             dup_lines: list[int] = []
             if batch.staged:
-                await conn.copy_to_table("import_stage", source=memoryview(batch.copy_data),
-                                         columns=self.stage_columns, null=COPY_NULL)
-                t = self._lap("copy", t)
-                self._check_cancel()
                 inserted, updated, missed = await conn.fetchrow(merge_sql, iid, source)
                 t = self._lap("merge", t)
                 self._check_cancel()
@@ -430,7 +494,11 @@ class ImportJob:
             if cancel:
                 self.cancel.set()
                 raise Cancelled()
-        self._lap("commit", t)
+        except BaseException:
+            await _rollback(tx)
+            raise
+        await tx.commit()
+        self._merged_at = self._lap("commit", t)
         return res
 
     def _count(self, r: BatchResult) -> None:
@@ -457,7 +525,7 @@ class ImportJob:
                     self.cancel.set()
                     # stop the statement in flight too: cancel takes effect within a poll
                     # interval even when one merge takes seconds (a batch rolls back whole)
-                    await self.pool.execute("SELECT pg_cancel_backend($1)", self.job_pid)
+                    await self.pool.execute("SELECT pg_cancel_backend(p) FROM unnest($1::int[]) p", self.job_pids)
                 processed = self.committed_rows + self.inflight_rows
                 await self.redis.set(key, json.dumps({"processed": processed, "at": time.time()}),
                                      ex=PROGRESS_TTL)
@@ -481,6 +549,13 @@ class ImportJob:
         if row["started_at"] is not None:
             self.metrics.duration.observe((row["finished_at"] - row["started_at"]).total_seconds())
         log.info("import finished", extra={"status": status, "error": error})
+
+
+async def _rollback(tx) -> None:
+    try:
+        await tx.rollback()
+    except Exception:  # a broken connection has no transaction left to roll back
+        pass
 
 
 async def run_import(pool, redis, settings, import_id: int, *, metrics: ImportMetrics,
