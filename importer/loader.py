@@ -60,6 +60,7 @@ OUTCOMES = ("inserted", "updated", "duplicate", "invalid")
 POLL_INTERVAL = 0.25
 #: work_mem of the import's session (the default 4 MB spills each batch's sort to disk)
 WORK_MEM = "64MB"
+ERROR_COLUMNS = ["import_id", "line", "reason", "raw"]
 #: seconds to wait for the second (staging) session from the pool before loading on one
 STAGING_ACQUIRE_TIMEOUT = 2.0
 #: seconds a live-progress record stays in Redis after its last update
@@ -118,6 +119,9 @@ class Cancelled(Exception):
 
 _STAGE_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS import_stage (
+    -- the lead's id, drawn while staging: the skip-mode merge tells inserted rows from missed
+    -- ones by this bigint instead of by the address text
+    id bigint NOT NULL DEFAULT nextval('leads_id_seq'),
     line bigint, email text, first_name text, last_name text, company text, phone text,
     tags text[] NOT NULL, source text, attributes jsonb
 ) ON COMMIT DELETE ROWS;
@@ -125,9 +129,9 @@ CREATE TEMP TABLE IF NOT EXISTS import_missed (line bigint, k text) ON COMMIT DE
 """
 
 _INSERT = """
-INSERT INTO leads AS l (email, first_name, last_name, company, phone, tags, attributes, source, import_id)
+INSERT INTO leads AS l (id, email, first_name, last_name, company, phone, tags, attributes, source, import_id)
 -- the reader staged the values trimmed, empty ones as NULL
-SELECT s.email, s.first_name, s.last_name, s.company, s.phone, s.tags,
+SELECT s.id, s.email, s.first_name, s.last_name, s.company, s.phone, s.tags,
        COALESCE(s.attributes, '{}'::jsonb), COALESCE(s.source, $2), $1
 FROM import_stage s
 -- one lock order for every import: concurrent imports of overlapping files never deadlock
@@ -138,12 +142,12 @@ MERGE_SKIP = """
 WITH ins AS (
     {insert}
     ON CONFLICT ((lower(email))) DO NOTHING
-    -- an inserted lead carries its staged address verbatim: compare the text itself, no lower()
-    RETURNING l.email
+    -- an inserted lead carries its staged id: the missed rows are the staged ids not returned
+    RETURNING l.id
 ), miss AS (
     INSERT INTO import_missed (line, k)
     SELECT s.line, lower(s.email) FROM import_stage s
-    WHERE NOT EXISTS (SELECT 1 FROM ins WHERE ins.email = s.email)
+    WHERE NOT EXISTS (SELECT 1 FROM ins WHERE ins.id = s.id)
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM ins) AS inserted, 0::bigint AS updated, (SELECT count(*) FROM miss) AS missed
@@ -427,7 +431,8 @@ class ImportJob:
                     "rows": self.committed_rows, **{f"{k}_s": round(v, 3) for k, v in self.stages.items()}})
 
     async def _stage(self, conn, batch: Batch):
-        """Open the batch's transaction on ``conn`` and COPY its rows into the staging table."""
+        """Open the batch's transaction on ``conn``, COPY its rows into the staging table and
+        the error rows the reader found into ``import_errors`` (committed with the batch)."""
         t = time.perf_counter()
         tx = conn.transaction()
         await tx.start()
@@ -435,6 +440,11 @@ class ImportJob:
             if batch.staged:
                 await conn.copy_to_table("import_stage", source=memoryview(batch.copy_data),
                                          columns=self.stage_columns, null=COPY_NULL)
+            if batch.errors:
+                iid = self.import_id
+                await conn.copy_records_to_table(
+                    "import_errors", records=[(iid, ln, reason, raw) for ln, reason, raw in batch.errors],
+                    columns=ERROR_COLUMNS)
         except BaseException:
             await _rollback(tx)
             raise
@@ -454,11 +464,10 @@ class ImportJob:
         """Merge the staged batch, record its error rows and checkpoint, and commit ``tx``."""
         iid = self.import_id
         reasons: dict[str, int] = {}
-        errors = [(iid, ln, reason, raw) for ln, reason, raw in batch.errors]
-        for _, _, reason, _ in errors:
+        for _, reason, _ in batch.errors:  # their error rows were written with the staged rows
             reasons[reason] = reasons.get(reason, 0) + 1
         py_dups = reasons.get(DUPLICATE, 0)
-        res = BatchResult(rows=batch.rows, invalid=len(errors) - py_dups)
+        res = BatchResult(rows=batch.rows, invalid=len(batch.errors) - py_dups)
         t = time.perf_counter()
         try:
             self._check_cancel()
@@ -474,13 +483,11 @@ class ImportJob:
                     else:
                         dup_lines = [r[0] for r in await conn.fetch(CLASSIFY_SKIP, iid)]
                     t = self._lap("classify", t)
-            for ln in dup_lines:
-                errors.append((iid, ln, DUPLICATE, batch.raw_of(fd, ln, enc)))
             if dup_lines:
                 reasons[DUPLICATE] = reasons.get(DUPLICATE, 0) + len(dup_lines)
-            if errors:
-                await conn.copy_records_to_table("import_errors", records=errors,
-                                                 columns=["import_id", "line", "reason", "raw"])
+                await conn.copy_records_to_table(
+                    "import_errors", records=[(iid, ln, DUPLICATE, batch.raw_of(fd, ln, enc)) for ln in dup_lines],
+                    columns=ERROR_COLUMNS)
                 t = self._lap("errors", t)
             res.inserted, res.updated = inserted, updated
             res.skipped = missed - len(dup_lines)
