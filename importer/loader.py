@@ -60,6 +60,7 @@ OUTCOMES = ("inserted", "updated", "duplicate", "invalid")
 POLL_INTERVAL = 0.25
 #: work_mem of the import's session (the default 4 MB spills each batch's sort to disk)
 WORK_MEM = "64MB"
+#: columns of import_errors the loader writes
 ERROR_COLUMNS = ["import_id", "line", "reason", "raw"]
 #: seconds to wait for the second (staging) session from the pool before loading on one
 STAGING_ACQUIRE_TIMEOUT = 2.0

@@ -334,6 +334,8 @@ def copy_records(data: bytes) -> list[list[str | None]]:
         out.append([None if f == COPY_NULL else _COPY_UNESCAPE.sub(lambda m: _COPY_UNESCAPES.get(m[1], m[1]), f)
                     for f in line.split("\t")])
     return out
+
+
 #: distinct raw tag cells remembered per import (real exports repeat a few combinations)
 TAG_CACHE = 50_000
 
