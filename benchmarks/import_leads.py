@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -194,6 +195,18 @@ def peak_rss_mb(pid: int) -> float:
     return best
 
 
+def _stages(log_path: Path) -> str:
+    """The worker's per-stage seconds of the load (its "import load stages" log line)."""
+    for line in reversed(log_path.read_text(errors="replace").splitlines()):
+        if "import load stages" in line:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                return line
+            return " ".join(f"{k}={v}" for k, v in rec.items() if k.endswith("_s") or k == "rows")
+    return "(no stage line in the worker log)"
+
+
 async def run_importer(dsn: str, csv_path: Path, env: dict, workdir: Path) -> dict:
     api_port, metrics_port = free_port(), free_port()
     mg = str(Path(sys.executable).with_name("mailgenius"))
@@ -239,7 +252,8 @@ async def run_importer(dsn: str, csv_path: Path, env: dict, workdir: Path) -> di
             t_total = time.perf_counter() - t0
         rss = peak_rss_mb(worker.pid)
         return {"total": t_total, "upload": t_upload, "view": view, "rss_mb": rss,
-                "progress_updates": len({p for _, p in samples})}
+                "progress_updates": len({p for _, p in samples}), "started": view.get("started_at"),
+                "stages": _stages(workdir / "services.log")}
     finally:
         for p in (api, worker):
             try:
@@ -289,7 +303,7 @@ async def main() -> int:
             env.update({
                 "DATABASE_URL": dsn, "MAILGENIUS_REDIS_PREFIX": prefix,
                 "MAILGENIUS_DATA_DIR": str(workdir / "var"), "MAILGENIUS_UPLOAD_DIR": str(workdir / "uploads"),
-                "MAILGENIUS_LOG_LEVEL": "warning",
+                "MAILGENIUS_LOG_LEVEL": "info",  # the worker's "import load stages" line
             })
             res = await run_importer(dsn, csv_path, env, workdir)
             load_after = os.getloadavg()
@@ -308,6 +322,7 @@ async def main() -> int:
                 print(f"  leads with tags: {n_tagged:,}")
             ok = ok and exact
             print(f"  counts exact: {exact}; distinct progress values seen while polling: {res['progress_updates']}")
+            print(f"  worker stages (s): {res['stages']}")
             print(f"  worker peak RSS: {res['rss_mb']:.0f} MB (target <= 300); load average before/after "
                   f"{load_before[0]:.1f}/{load_after[0]:.1f} on {os.cpu_count()} CPUs")
             ratio = res["total"] / t_base

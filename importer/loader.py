@@ -39,6 +39,7 @@ from mailgenius.metrics import (
 from . import jobs
 from .jobs import CANCELLED, COMPLETED, FAILED, FINISHED, RUNNING
 from .reader import (
+    COPY_NULL,
     DEFAULT_MAX_LINE,
     DUPLICATE,
     REASONS,
@@ -59,6 +60,10 @@ OUTCOMES = ("inserted", "updated", "duplicate", "invalid")
 POLL_INTERVAL = 0.25
 #: work_mem of the import's session (the default 4 MB spills each batch's sort to disk)
 WORK_MEM = "64MB"
+#: columns of import_errors the loader writes
+ERROR_COLUMNS = ["import_id", "line", "reason", "raw"]
+#: seconds to wait for the second (staging) session from the pool before loading on one
+STAGING_ACQUIRE_TIMEOUT = 2.0
 #: seconds a live-progress record stays in Redis after its last update
 PROGRESS_TTL = 3600
 
@@ -115,6 +120,9 @@ class Cancelled(Exception):
 
 _STAGE_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS import_stage (
+    -- the lead's id, drawn while staging: the skip-mode merge tells inserted rows from missed
+    -- ones by this bigint instead of by the address text
+    id bigint NOT NULL DEFAULT nextval('leads_id_seq'),
     line bigint, email text, first_name text, last_name text, company text, phone text,
     tags text[] NOT NULL, source text, attributes jsonb
 ) ON COMMIT DELETE ROWS;
@@ -122,10 +130,10 @@ CREATE TEMP TABLE IF NOT EXISTS import_missed (line bigint, k text) ON COMMIT DE
 """
 
 _INSERT = """
-INSERT INTO leads AS l (email, first_name, last_name, company, phone, tags, attributes, source, import_id)
-SELECT s.email, NULLIF(btrim(s.first_name), ''), NULLIF(btrim(s.last_name), ''),
-       NULLIF(btrim(s.company), ''), NULLIF(btrim(s.phone), ''), s.tags,
-       COALESCE(s.attributes, '{}'::jsonb), COALESCE(NULLIF(btrim(s.source), ''), $2), $1
+INSERT INTO leads AS l (id, email, first_name, last_name, company, phone, tags, attributes, source, import_id)
+-- the reader staged the values trimmed, empty ones as NULL
+SELECT s.id, s.email, s.first_name, s.last_name, s.company, s.phone, s.tags,
+       COALESCE(s.attributes, '{}'::jsonb), COALESCE(s.source, $2), $1
 FROM import_stage s
 -- one lock order for every import: concurrent imports of overlapping files never deadlock
 ORDER BY lower(s.email)
@@ -135,11 +143,12 @@ MERGE_SKIP = """
 WITH ins AS (
     {insert}
     ON CONFLICT ((lower(email))) DO NOTHING
-    RETURNING lower(l.email) AS k
+    -- an inserted lead carries its staged id: the missed rows are the staged ids not returned
+    RETURNING l.id
 ), miss AS (
     INSERT INTO import_missed (line, k)
     SELECT s.line, lower(s.email) FROM import_stage s
-    WHERE NOT EXISTS (SELECT 1 FROM ins WHERE ins.k = lower(s.email))
+    WHERE NOT EXISTS (SELECT 1 FROM ins WHERE ins.id = s.id)
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM ins) AS inserted, 0::bigint AS updated, (SELECT count(*) FROM miss) AS missed
@@ -230,6 +239,11 @@ class ImportJob:
         self.committed_rows = 0
         self.inflight_rows = 0
         self.job_pid = 0
+        self.job_pids: list[int] = []
+        self._merged_at = 0.0  #: when the last batch committed (perf_counter)
+        #: seconds spent per stage of this run (logged when the load ends): where an import's
+        #: time goes, to measure rather than guess
+        self.stages: dict[str, float] = {}
 
     # -- entry point -------------------------------------------------------------------------
 
@@ -294,6 +308,7 @@ class ImportJob:
         )
         self.committed_rows = row["processed_rows"]
         self.job_pid = conn.get_server_pid()
+        self.job_pids = [self.job_pid]  # + the staging session's, while the load runs
         watcher = asyncio.create_task(self._watch())
         cancelled = False
         try:
@@ -328,6 +343,26 @@ class ImportJob:
     # -- batches -----------------------------------------------------------------------------
 
     async def _load(self, conn, row, info: FileInfo, reader: BatchReader) -> None:
+        # a second session stages batch n+1 (its COPY) while the first merges batch n; each
+        # batch still commits whole, in file order (n+1 merges only after n committed). Without
+        # a spare pooled connection the batches run one after the other on ``conn``.
+        try:
+            conn2 = await self.pool.acquire(timeout=STAGING_ACQUIRE_TIMEOUT)
+        except TimeoutError:
+            conn2 = None
+        try:
+            conns = [conn] if conn2 is None else [conn, conn2]
+            for c in conns:
+                await self._prepare_session(c)
+            if conn2 is not None:
+                self.job_pids.append(conn2.get_server_pid())
+            await self._load_batches(conns, row, info, reader)
+        finally:
+            if conn2 is not None:
+                self.job_pids[1:] = []
+                await self.pool.release(conn2)
+
+    async def _prepare_session(self, conn) -> None:
         await conn.execute(_STAGE_DDL)
         # a batch lost to a Postgres crash is lost together with its checkpoint (same
         # transaction), so the resumed job redoes it: no need to wait for each commit's fsync
@@ -335,6 +370,10 @@ class ImportJob:
         # the merge sorts a batch by lower(email) (one lock order for every import): in memory,
         # not in temporary files (a 25,000-row batch spilled 4 MB at the default 4 MB)
         await conn.execute(f"SET work_mem = '{WORK_MEM}'")
+        # JIT-compiling the merge of each batch costs more than it saves on a few thousand rows
+        await conn.execute("SET jit = off")
+
+    async def _load_batches(self, conns, row, info: FileInfo, reader: BatchReader) -> None:
         self.stage_columns = reader.stage_columns
         merge_sql = (MERGE_UPDATE if row["mode"] == "update" else MERGE_SKIP).format(insert=_INSERT)
         mode, source = row["mode"], row["source"]
@@ -342,61 +381,115 @@ class ImportJob:
         gen = reader.batches()
         fd = os.open(info.data_path, os.O_RDONLY)
         enc = reader.text_encoding
+        overlap = len(conns) > 1
+        staged: asyncio.Future | None = None  # the next batch's transaction, rows copied
+        merging: asyncio.Future | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"import-{self.import_id}") as ex:
             try:
                 # parse batch n+1 in the thread while Postgres merges batch n
                 fut = loop.run_in_executor(ex, next, gen, None)
-                while True:
-                    batch: Batch | None = await fut
-                    if batch is None:
-                        break
+                t0 = time.perf_counter()
+                batch: Batch | None = await fut
+                self._lap("wait_reader", t0)
+                i = 0
+                while batch is not None:
+                    conn = conns[i % len(conns)]
+                    if staged is None:
+                        staged = asyncio.ensure_future(self._stage(conn, batch))
+                    tx = await staged
+                    staged = None
                     fut = loop.run_in_executor(ex, next, gen, None)
                     self.inflight_rows = batch.rows
-                    result = await self._commit_batch(conn, batch, merge_sql, mode, source, fd, enc)
+                    merging = asyncio.ensure_future(
+                        self._commit_batch(conn, tx, batch, merge_sql, mode, source, fd, enc))
+                    nxt: Batch | None = await fut
+                    parsed = time.perf_counter()
+                    if nxt is not None and overlap:
+                        staged = asyncio.ensure_future(self._stage(conns[(i + 1) % 2], nxt))
+                    if merging.done():  # Postgres waited for the reader since the merge ended
+                        self._lap("wait_reader", min(parsed, self._merged_at))
+                    result = await merging
+                    merging = None
                     self.inflight_rows = 0
                     self.committed_rows += result.rows
                     self._count(result)
                     if self.options.batch_pause:
                         await asyncio.sleep(self.options.batch_pause)
                     self._check_cancel()
+                    batch, i = nxt, i + 1
             finally:
                 reader.stop.set()
+                for task in (merging, staged):  # an error or a cancel left them in flight
+                    if task is not None:
+                        try:
+                            tx = await task
+                            if task is staged:
+                                await tx.rollback()
+                        except BaseException:
+                            pass
                 os.close(fd)
+                log.info("import load stages", extra={
+                    "rows": self.committed_rows, **{f"{k}_s": round(v, 3) for k, v in self.stages.items()}})
+
+    async def _stage(self, conn, batch: Batch):
+        """Open the batch's transaction on ``conn``, COPY its rows into the staging table and
+        the error rows the reader found into ``import_errors`` (committed with the batch)."""
+        t = time.perf_counter()
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            if batch.staged:
+                await conn.copy_to_table("import_stage", source=memoryview(batch.copy_data),
+                                         columns=self.stage_columns, null=COPY_NULL)
+            if batch.errors:
+                iid = self.import_id
+                await conn.copy_records_to_table(
+                    "import_errors", records=[(iid, ln, reason, raw) for ln, reason, raw in batch.errors],
+                    columns=ERROR_COLUMNS)
+        except BaseException:
+            await _rollback(tx)
+            raise
+        self._lap("copy", t)
+        return tx
+
+    def _lap(self, stage: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.stages[stage] = self.stages.get(stage, 0.0) + now - t0
+        return now
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():
             raise Cancelled()
 
-    async def _commit_batch(self, conn, batch: Batch, merge_sql, mode, source, fd, enc) -> BatchResult:
+    async def _commit_batch(self, conn, tx, batch: Batch, merge_sql, mode, source, fd, enc) -> BatchResult:
+        """Merge the staged batch, record its error rows and checkpoint, and commit ``tx``."""
         iid = self.import_id
         reasons: dict[str, int] = {}
-        errors = [(iid, ln, reason, raw) for ln, reason, raw in batch.errors]
-        for _, _, reason, _ in errors:
+        for _, reason, _ in batch.errors:  # their error rows were written with the staged rows
             reasons[reason] = reasons.get(reason, 0) + 1
         py_dups = reasons.get(DUPLICATE, 0)
-        res = BatchResult(rows=batch.rows, invalid=len(errors) - py_dups)
-        self._check_cancel()
-        async with conn.transaction():
+        res = BatchResult(rows=batch.rows, invalid=len(batch.errors) - py_dups)
+        t = time.perf_counter()
+        try:
+            self._check_cancel()
             inserted = updated = missed = 0
             dup_lines: list[int] = []
             if batch.staged:
-                await conn.copy_to_table("import_stage", source=memoryview(batch.copy_data),
-                                         columns=self.stage_columns, format="csv")
-                self._check_cancel()
                 inserted, updated, missed = await conn.fetchrow(merge_sql, iid, source)
+                t = self._lap("merge", t)
                 self._check_cancel()
                 if missed:
                     if mode == "update":
                         dup_lines = [r[0] for r in await conn.fetch("SELECT line FROM import_missed ORDER BY line")]
                     else:
                         dup_lines = [r[0] for r in await conn.fetch(CLASSIFY_SKIP, iid)]
-            for ln in dup_lines:
-                errors.append((iid, ln, DUPLICATE, batch.raw_of(fd, ln, enc)))
+                    t = self._lap("classify", t)
             if dup_lines:
                 reasons[DUPLICATE] = reasons.get(DUPLICATE, 0) + len(dup_lines)
-            if errors:
-                await conn.copy_records_to_table("import_errors", records=errors,
-                                                 columns=["import_id", "line", "reason", "raw"])
+                await conn.copy_records_to_table(
+                    "import_errors", records=[(iid, ln, DUPLICATE, batch.raw_of(fd, ln, enc)) for ln in dup_lines],
+                    columns=ERROR_COLUMNS)
+                t = self._lap("errors", t)
             res.inserted, res.updated = inserted, updated
             res.skipped = missed - len(dup_lines)
             res.duplicates = py_dups + len(dup_lines) + res.skipped
@@ -405,9 +498,15 @@ class ImportJob:
             cancel = await conn.fetchval(
                 CHECKPOINT, iid, res.rows, res.inserted, res.updated, res.duplicates, res.invalid,
                 res.skipped, batch.end_offset, batch.end_line)
+            t = self._lap("checkpoint", t)
             if cancel:
                 self.cancel.set()
                 raise Cancelled()
+        except BaseException:
+            await _rollback(tx)
+            raise
+        await tx.commit()
+        self._merged_at = self._lap("commit", t)
         return res
 
     def _count(self, r: BatchResult) -> None:
@@ -434,7 +533,7 @@ class ImportJob:
                     self.cancel.set()
                     # stop the statement in flight too: cancel takes effect within a poll
                     # interval even when one merge takes seconds (a batch rolls back whole)
-                    await self.pool.execute("SELECT pg_cancel_backend($1)", self.job_pid)
+                    await self.pool.execute("SELECT pg_cancel_backend(p) FROM unnest($1::int[]) p", self.job_pids)
                 processed = self.committed_rows + self.inflight_rows
                 await self.redis.set(key, json.dumps({"processed": processed, "at": time.time()}),
                                      ex=PROGRESS_TTL)
@@ -458,6 +557,13 @@ class ImportJob:
         if row["started_at"] is not None:
             self.metrics.duration.observe((row["finished_at"] - row["started_at"]).total_seconds())
         log.info("import finished", extra={"status": status, "error": error})
+
+
+async def _rollback(tx) -> None:
+    try:
+        await tx.rollback()
+    except Exception:  # a broken connection has no transaction left to roll back
+        pass
 
 
 async def run_import(pool, redis, settings, import_id: int, *, metrics: ImportMetrics,

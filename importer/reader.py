@@ -13,7 +13,6 @@ from __future__ import annotations
 import bisect
 import codecs
 import csv
-import io
 import json
 import os
 import re
@@ -66,6 +65,10 @@ _ATOM = r"[\w!#$%&'*+/=?^`{|}~-]+"
 EMAIL_RE = re.compile(
     rf"{_ATOM}(?:\.{_ATOM})*@(?:[^\W_](?:[\w-]{{0,61}}[^\W_])?\.)+(?:[^\W\d_]{{2,63}}|xn--[a-zA-Z0-9-]{{1,59}})"
 )
+
+#: the same pattern for pure-ASCII addresses (nearly all of them): for ASCII text ``\w``, ``\d``
+#: and ``\W`` mean the same under re.ASCII, and this matches in 1.3 instead of 1.8 us
+EMAIL_RE_ASCII = re.compile(EMAIL_RE.pattern, re.ASCII)
 
 _BINARY_MAGIC = {
     b"PK\x03\x04": "a ZIP archive (an .xlsx workbook?)",
@@ -283,7 +286,8 @@ class _Lines:
 
 @dataclass
 class Batch:
-    #: CSV text for COPY into the staging table (columns: :attr:`BatchReader.stage_columns`)
+    #: COPY text format (tab-separated, an empty field is NULL: see :data:`COPY_NULL`) for the
+    #: staging table (columns: :attr:`BatchReader.stage_columns`); :func:`copy_records` reads it back
     copy_data: bytes
     staged: int  #: rows in copy_data
     rows: int  #: data records consumed (staged + errors), blank lines excluded
@@ -306,13 +310,40 @@ class Batch:
 
 #: columns of the staging table, in the order the reader writes them
 STAGE_COLUMNS = ("line", "email", "first_name", "last_name", "company", "phone", "tags", "source", "attributes")
+#: NULL of the staged COPY text: the empty field (COPY ... NULL ''). No staged value is ever an
+#: empty string (the reader turns empty cells into NULL), and unlike the default ``\N`` it
+#: leaves every backslash in a line a sign that the line needs escaping
+COPY_NULL = ""
+_COPY_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
+_COPY_UNESCAPE = re.compile(r"\\(.)")
+_COPY_UNESCAPES = {"t": "\t", "n": "\n", "r": "\r"}
+
+
+def copy_line(fields) -> str:
+    """One COPY text-format line (no terminator) of str fields or None (NULL), escaped (an
+    empty string is NULL too)."""
+    return "\t".join(COPY_NULL if f is None else _COPY_SPECIAL.sub(lambda m: _COPY_ESCAPES[m[0]], f)
+                     for f in fields)
+
+
+def copy_records(data: bytes) -> list[list[str | None]]:
+    """The records of a batch's COPY data, fields unescaped (None for NULL): for previews."""
+    out = []
+    for line in data.decode("utf-8").split("\n")[:-1]:
+        out.append([None if f == COPY_NULL else _COPY_UNESCAPE.sub(lambda m: _COPY_UNESCAPES.get(m[1], m[1]), f)
+                    for f in line.split("\t")])
+    return out
+
+
 #: distinct raw tag cells remembered per import (real exports repeat a few combinations)
 TAG_CACHE = 50_000
 
 
 class RowMapper:
     """Turns one parsed record into the lead values (after the email is validated): first and
-    last name (split from a full name when the file has no separate columns), company, phone,
+    last name (split from a full name when the file has no separate columns), company, phone
+    (each trimmed of spaces, None when empty),
     the tag array literal (file tags merged with the upload's, parsed once per distinct cell),
     source and the attributes JSON (or None)."""
 
@@ -359,9 +390,12 @@ class RowMapper:
         phone = row[pi] if pi is not None else None
         if self.phone_fallbacks and not phone.strip():
             phone = next((row[i] for i in self.phone_fallbacks if row[i].strip()), phone)
-        return (first, last, row[ci] if ci is not None else None, phone,
+        # trimmed of spaces like Postgres' btrim(), and None (NULL) when nothing is left: the
+        # merge inserts the staged values as they are
+        return (first and first.strip(" ") or None, last and last.strip(" ") or None,
+                ci is not None and row[ci].strip(" ") or None, phone and phone.strip(" ") or None,
                 self.tags_literal(row[ti]) if ti is not None else self.default_tags,
-                row[self.si] if self.si is not None else None,
+                self.si is not None and row[self.si].strip(" ") or None,
                 json.dumps(attrs) if attrs else None)
 
 
@@ -396,6 +430,8 @@ class BatchReader:
         # a record this short cannot hold an oversized field: skips the per-field scan
         cheap_bytes = max_field
         fullmatch = EMAIL_RE.fullmatch
+        fullmatch_ascii = EMAIL_RE_ASCII.fullmatch
+        seps = len(STAGE_COLUMNS) - 1
         delim = info.delimiter
         enc = self.text_encoding
         fd_file = open(info.data_path, "rb", buffering=1 << 20)
@@ -409,9 +445,8 @@ class BatchReader:
             prev_ln = 0
             done = False
             while not done:
-                buf = io.StringIO()
-                # "\r\n": a field holding a lone CR or LF is then quoted (COPY rejects a bare CR)
-                writerow = csv.writer(buf, lineterminator="\r\n").writerow
+                out: list[str] = []
+                out_append = out.append
                 errors: list[tuple[int, str, str]] = []
                 seen: set[str] = set()
                 seen_add = seen.add
@@ -473,7 +508,7 @@ class BatchReader:
                         errors.append((ln, MISSING_EMAIL, _pread(fd, start, end, enc)))
                     elif len(email) > MAX_EMAIL:
                         errors.append((ln, TOO_LONG, _pread(fd, start, end, enc)))
-                    elif fullmatch(email) is None:
+                    elif (fullmatch_ascii if email.isascii() else fullmatch)(email) is None:
                         errors.append((ln, INVALID_SYNTAX, _pread(fd, start, end, enc)))
                     else:
                         at = email.rindex("@")
@@ -490,11 +525,21 @@ class BatchReader:
                             else:
                                 seen_add(key)
                                 staged += 1
-                                writerow((ln, email, *values(row)))
+                                a, b, c, d, e, f, g = values(row)
+                                # COPY text format: one f-string (a third of csv.writer's time),
+                                # escaped field by field only when a tab, newline, CR or
+                                # backslash is somewhere in the line
+                                line = (f"{ln}\t{email}\t{a or ''}\t{b or ''}\t{c or ''}\t{d or ''}\t{e}\t"
+                                        f"{f or ''}\t{g or ''}")
+                                if line.count("\t") != seps or "\\" in line or "\n" in line or "\r" in line:
+                                    line = copy_line((str(ln), email, a, b, c, d, e, f, g))
+                                out_append(line)
                     start = end
                 if rows == 0 and done:
                     break
-                yield Batch(buf.getvalue().encode("utf-8"), staged, rows, errors, lines.pos,
+                if out:
+                    out_append("")  # the last line's terminator
+                yield Batch("\n".join(out).encode("utf-8"), staged, rows, errors, lines.pos,
                             base_line + lines.n, rec_lines, rec_starts)
         finally:
             fd_file.close()

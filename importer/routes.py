@@ -25,7 +25,7 @@ from mailgenius.web import UNAVAILABLE_ERRORS, Route, json_response, read_json
 from . import jobs, keys
 from .loader import ImportOptions, progress_key
 from .mapping import MappingProblem, parse_override
-from .reader import BatchReader, FileProblem, pg_array_items, sniff
+from .reader import BatchReader, FileProblem, copy_records, pg_array_items, sniff
 from .uploads import TEMP_SUFFIX, cleanup_uploads, scan
 
 log = logging.getLogger(__name__)
@@ -236,13 +236,11 @@ def _preview(path: str, override: dict[str, str] | None, n_rows: int, truncated:
     batch = next(iter(reader.batches()), None)
     rows, rejected = [], []
     if batch is not None:
-        for rec in csv.reader(io.StringIO(batch.copy_data.decode("utf-8"))):
+        for rec in copy_records(batch.copy_data):
             line, email, first, last, company, phone, tags, source, attrs = rec
-            rows.append({"line": int(line), "email": email, "first_name": first.strip() or None,
-                         "last_name": last.strip() or None, "company": company.strip() or None,
-                         "phone": phone.strip() or None, "tags": pg_array_items(tags),
-                         "source": source.strip() or None,
-                         "attributes": json.loads(attrs) if attrs else {}})
+            rows.append({"line": int(line), "email": email, "first_name": first, "last_name": last,
+                         "company": company, "phone": phone, "tags": pg_array_items(tags),
+                         "source": source, "attributes": json.loads(attrs) if attrs else {}})
         rejected = [{"line": ln, "reason": reason, "raw": raw} for ln, reason, raw in batch.errors]
     mapping = info.mapping.describe()
     return {

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 
+import aiohttp
 import pytest
 
 from .conftest import FIXTURES, upload
@@ -130,6 +132,34 @@ async def test_lone_carriage_returns_inside_fields_survive_copy(api, job_runner,
     ann = await pool.fetchrow("SELECT first_name, attributes FROM leads WHERE email = 'ann@example.com'")
     assert ann["first_name"] == "A\rB"
     assert await pool.fetchval("SELECT count(*) FROM leads") == 2
+
+
+async def test_tabs_backslashes_newlines_and_null_markers_survive_the_staging_copy(api, job_runner, pool):
+    # the reader stages rows in COPY text format: each of these must arrive as it was in the file
+    body = ("email,first_name,last_name,company,phone,tags,source,notes\n"
+            'ann@example.com,"A\tB",C:\\dir\\,"two\nlines","  ",vip,  web  ,\\N\n'
+            'bob@example.com,\\N,"x\ry",\t Co \t,+1,"x\\y, q""t",\\,"é\\\t"\n'
+            "cy@example.com,   ,Lee,,,,,\n")
+    import_id = (await (await upload(api, body.encode())).json())["id"]
+    assert await job_runner(import_id) == "completed"
+    leads = {r["email"]: r for r in await pool.fetch(
+        "SELECT email, first_name, last_name, company, phone, tags, source, attributes::text AS a FROM leads")}
+    ann, bob, cy = leads["ann@example.com"], leads["bob@example.com"], leads["cy@example.com"]
+    assert (ann["first_name"], ann["last_name"], ann["company"], ann["phone"], ann["source"]) == (
+        "A\tB", "C:\\dir\\", "two\nlines", None, "web")
+    assert ann["tags"] == ["vip"] and json.loads(ann["a"]) == {"notes": "\\N"}
+    # btrim() semantics: spaces trimmed, tabs kept; a lone "\N" is text, not NULL
+    assert (bob["first_name"], bob["last_name"], bob["company"], bob["phone"]) == ("\\N", "x\ry", "\t Co \t", "+1")
+    assert bob["tags"] == ['q"t', "x\\y"] and bob["source"] == "\\"
+    assert json.loads(bob["a"]) == {"notes": "é\\\t"}
+    assert (cy["first_name"], cy["company"], cy["source"], cy["tags"]) == (None, None, None, [])
+    # the preview reads the staged rows back the same way
+    data = aiohttp.FormData()
+    data.add_field("file", io.BytesIO(body.encode()), filename="x.csv", content_type="text/csv")
+    resp = await api.post("/api/upload/preview", data=data, headers=api.headers_)
+    rows = {r["email"]: r for r in (await resp.json())["rows"]}
+    assert rows["bob@example.com"]["first_name"] == "\\N" and rows["bob@example.com"]["tags"] == ['q"t', "x\\y"]
+    assert rows["ann@example.com"]["company"] == "two\nlines" and rows["cy@example.com"]["first_name"] is None
 
 
 async def test_header_over_the_line_cap_fails_the_import_with_the_reason(api, job_runner, pool):

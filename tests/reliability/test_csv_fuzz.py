@@ -10,8 +10,6 @@ run. A separate test proves memory stays bounded on hostile multi-megabyte input
 from __future__ import annotations
 
 import codecs
-import csv
-import io
 import json
 import os
 import signal
@@ -69,10 +67,11 @@ def check_invariants(path: str, info, batches) -> None:
         assert b.rows == b.staged + len(b.errors), "every record is staged or an error, once"
         assert b.end_offset >= last_offset and b.end_offset <= size
         last_offset = b.end_offset
-        staged_rows = list(csv.reader(io.StringIO(b.copy_data.decode("utf-8"))))
+        staged_rows = reader_mod.copy_records(b.copy_data)
         assert len(staged_rows) == b.staged
         seen = set()
         for row in staged_rows:
+            assert len(row) == len(reader_mod.STAGE_COLUMNS), row
             email = row[1]
             assert reader_mod.EMAIL_RE.fullmatch(email), email
             assert len(email) <= reader_mod.MAX_EMAIL
