@@ -24,10 +24,18 @@ RSS <= 300 MB. The machine may be shared: the ratio to the floor of the same run
 to compare.
 
     flock /tmp/mg-bench.lock .venv/bin/python benchmarks/import_leads.py \\
-        [--rows 2000000] [--existing 1000000] [--variants tagged,plain]
+        [--rows 2000000] [--existing 1000000] [--variants tagged,plain] [--stack]
 
 Uses its own database (``mailgenius_bench_import``, dropped at the end unless --keep) and
 free ports, so it never touches a running stack.
+
+``--stack`` measures the way users run it: the import goes to the stack ``make run`` started
+(its importer API at ``MAILGENIUS_IMPORTER_URL``, its importer worker, its database at
+``DATABASE_URL``, Prometheus scraping and the exporter collecting beside it), and the floor runs
+in the same database. The stack's ``leads`` gains the ``--existing`` rows first (nothing is
+truncated); at the end the benchmark deletes every lead it added, the floor's table and its API
+key. Use a stack whose leads do not already hold the generated addresses (``lead.N@mail-N.example.com``),
+e.g. a fresh ``make run``, or the counts will not match.
 """
 
 from __future__ import annotations
@@ -123,12 +131,21 @@ _PREFILL = """INSERT INTO {table} (email, first_name, last_name, company, tags, 
     FROM generate_series(1, $1) g"""
 
 
-async def prefill(dsn: str, existing: int) -> None:
+#: what the benchmark adds to a running stack's leads (--stack), and removes at the end
+_STACK_LEADS = """(source = 'prefill' AND email LIKE 'existing.%@old-%.example.org')
+                  OR email LIKE 'lead.%@mail-%.example.com'"""
+
+
+async def prefill(dsn: str, existing: int, *, stack: bool = False) -> None:
     """The real ``leads`` (all indexes and triggers) with ``existing`` rows, and the floor's
-    ``bench_leads``: same columns and rows, only the unique lower(email) index."""
+    ``bench_leads``: same columns and rows, only the unique lower(email) index. On a running
+    stack (``stack``) nothing of the user's is truncated: only the benchmark's own rows go."""
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("TRUNCATE leads, imports, import_errors RESTART IDENTITY CASCADE")
+        if stack:
+            await conn.execute(f"DELETE FROM leads WHERE {_STACK_LEADS}")
+        else:
+            await conn.execute("TRUNCATE leads, imports, import_errors RESTART IDENTITY CASCADE")
         await conn.execute(_PREFILL.format(table="leads"), existing)
         await conn.execute("DROP TABLE IF EXISTS bench_leads")
         await conn.execute("CREATE TABLE bench_leads (LIKE leads INCLUDING DEFAULTS)")
@@ -207,31 +224,30 @@ def _stages(log_path: Path) -> str:
     return "(no stage line in the worker log)"
 
 
-async def run_importer(dsn: str, csv_path: Path, env: dict, workdir: Path) -> dict:
-    api_port, metrics_port = free_port(), free_port()
-    mg = str(Path(sys.executable).with_name("mailgenius"))
-    logs = open(workdir / "services.log", "wb")
-    api = subprocess.Popen([mg, "serve", "importer", "--port", str(api_port)], env=env, cwd=ROOT,
-                           stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
-    worker = subprocess.Popen([mg, "worker", "importer", "--processes", "1", "--threads", "1",
-                               "--metrics-port", str(metrics_port)], env=env, cwd=ROOT,
-                              stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
+def stack_worker_pids() -> list[int]:
+    """The running stack's importer worker processes (``mailgenius worker importer`` runs
+    ``dramatiq importer.actors``: its parent and its worker processes)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"importer.actors" in argv:  # dramatiq importer.actors ... (what `mailgenius worker importer` runs)
+                pids.append(int(d))
+    return pids
+
+
+async def upload_and_wait(dsn: str, base: str, csv_path: Path) -> dict:
+    """POST the file to the importer at ``base`` and poll until the import ends."""
+    conn = await asyncpg.connect(dsn)
+    key_id, key = await auth.create_key(conn, ["import"], "bench")
+    await conn.close()
+    headers = {"Authorization": f"Bearer {key}"}
     try:
-        conn = await asyncpg.connect(dsn)
-        _, key = await auth.create_key(conn, ["import"], "bench")
-        await conn.close()
-        base = f"http://127.0.0.1:{api_port}"
-        headers = {"Authorization": f"Bearer {key}"}
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
-            for _ in range(100):
-                try:
-                    async with http.get(base + "/api/health") as r:
-                        if r.status in (200, 503):
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-            await asyncio.sleep(1.5)  # let the worker boot too
             t0 = time.perf_counter()
             with open(csv_path, "rb") as f:
                 form = aiohttp.FormData()
@@ -250,10 +266,47 @@ async def run_importer(dsn: str, csv_path: Path, env: dict, workdir: Path) -> di
                     break
                 await asyncio.sleep(0.2)
             t_total = time.perf_counter() - t0
-        rss = peak_rss_mb(worker.pid)
-        return {"total": t_total, "upload": t_upload, "view": view, "rss_mb": rss,
-                "progress_updates": len({p for _, p in samples}), "started": view.get("started_at"),
-                "stages": _stages(workdir / "services.log")}
+    finally:
+        conn = await asyncpg.connect(dsn)
+        await auth.revoke_key(conn, str(key_id))
+        await conn.close()
+    return {"total": t_total, "upload": t_upload, "view": view,
+            "progress_updates": len({p for _, p in samples}), "started": view.get("started_at")}
+
+
+async def run_on_stack(dsn: str, base: str, csv_path: Path) -> dict:
+    """The import through a running ``make run`` stack (--stack)."""
+    res = await upload_and_wait(dsn, base, csv_path)
+    res["rss_mb"] = max((peak_rss_mb(p) for p in stack_worker_pids()), default=0.0)
+    res["stages"] = "(in the stack's importer-worker log: the 'import load stages' line)"
+    return res
+
+
+async def run_importer(dsn: str, csv_path: Path, env: dict, workdir: Path) -> dict:
+    api_port, metrics_port = free_port(), free_port()
+    mg = str(Path(sys.executable).with_name("mailgenius"))
+    logs = open(workdir / "services.log", "wb")
+    api = subprocess.Popen([mg, "serve", "importer", "--port", str(api_port)], env=env, cwd=ROOT,
+                           stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = subprocess.Popen([mg, "worker", "importer", "--processes", "1", "--threads", "1",
+                               "--metrics-port", str(metrics_port)], env=env, cwd=ROOT,
+                              stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{api_port}"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
+            for _ in range(100):
+                try:
+                    async with http.get(base + "/api/health") as r:
+                        if r.status in (200, 503):
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.5)  # let the worker boot too
+        res = await upload_and_wait(dsn, base, csv_path)
+        res["rss_mb"] = peak_rss_mb(worker.pid)
+        res["stages"] = _stages(workdir / "services.log")
+        return res
     finally:
         for p in (api, worker):
             try:
@@ -270,14 +323,30 @@ async def main() -> int:
     ap.add_argument("--existing", type=int, default=1_000_000, help="leads already in the table")
     ap.add_argument("--keep", action="store_true", help="keep the benchmark database and files")
     ap.add_argument("--variants", default="tagged,plain", help="files to run: tagged, plain (comma-separated)")
+    ap.add_argument("--stack", action="store_true",
+                    help="import through the running `make run` stack (its importer, worker and database)")
     args = ap.parse_args()
     settings = load_settings()
-    dsn = with_database(settings.database_url, "mailgenius_bench_import")
-    admin = await asyncpg.connect(with_database(settings.database_url, "postgres"))
-    await admin.execute("DROP DATABASE IF EXISTS mailgenius_bench_import WITH (FORCE)")
-    await admin.execute("CREATE DATABASE mailgenius_bench_import")
-    await admin.close()
-    await migrate(dsn)
+    if args.stack:
+        dsn = settings.database_url
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+                async with http.get(settings.importer_url + "/api/health") as r:
+                    await r.read()
+        except (aiohttp.ClientError, TimeoutError):
+            print(f"--stack: no importer answers at {settings.importer_url}: start the stack (make run) first",
+                  file=sys.stderr)
+            return 2
+        if not stack_worker_pids():
+            print("--stack: no `mailgenius worker importer` process is running", file=sys.stderr)
+            return 2
+    else:
+        dsn = with_database(settings.database_url, "mailgenius_bench_import")
+        admin = await asyncpg.connect(with_database(settings.database_url, "postgres"))
+        await admin.execute("DROP DATABASE IF EXISTS mailgenius_bench_import WITH (FORCE)")
+        await admin.execute("CREATE DATABASE mailgenius_bench_import")
+        await admin.close()
+        await migrate(dsn)
     workdir = Path(tempfile.mkdtemp(prefix="mg-bench-import-"))
     prefix = f"mgbench-{os.getpid()}"
     ok = True
@@ -290,7 +359,7 @@ async def main() -> int:
             size = csv_path.stat().st_size
             print(f"[{variant}] generated {args.rows:,} rows, {size / 1e6:.0f} MB in {time.perf_counter() - t:.1f}s; "
                   f"expected {expected}")
-            await prefill(dsn, args.existing)
+            await prefill(dsn, args.existing, stack=args.stack)
             load_before = os.getloadavg()
             t_base = baseline(dsn, csv_path, variant)
             base_conn = await asyncpg.connect(dsn)
@@ -298,14 +367,15 @@ async def main() -> int:
             await base_conn.close()
             print(f"[{variant}] baseline psql \\copy + INSERT ... ON CONFLICT (unique lower(email) index only): "
                   f"{t_base:.2f}s ({args.rows / t_base:,.0f} rows/s, {base_inserted:,} inserted)")
-            await prefill(dsn, args.existing)
+            await prefill(dsn, args.existing, stack=args.stack)
             env = dict(os.environ)
             env.update({
                 "DATABASE_URL": dsn, "MAILGENIUS_REDIS_PREFIX": prefix,
                 "MAILGENIUS_DATA_DIR": str(workdir / "var"), "MAILGENIUS_UPLOAD_DIR": str(workdir / "uploads"),
                 "MAILGENIUS_LOG_LEVEL": "info",  # the worker's "import load stages" line
             })
-            res = await run_importer(dsn, csv_path, env, workdir)
+            res = (await run_on_stack(dsn, settings.importer_url, csv_path) if args.stack
+                   else await run_importer(dsn, csv_path, env, workdir))
             load_after = os.getloadavg()
             v = res["view"]
             print(f"[{variant}] importer (HTTP upload + worker): {res['total']:.2f}s end to end "
@@ -317,7 +387,8 @@ async def main() -> int:
                 expected["inserted"], expected["duplicates"], expected["invalid"])
             if variant == "tagged" and exact:
                 conn = await asyncpg.connect(dsn)
-                n_tagged = await conn.fetchval("SELECT count(*) FROM leads WHERE import_id IS NOT NULL AND tags <> '{}'")
+                n_tagged = await conn.fetchval("SELECT count(*) FROM leads WHERE import_id = $1 AND tags <> '{}'",
+                                               v["id"])
                 await conn.close()
                 print(f"  leads with tags: {n_tagged:,}")
             ok = ok and exact
@@ -326,7 +397,8 @@ async def main() -> int:
             print(f"  worker peak RSS: {res['rss_mb']:.0f} MB (target <= 300); load average before/after "
                   f"{load_before[0]:.1f}/{load_after[0]:.1f} on {os.cpu_count()} CPUs")
             ratio = res["total"] / t_base
-            results.append(f"RESULT variant={variant} rows={args.rows} baseline_s={t_base:.2f} "
+            results.append(f"RESULT variant={variant}{' (make run stack)' if args.stack else ''} rows={args.rows} "
+                           f"baseline_s={t_base:.2f} "
                            f"importer_s={res['total']:.2f} ratio={ratio:.2f} (target <= 1.5) "
                            f"rows_per_s={args.rows / res['total']:,.0f} (target >= 100,000) "
                            f"worker_peak_rss_mb={res['rss_mb']:.0f} load1={load_after[0]:.1f}")
@@ -334,7 +406,14 @@ async def main() -> int:
         print("\n".join(results))
         return 0 if ok else 1
     finally:
-        if not args.keep:
+        if args.stack:  # the stack is the user's: take back exactly what the benchmark added
+            shutil.rmtree(workdir, ignore_errors=True)
+            conn = await asyncpg.connect(dsn)
+            removed = await conn.execute(f"DELETE FROM leads WHERE {_STACK_LEADS}")
+            await conn.execute("DROP TABLE IF EXISTS bench_leads")
+            await conn.close()
+            print(f"--stack: removed the benchmark's leads ({removed}) and its floor table")
+        elif not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
             admin = await asyncpg.connect(with_database(settings.database_url, "postgres"))
             await admin.execute("DROP DATABASE IF EXISTS mailgenius_bench_import WITH (FORCE)")
@@ -342,7 +421,7 @@ async def main() -> int:
         import redis
 
         r = redis.Redis.from_url(settings.redis_url)
-        for k in r.scan_iter(match=f"{prefix}*", count=1000):
+        for k in ([] if args.stack else r.scan_iter(match=f"{prefix}*", count=1000)):
             r.delete(k)
         r.close()
 
