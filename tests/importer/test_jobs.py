@@ -215,3 +215,51 @@ async def test_cancel_interrupts_a_slow_merge(api, job_runner, pool, tmp_path):
         assert await pool.fetchval("SELECT count(*) FROM leads") == 0
     finally:
         await pool.execute("DROP TRIGGER IF EXISTS test_slow_insert ON leads; DROP FUNCTION IF EXISTS test_slow_insert()")
+
+
+async def test_without_a_spare_connection_the_batches_run_on_one_session(api, pool, settings, tmp_path):
+    """The load overlaps two sessions (COPY of batch n+1 while batch n merges); when the pool
+    has no spare connection for the second within STAGING_ACQUIRE_TIMEOUT (every other one
+    busy), the batches run one after the other on one session, with the same result."""
+    from prometheus_client import CollectorRegistry
+
+    from importer import loader
+    from mailgenius.cache import create_redis
+
+    exp = make_csv(tmp_path / "a.csv", 2500, seed=11)
+    iid = (await (await upload(api, tmp_path / "a.csv")).json())["id"]
+    refused = []
+
+    class Exhausted:
+        """The real pool, except that the staging session's acquisition finds it exhausted
+        (what asyncpg raises when its timeout passes with every connection in use)."""
+
+        def __init__(self, pool):
+            self._pool = pool
+
+        def acquire(self, *args, timeout=None, **kw):
+            if timeout == loader.STAGING_ACQUIRE_TIMEOUT:
+                refused.append(timeout)
+                raise TimeoutError
+            return self._pool.acquire(*args, timeout=timeout, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self._pool, name)
+
+    redis = create_redis(settings.redis_url)
+    try:
+        status = await loader.run_import(Exhausted(pool), redis, settings, iid,
+                                         metrics=loader.ImportMetrics(CollectorRegistry()),
+                                         options=loader.ImportOptions(batch_rows=300))
+    finally:
+        await redis.aclose()
+    assert status == "completed"
+    assert refused == [loader.STAGING_ACQUIRE_TIMEOUT]  # the second session was asked for once
+    row = await pool.fetchrow("SELECT * FROM imports WHERE id = $1", iid)
+    assert (row["inserted"], row["duplicates"], row["invalid"]) == (exp["inserted"], exp["duplicates"], exp["invalid"])
+    got = [(r["line"], r["reason"]) for r in await pool.fetch(
+        "SELECT line, reason FROM import_errors WHERE import_id = $1 ORDER BY line", iid)]
+    assert got == exp["errors"]
+    leads = {r["email"]: (r["email"], r["first_name"], r["company"], r["attrs"]) for r in await pool.fetch(
+        "SELECT email, first_name, company, attributes::text AS attrs FROM leads WHERE import_id = $1", iid)}
+    assert leads == exp["leads"]
