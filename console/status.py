@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import sys
 from typing import Any
@@ -199,8 +198,9 @@ def component_checks(settings: Settings, env: dict[str, str], get_session, get_r
     def metrics_url(name: str) -> str:
         return f"http://{host}:{int(env.get(BY_NAME[name].env) or BY_NAME[name].default)}/metrics"
 
-    # health shows its details only to a key holder (MAILGENIUS_API_KEY, any scope)
-    key = os.environ.get("MAILGENIUS_API_KEY", "").strip()
+    # health shows its details only to a key holder (MAILGENIUS_API_KEY, any scope; from the
+    # environment the command runs in, completed by the stack's stack.env like every other value)
+    key = env.get("MAILGENIUS_API_KEY", "").strip()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return {
         "sender": service_check(get_session, settings.sender_url, PROBE_TIMEOUT, headers=headers),

@@ -253,8 +253,6 @@ ENVIRON_READERS: dict[str, str] = {
     "console/supervisor.py": "builds the environment of the processes it supervises",
     "console/stack.py": "stack-prepare: derives every process's environment (ports, URLs, secrets) from "
                         "the operator's, before any settings exist",
-    "console/status.py": "MAILGENIUS_API_KEY, the operator's key for health details (a client credential, "
-                         "not a service setting)",
     "alerting/cli.py": "write-secrets copies the alert channels' secrets from the operator's environment "
                        "into files (a tool, run beside the services)",
     "alerting/generate.py": "render-time inputs of the generated Alertmanager config (MAILGENIUS_WATCHDOG_URL, "
