@@ -44,6 +44,15 @@ KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {}
 KNOWN_PRIVATE_USES: dict[tuple[str, str, str], str] = {}
 
 
+def from_target(package: str, node: ast.ImportFrom) -> str:
+    """The absolute module a ``from ... import`` names (relative ones resolved against ``package``)."""
+    if not node.level:
+        return node.module or ""
+    base = package.split(".")
+    base = base[:len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def product_files() -> list[Path]:
     files = []
     for package in FLOOR:
@@ -68,12 +77,7 @@ def imports_of(path: Path) -> list[tuple[str, int]]:
         if isinstance(node, ast.Import):
             out += [(alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[:len(base) - (node.level - 1)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
+            target = from_target(package, node)
             # `from pkg import mod` imports the module pkg.mod when there is such a file
             for alias in node.names:
                 sub = f"{target}.{alias.name}"
@@ -179,12 +183,7 @@ def private_uses(path: Path) -> list[tuple[str, str, int]]:
                     else:  # `import a.b` binds `a`
                         bound[alias.name.split(".")[0]] = alias.name.split(".")[0]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[:len(base) - (node.level - 1)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
+            target = from_target(package, node)
             if target.split(".")[0] not in FLOOR:
                 continue
             for alias in node.names:
