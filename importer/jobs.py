@@ -26,6 +26,7 @@ The functions take a pool or a connection (anything with ``fetch``/``fetchrow``/
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -41,6 +42,7 @@ from mailgenius.import_states import (
     QUEUED,
     RUNNING,
     STATUSES,
+    progress,
     sql_list,
 )
 
@@ -83,23 +85,8 @@ def view(row, live: int | None = None, now: float | None = None) -> dict:
     if d["status"] == RUNNING and live is not None and live > processed:
         processed = live
     d["processed_rows"] = processed
-    rps = None
-    eta = None
-    started, finished = row["started_at"], row["finished_at"]
-    if started is not None:
-        end = finished.timestamp() if finished is not None else (now or time.time())
-        elapsed = max(end - started.timestamp(), 1e-3)
-        rps = round(processed / elapsed, 1)
-    total = d["total_rows"]
-    if d["status"] == RUNNING:
-        if rps and total is not None:
-            eta = round(max(total - processed, 0) / rps, 1) if rps > 0 else None
-    elif d["status"] in FINISHED:
-        eta = 0.0
-    d["rows_per_second"] = rps
-    d["eta_seconds"] = eta
-    d["progress_percent"] = (round(min(100.0, 100.0 * processed / total), 1)
-                             if total else (100.0 if d["status"] == COMPLETED else 0.0))
+    d.update(progress(d["status"], processed, d["total_rows"], row["started_at"], row["finished_at"],
+                      dt.datetime.fromtimestamp(time.time() if now is None else now, dt.UTC)))
     return d
 
 

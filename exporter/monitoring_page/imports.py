@@ -6,10 +6,9 @@ rows/s and the ETA follow from them; the query reads at most :data:`RECENT` rows
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 
-from mailgenius.import_states import ACTIVE, RUNNING, sql_list
+from mailgenius.import_states import ACTIVE, progress, sql_list
 
 #: finished imports listed below the running ones
 RECENT = 5
@@ -40,23 +39,17 @@ def mapping_summary(mapping: list[dict] | None) -> str | None:
 
 
 def _row(r) -> dict:
-    started: dt.datetime | None = r["started_at"]
-    end: dt.datetime = r["finished_at"] or r["now"]
-    elapsed = (end - started).total_seconds() if started else 0.0
     processed = int(r["processed_rows"] or 0)
-    rate = processed / elapsed if elapsed > 0 else 0.0
     total = r["total_rows"]
     mapping = json.loads(r["mapping"]) if isinstance(r["mapping"], str) else r["mapping"]
-    eta = None
-    if r["status"] == RUNNING and total and rate > 0:
-        eta = max(0.0, (int(total) - processed) / rate)
+    # rate, ETA and percent as the importer's API computes them (one figure on both screens)
+    figures = progress(r["status"], processed, total, r["started_at"], r["finished_at"], r["now"])
     return {
         "id": r["id"], "status": r["status"], "filename": r["filename"], "bytes": r["bytes"],
         "total_rows": total, "processed_rows": processed, "inserted": r["inserted"],
         "updated": r["updated"], "duplicates": r["duplicates"], "invalid": r["invalid"],
-        "error": r["error"], "rows_per_second": round(rate, 1),
-        "eta_seconds": None if eta is None else round(eta, 1),
-        "progress": (processed / int(total)) if total else None,
+        "error": r["error"], **figures,
+        "progress": figures["progress_percent"] / 100.0,
         "created_at": r["created_at"], "finished_at": r["finished_at"],
         "mapping": mapping, "mapping_summary": mapping_summary(mapping),
     }
