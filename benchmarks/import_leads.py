@@ -47,7 +47,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -60,6 +59,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.procs import free_port  # noqa: E402
 from mailgenius import auth  # noqa: E402
 from mailgenius.db import migrate, with_database  # noqa: E402
 from mailgenius.settings import load_settings  # noqa: E402
@@ -77,12 +77,6 @@ TAG_CELLS = ['"Customer","VIP"', '"Newsletter"', "vip, news", '"Customer","Black
 SOURCES = ["landing-page", "webinar", "indicação", "feira", "", "instagram"]
 INVALID = ["no-at-sign.example.com", "two@@example.com", "@missing-local.com", "trailing@dot.", "",
            "spaces in@example.com"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cell(v: str) -> str:

@@ -14,9 +14,13 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import aiohttp
+import asyncpg
+
+from mailgenius.db import with_database
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,3 +101,33 @@ def cpu_seconds(pid: int) -> float:
 def tree_cpu_seconds(pid: int) -> float:
     """user + system CPU of a process and its descendants."""
     return sum(cpu_seconds(p) for p in process_tree(pid))
+
+
+def cancel_on_signals() -> None:
+    """SIGTERM / SIGINT (even when started in the background, where SIGINT is ignored) cancel
+    the running task, so the benchmark's ``finally`` stops its processes and drops its database."""
+    task = asyncio.current_task()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
+
+
+async def create_scratch_database(database_url: str) -> tuple[str, str, str]:
+    """A new database ``mailgenius_bench_<random>`` beside ``database_url``'s: (its name, the
+    admin URL that drops it with :func:`drop_database`, its URL)."""
+    name = f"mailgenius_bench_{uuid.uuid4().hex[:8]}"
+    admin_url = with_database(database_url, "postgres")
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return name, admin_url, with_database(database_url, name)
+
+
+async def drop_database(admin_url: str, name: str) -> None:
+    """Drop a scratch database, its sessions included."""
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()

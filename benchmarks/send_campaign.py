@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import os
 import re
-import signal
 import sys
 import time
 import uuid
@@ -33,9 +32,19 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.procs import cpu_seconds, free_port, start, stop, tree_cpu_seconds, wait_http  # noqa: E402
+from benchmarks.procs import (  # noqa: E402
+    cancel_on_signals,
+    cpu_seconds,
+    create_scratch_database,
+    drop_database,
+    free_port,
+    start,
+    stop,
+    tree_cpu_seconds,
+    wait_http,
+)
 from mailgenius import auth  # noqa: E402
-from mailgenius.db import migrate, with_database  # noqa: E402
+from mailgenius.db import migrate  # noqa: E402
 from mailgenius.settings import load_settings  # noqa: E402
 
 #: the bare-pipeline ceiling quoted by the issue (batch of 100, sandboxed render, one provider
@@ -113,21 +122,12 @@ async def floor_insert(pool, n: int) -> float:
 
 
 async def run(args) -> int:
-    # SIGTERM / SIGINT (even when started in the background, where SIGINT is ignored) cancel
-    # the run, so the finally block below stops the processes and drops the database
-    task = asyncio.current_task()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
+    cancel_on_signals()  # the finally block below stops the processes and drops the database
     base = load_settings()
-    db_name = f"mailgenius_bench_{uuid.uuid4().hex[:8]}"
-    admin_url = with_database(base.database_url, "postgres")
-    db_url = with_database(base.database_url, db_name)
+    db_name, admin_url, db_url = await create_scratch_database(base.database_url)
     prefix = f"mgbench-{uuid.uuid4().hex[:6]}"
     logdir = ROOT / "var" / "bench"
     logdir.mkdir(parents=True, exist_ok=True)
-    conn = await asyncpg.connect(admin_url)
-    await conn.execute(f'CREATE DATABASE "{db_name}"')
-    await conn.close()
     procs = []
     try:
         await migrate(db_url)
@@ -284,10 +284,7 @@ async def run(args) -> int:
     finally:
         for p in reversed(procs):
             stop(p)
-        conn = await asyncpg.connect(admin_url)
-        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", db_name)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{db_name}"')
-        await conn.close()
+        await drop_database(admin_url, db_name)
         import redis
 
         r = redis.Redis.from_url(base.redis_url)

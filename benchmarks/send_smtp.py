@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -32,9 +31,19 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.procs import cpu_seconds, free_port, start, stop, tree_cpu_seconds, wait_http  # noqa: E402
+from benchmarks.procs import (  # noqa: E402
+    cancel_on_signals,
+    cpu_seconds,
+    create_scratch_database,
+    drop_database,
+    free_port,
+    start,
+    stop,
+    tree_cpu_seconds,
+    wait_http,
+)
 from mailgenius import auth  # noqa: E402
-from mailgenius.db import migrate, with_database  # noqa: E402
+from mailgenius.db import migrate  # noqa: E402
 from mailgenius.settings import load_settings  # noqa: E402
 from sender.providers import OutEmail, mime_bytes  # noqa: E402
 from sender.testing import sink_reset, sink_stats  # noqa: E402
@@ -129,19 +138,12 @@ async def bare_loop(port: int, n: int, connections: int) -> tuple[float, int]:
 
 
 async def run(args) -> int:
-    task = asyncio.current_task()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
+    cancel_on_signals()
     base = load_settings()
-    db_name = f"mailgenius_bench_{uuid.uuid4().hex[:8]}"
-    admin_url = with_database(base.database_url, "postgres")
-    db_url = with_database(base.database_url, db_name)
+    db_name, admin_url, db_url = await create_scratch_database(base.database_url)
     prefix = f"mgbench-{uuid.uuid4().hex[:6]}"
     logdir = ROOT / "var" / "bench"
     logdir.mkdir(parents=True, exist_ok=True)
-    conn = await asyncpg.connect(admin_url)
-    await conn.execute(f'CREATE DATABASE "{db_name}"')
-    await conn.close()
     procs: dict[str, subprocess.Popen] = {}
     pool = None
     try:
@@ -229,11 +231,7 @@ async def run(args) -> int:
             stop(p)
         if pool is not None:
             await pool.close()
-        conn = await asyncpg.connect(admin_url)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+        await drop_database(admin_url, db_name)
 
 
 def main() -> int:

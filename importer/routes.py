@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -90,6 +91,63 @@ async def _read_small(part, limit: int = MAX_FIELD_BYTES) -> str:
         raise errors.ValidationError(f"form field {part.name!r} is not UTF-8 text") from None
 
 
+@dataclass
+class ReceivedForm:
+    """A multipart form whose one ``file`` part went to disk (see :func:`_receive_form`)."""
+
+    fields: dict[str, str]
+    filename: str
+    #: bytes of the whole file part (all of it counted against the cap, even what is not kept)
+    size: int
+    #: SHA-256 of the whole file (only when it is kept whole)
+    sha256: str | None
+    #: the part went beyond ``keep`` bytes, which are all that was written
+    truncated: bool
+
+
+async def _receive_form(request: web.Request, path: str, *, cap: int, too_large: str,
+                        small: dict[str, int], keep: int | None = None) -> ReceivedForm:
+    """Read the form of an upload (or a preview): its one ``file`` part streamed to ``path``
+    (never whole in memory; the first ``keep`` bytes only when ``keep`` is given), the ``small``
+    text fields up to their byte limits, any other part drained unread. A malformed body, a
+    missing or second file part, a file over ``cap`` bytes: a 4xx error."""
+    fields: dict[str, str] = {}
+    filename, size, stored, truncated = "upload.csv", 0, False, False
+    digest = hashlib.sha256() if keep is None else None
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if part.name == "file":
+                if stored:
+                    raise errors.ValidationError("send exactly one 'file' part")
+                filename = (part.filename or "upload.csv")[:255]
+                with open(path, "wb") as f:
+                    while chunk := await part.read_chunk(CHUNK):
+                        size += len(chunk)
+                        if size > cap:
+                            raise errors.PayloadTooLarge(too_large)
+                        if digest is not None:
+                            digest.update(chunk)
+                            f.write(chunk)
+                            continue
+                        room = keep - f.tell()
+                        if room > 0:
+                            f.write(chunk[:room])
+                        if len(chunk) > room:
+                            truncated = True
+                stored = True
+            elif part.name in small:
+                fields[part.name] = await _read_small(part, small[part.name])
+            else:
+                while await part.read_chunk(CHUNK):  # unknown part: drained, ignored
+                    pass
+    except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:  # malformed multipart body
+        raise errors.AppError(f"malformed multipart body: {exc}", code="invalid_multipart") from None
+    if not stored:
+        raise errors.ValidationError("no 'file' part in the form", code="missing_file")
+    return ReceivedForm(fields, filename, size, digest.hexdigest() if digest is not None else None, truncated)
+
+
 def _parse_options(fields: dict[str, str]) -> tuple[str, list[str], str | None]:
     mode = (fields.get("mode") or "skip").lower()
     if mode not in ("skip", "update"):
@@ -123,39 +181,12 @@ async def upload(request: web.Request) -> web.Response:
     os.makedirs(settings.upload_dir, exist_ok=True)
     token = uuid.uuid4().hex
     tmp_path = os.path.join(settings.upload_dir, token + TEMP_SUFFIX)
-    fields: dict[str, str] = {}
-    filename = None
-    size = 0
-    digest = hashlib.sha256()
-    stored = False
     final_path = None
     try:
-        try:
-            reader = await request.multipart()
-            while (part := await reader.next()) is not None:
-                if part.name == "file":
-                    if stored:
-                        raise errors.ValidationError("send exactly one 'file' part")
-                    filename = (part.filename or "upload.csv")[:255]
-                    with open(tmp_path, "wb") as f:
-                        while chunk := await part.read_chunk(CHUNK):
-                            size += len(chunk)
-                            if size > cap:
-                                raise errors.PayloadTooLarge(too_large)
-                            digest.update(chunk)
-                            f.write(chunk)
-                    stored = True
-                elif part.name in ("mode", "tags", "source"):
-                    fields[part.name] = await _read_small(part)
-                elif part.name == "columns":
-                    fields[part.name] = await _read_small(part, MAX_COLUMNS_BYTES)
-                else:
-                    while await part.read_chunk(CHUNK):  # unknown part: drained, ignored
-                        pass
-        except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:  # malformed multipart body
-            raise errors.AppError(f"malformed multipart body: {exc}", code="invalid_multipart") from None
-        if not stored:
-            raise errors.ValidationError("no 'file' part in the form", code="missing_file")
+        form = await _receive_form(request, tmp_path, cap=cap, too_large=too_large,
+                                   small={"mode": MAX_FIELD_BYTES, "tags": MAX_FIELD_BYTES,
+                                          "source": MAX_FIELD_BYTES, "columns": MAX_COLUMNS_BYTES})
+        fields, filename, size = form.fields, form.filename, form.size
         mode, tags, source = _parse_options(fields)
         override = _parse_columns(fields)
         final_path = os.path.abspath(os.path.join(settings.upload_dir, token + ".csv"))
@@ -172,7 +203,7 @@ async def upload(request: web.Request) -> web.Response:
         raise
     pool = app[mkeys.DB]
     try:
-        row = await jobs.create(pool, filename=filename, path=final_path, size=size, sha256=digest.hexdigest(),
+        row = await jobs.create(pool, filename=filename, path=final_path, size=size, sha256=form.sha256,
                                 mode=mode, tags=tags, source=source, columns=override)
     except BaseException:
         os.remove(final_path)
@@ -265,37 +296,12 @@ async def upload_preview(request: web.Request) -> web.Response:
                               code="unsupported_media_type", status=415)
     os.makedirs(settings.upload_dir, exist_ok=True)
     tmp_path = os.path.join(settings.upload_dir, uuid.uuid4().hex + ".preview" + TEMP_SUFFIX)
-    fields: dict[str, str] = {}
-    stored, truncated, size = False, False, 0
     try:
-        try:
-            reader = await request.multipart()
-            while (part := await reader.next()) is not None:
-                if part.name == "file":
-                    if stored:
-                        raise errors.ValidationError("send exactly one 'file' part")
-                    with open(tmp_path, "wb") as f:
-                        while chunk := await part.read_chunk(CHUNK):
-                            size += len(chunk)
-                            if size > settings.upload_max_bytes:
-                                raise errors.PayloadTooLarge("the file exceeds the upload size cap")
-                            room = PREVIEW_BYTES - f.tell()
-                            if room > 0:
-                                f.write(chunk[:room])
-                            if len(chunk) > room:
-                                truncated = True
-                    stored = True
-                elif part.name == "columns":
-                    fields[part.name] = await _read_small(part, MAX_COLUMNS_BYTES)
-                elif part.name == "rows":
-                    fields[part.name] = await _read_small(part)
-                else:
-                    while await part.read_chunk(CHUNK):
-                        pass
-        except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
-            raise errors.AppError(f"malformed multipart body: {exc}", code="invalid_multipart") from None
-        if not stored:
-            raise errors.ValidationError("no 'file' part in the form", code="missing_file")
+        form = await _receive_form(request, tmp_path, cap=settings.upload_max_bytes,
+                                   too_large="the file exceeds the upload size cap",
+                                   small={"columns": MAX_COLUMNS_BYTES, "rows": MAX_FIELD_BYTES},
+                                   keep=PREVIEW_BYTES)
+        fields, size, truncated = form.fields, form.size, form.truncated
         raw_rows = fields.get("rows") or str(PREVIEW_ROWS)
         if not (raw_rows.isascii() and raw_rows.isdigit()) or not 1 <= int(raw_rows) <= MAX_PREVIEW_ROWS:
             raise errors.ValidationError(f"rows must be an integer from 1 to {MAX_PREVIEW_ROWS}")

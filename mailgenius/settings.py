@@ -23,7 +23,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 
 class SettingsError(ValueError):
@@ -457,8 +457,6 @@ def _database_url(env: Mapping[str, str]) -> str:
     variable. Setting both a password in the URL and ``DATABASE_PASSWORD`` is an error (which one
     was meant?).
     """
-    from urllib.parse import quote
-
     url = _url(env, "DATABASE_URL", DEFAULT_DATABASE_URL, ("postgresql", "postgres"))
     password = env.get("DATABASE_PASSWORD") or ""
     if not password:

@@ -178,6 +178,18 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+def cli_env(settings, **extra) -> dict[str, str]:
+    """The environment of a `mailgenius` child process on the test settings: the caller's
+    environment without its MAILGENIUS_* variables, the test's database, Redis, broker, prefix
+    and directories, then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILGENIUS_")}
+    env.update({"DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
+                "BROKER_URL": settings.broker_url, "MAILGENIUS_REDIS_PREFIX": settings.redis_prefix,
+                "MAILGENIUS_DATA_DIR": settings.data_dir, "MAILGENIUS_UPLOAD_DIR": settings.upload_dir})
+    env.update(extra)
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,19 +21,11 @@ import pytest
 
 from console.backup import libpq_target
 from mailgenius.db import with_database
+from tests.conftest import cli_env
 
 ROOT = Path(__file__).resolve().parents[2]
 MAILGENIUS = str(Path(sys.executable).parent / "mailgenius")
 CHECKSUM = "SELECT count(*), md5(coalesce(string_agg(l::text, '|' ORDER BY id), '')) FROM leads l"
-
-
-def env_for(settings, **extra) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILGENIUS_")}
-    env.update({"DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
-                "BROKER_URL": settings.broker_url, "MAILGENIUS_REDIS_PREFIX": settings.redis_prefix,
-                "MAILGENIUS_DATA_DIR": settings.data_dir, "MAILGENIUS_UPLOAD_DIR": settings.upload_dir})
-    env.update(extra)
-    return env
 
 
 def cli(*args, env, timeout=120) -> subprocess.CompletedProcess:
@@ -83,7 +75,7 @@ async def test_round_trip_restores_leads_uploads_and_secrets(settings, pool, scr
     secret.write_text("whsec_YmFja3VwLXJvdW5kLXRyaXAtc2VjcmV0\n")
     before = await _checksum(settings.database_url)
     assert before[0] == 500
-    env = env_for(settings)
+    env = cli_env(settings)
     # When backing up
     out = tmp_path / "b" / "one.tar"
     res = cli("backup", "--out", str(out), env=env)
@@ -110,7 +102,7 @@ async def test_round_trip_restores_leads_uploads_and_secrets(settings, pool, scr
 
 async def test_restore_refuses_a_non_empty_database_unless_forced(settings, pool, tmp_path):
     await pool.execute("INSERT INTO leads (email) VALUES ('only@example.com')")
-    env = env_for(settings)
+    env = cli_env(settings)
     out = tmp_path / "b.tar"
     assert cli("backup", "--out", str(out), env=env).returncode == 0
     before = await _checksum(settings.database_url)
@@ -127,7 +119,7 @@ async def test_restore_refuses_a_non_empty_database_unless_forced(settings, pool
 
 
 def test_restore_refuses_what_is_not_a_backup(settings, tmp_path):
-    env = env_for(settings)
+    env = cli_env(settings)
     missing = cli("restore", str(tmp_path / "nope.tar"), "--database-url", settings.database_url, env=env)
     assert missing.returncode == 2 and "no such backup file" in missing.stderr
     junk = tmp_path / "junk.tar"
@@ -149,7 +141,7 @@ def test_the_password_goes_to_pg_dump_in_the_environment_not_its_arguments(setti
     (bindir / "pg_dump").chmod(0o755)
     url = settings.database_url.replace("postgres@", "postgres:S3cret%2Fpw@", 1)  # trust auth ignores it
     assert "S3cret" in url
-    env = env_for(settings, DATABASE_URL=url, PATH=f"{bindir}:{os.environ['PATH']}")
+    env = cli_env(settings, DATABASE_URL=url, PATH=f"{bindir}:{os.environ['PATH']}")
     res = cli("backup", "--out", str(tmp_path / "p.tar"), env=env)
     assert res.returncode == 0, res.stderr
     args, pw = record.read_text().splitlines()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from console.scheduler import DEFAULT_SCHEDULES, Schedule, ScheduleError, Scheduler, load_schedules
+from tests.conftest import cli_env
 
 UTC = dt.UTC
 
@@ -53,15 +53,6 @@ def test_schedules_from_the_environment():
         load_schedules({"MAILGENIUS_SCHEDULE_CLEANUP_UPLOADS": "every day"})
 
 
-def _env(settings, **extra) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILGENIUS_")}
-    env.update({"DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
-                "BROKER_URL": settings.broker_url, "MAILGENIUS_REDIS_PREFIX": settings.redis_prefix,
-                "MAILGENIUS_DATA_DIR": settings.data_dir, "MAILGENIUS_UPLOAD_DIR": settings.upload_dir})
-    env.update(extra)
-    return env
-
-
 def _metric(scheduler: Scheduler, line_start: str) -> float:
     for line in generate_latest(scheduler.metrics.registry).decode().splitlines():
         if line.startswith(line_start):
@@ -72,7 +63,7 @@ def _metric(scheduler: Scheduler, line_start: str) -> float:
 def test_runs_record_success_failure_and_duration_and_survive_a_restart(settings, tmp_path):
     state = Path(settings.data_dir) / "run" / "scheduler-state.json"
     cmd = [sys.executable, "-m", "console"]
-    sched = Scheduler(_env(settings), state_path=state, command=cmd)
+    sched = Scheduler(cli_env(settings), state_path=state, command=cmd)
     created = _metric(sched, "mailgenius_backup_last_success_timestamp_seconds ")
     # a real backup of the test database succeeds
     assert asyncio.run(sched.run_task("backup"))
@@ -83,18 +74,18 @@ def test_runs_record_success_failure_and_duration_and_survive_a_restart(settings
     assert _metric(sched, 'mailgenius_scheduled_task_last_run_success{task="backup"}') == 1
     assert list((Path(settings.data_dir) / "backups").glob("mailgenius-*.tar"))
     # the same task against a database that does not answer fails, and is counted
-    bad = Scheduler(_env(settings, DATABASE_URL="postgresql://postgres@127.0.0.1:1/nothing"), state_path=state, command=cmd)
+    bad = Scheduler(cli_env(settings, DATABASE_URL="postgresql://postgres@127.0.0.1:1/nothing"), state_path=state, command=cmd)
     assert not asyncio.run(bad.run_task("backup"))
     assert _metric(bad, 'mailgenius_scheduled_task_failures_total{task="backup"}') == 1
     assert _metric(bad, 'mailgenius_scheduled_task_last_run_success{task="backup"}') == 0
     # the last success is kept (not reset by the failure), also by a new scheduler process
-    again = Scheduler(_env(settings), state_path=state, command=cmd)
+    again = Scheduler(cli_env(settings), state_path=state, command=cmd)
     assert _metric(again, "mailgenius_backup_last_success_timestamp_seconds ") == ok_at
     assert _metric(again, 'mailgenius_scheduled_task_last_run_success{task="backup"}') == 0
 
 
 def test_the_loop_runs_a_task_on_its_schedule(settings):
-    env = _env(settings, MAILGENIUS_SCHEDULE_CLEANUP_UPLOADS="@every 1s", MAILGENIUS_SCHEDULE_BACKUP="off",
+    env = cli_env(settings, MAILGENIUS_SCHEDULE_CLEANUP_UPLOADS="@every 1s", MAILGENIUS_SCHEDULE_BACKUP="off",
                MAILGENIUS_SCHEDULE_REPORT_DAILY="off", MAILGENIUS_SCHEDULE_REPORT_WEEKLY="off",
                MAILGENIUS_SCHEDULE_DB_MAINTENANCE="off")
     sched = Scheduler(env, state_path=Path(settings.data_dir) / "run" / "s.json",

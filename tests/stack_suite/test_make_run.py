@@ -39,6 +39,7 @@ import redis as syncredis
 
 from alerting import generate
 from console import stack as console_stack
+from console.supervisor import descendants
 from mailgenius.queues import STALE_AFTER, workers_key
 from tests.alerting.receivers import Recorder
 from tests.conftest import free_port
@@ -55,25 +56,6 @@ ALERT_WITHIN = 120.0
 STOP_TIMEOUT = 15
 #: SMTP connections of the send worker process (MAILGENIUS_SENDER_SMTP_POOL_SIZE, the default)
 SMTP_POOL = 16
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (the supervisor starts each process in its own session,
-    so process groups do not reach them: the parent links do)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
 
 
 def _alive(pid: int) -> bool:

@@ -18,6 +18,7 @@ import yaml
 
 from console import stack
 from mailgenius.settings import SettingsError
+from tests.conftest import cli_env as settings_env
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,12 +35,8 @@ def moved_ports() -> dict[str, str]:
 
 
 def cli_env(settings, tmp_path, **extra) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILGENIUS_")}
-    env.update({"DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
-                "BROKER_URL": settings.broker_url, "MAILGENIUS_REDIS_PREFIX": settings.redis_prefix,
-                "MAILGENIUS_DATA_DIR": str(tmp_path / "var"), "MAILGENIUS_UPLOAD_DIR": settings.upload_dir})
-    env.update(extra)
-    return env
+    """The test settings' child environment (tests/conftest.py), with a data dir of its own."""
+    return settings_env(settings, **{"MAILGENIUS_DATA_DIR": str(tmp_path / "var"), **extra})
 
 
 def run_cli(*args, env, timeout=60) -> subprocess.CompletedProcess:
